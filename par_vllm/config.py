@@ -1,0 +1,121 @@
+"""PAR's settings: one validated pydantic model, and the key scheme users see.
+
+Server defaults come from `par_`-prefixed keys in `--hf-overrides` (they land on
+the HF config); a request overrides them with the same keys in vLLM's per-request
+`mm_processor_kwargs`. Every key is the field name with a `par_` prefix.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Annotated, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+PREFIX = "par_"
+# The model sees settings only as per-image tensors (mm fields), so they travel packed
+# in this order.
+PACKED_FIELDS = ("enabled", "keep_ratio", "num_tokens", "outlier_factor", "retrieval_share",
+                 "duplicate_threshold", "relevance", "knn_k")
+
+
+class ParSettingError(ValueError):
+    """A PAR setting has a bad value, a wrong type, or an unknown name.
+
+    `setting` is the user-facing key (for example `par_keep_ratio`).
+    """
+
+    def __init__(self, message: str, *, setting: str | None = None):
+        super().__init__(message)
+        self.setting = setting
+
+
+class ParSettings(BaseModel):
+    # strict: "0.5" or True is a client bug, not a ratio; ints are fine for floats.
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    enabled: bool = True
+    # 0.111 of LLaVA-1.5's 576 tokens is 64, PAR's headline budget (89% compression).
+    keep_ratio: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 0.111
+    # An explicit per-image budget; wins over keep_ratio. Clamped to the image's N.
+    num_tokens: Annotated[int, Field(ge=1)] | None = None
+    # Retrieval keeps tokens with relevance > Q3 + outlier_factor * IQR (TRIM/PruMerge rule).
+    outlier_factor: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.5
+    # At most this share of the budget goes to retrieved tokens; clustering gets the rest.
+    retrieval_share: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 0.5
+    # Tokens this similar (cosine) to a retrieved token merge into it instead of competing
+    # for a cluster centre.
+    duplicate_threshold: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 0.9
+    # How a visual token's similarities to the prompt's tokens reduce to one relevance.
+    relevance: Literal["max", "mean"] = "max"
+    # Neighbours in the cosine kNN graph that estimates density for cluster centres.
+    knn_k: Annotated[int, Field(ge=1, le=64)] = 5
+
+    def num_kept(self, num_tokens: int) -> int:
+        """K for an image of `num_tokens` visual tokens (N when PAR is off)."""
+        if not self.enabled:
+            return num_tokens
+        if self.num_tokens is not None:
+            return min(self.num_tokens, num_tokens)
+        return max(1, min(num_tokens, math.ceil(num_tokens * self.keep_ratio)))
+
+    @property
+    def reduces_nothing(self) -> bool:
+        """True when every image is served whole, whatever its size."""
+        return not self.enabled or (self.num_tokens is None and self.keep_ratio == 1.0)
+
+    def to_keys(self) -> dict[str, object]:
+        return {PREFIX + name: value for name, value in self.model_dump().items()}
+
+    def to_tensor(self) -> torch.Tensor:
+        values = self.model_dump()
+        values["num_tokens"] = values["num_tokens"] or 0
+        values["relevance"] = ("max", "mean").index(values["relevance"])
+        return torch.tensor([float(values[name]) for name in PACKED_FIELDS], dtype=torch.float64)
+
+    @classmethod
+    def from_tensor(cls, packed: torch.Tensor) -> ParSettings:
+        values = dict(zip(PACKED_FIELDS, packed.tolist()))
+        return cls(
+            enabled=bool(values["enabled"]),
+            keep_ratio=values["keep_ratio"],
+            num_tokens=int(values["num_tokens"]) or None,
+            outlier_factor=values["outlier_factor"],
+            retrieval_share=values["retrieval_share"],
+            duplicate_threshold=values["duplicate_threshold"],
+            relevance=("max", "mean")[int(values["relevance"])],
+            knn_k=int(values["knn_k"]),
+        )
+
+    @classmethod
+    def from_keys(cls, keys: Mapping[str, object], base: ParSettings | None = None) -> ParSettings:
+        """Settings from `par_*` keys (other keys are ignored), on top of `base`.
+
+        Raises ParSettingError naming the first offending key.
+        """
+        overrides = {}
+        for key, value in keys.items():
+            if not key.startswith(PREFIX):
+                continue
+            name = key[len(PREFIX):]
+            if name not in cls.model_fields:
+                known = ", ".join(PREFIX + n for n in cls.model_fields)
+                raise ParSettingError(f"{key}: unknown PAR setting (known: {known})", setting=key)
+            overrides[name] = value
+        values = {**(base.model_dump() if base else {}), **overrides}
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            setting = PREFIX + str(error["loc"][0]) if error["loc"] else "par_settings"
+            raise ParSettingError(
+                f"{setting}: {error['msg']} (got {error.get('input')!r})", setting=setting
+            ) from None
+
+
+def settings_from_hf_config(hf_config: object) -> ParSettings:
+    """Server defaults: the `par_*` attributes that `--hf-overrides` put on the HF config."""
+    keys = {k: v for k, v in vars(hf_config).items() if k.startswith(PREFIX)}
+    return ParSettings.from_keys(keys)

@@ -1,0 +1,154 @@
+"""LLaVA with PAR: vLLM's LLaVA, reserving K placeholders per image instead of N.
+
+- ProcessingInfo: resolves PAR settings (server defaults from the HF config's `par_*`
+  keys, per-request overrides from `mm_processor_kwargs`) and rewrites prompts.
+- MultiModalProcessor: folds the rewritten prompt and the settings into the processor
+  kwargs, which vLLM hashes into every image's identity (processor cache, encoder cache,
+  prefix-cache block hashes); reserves K placeholders; ships the prompt's token ids and
+  the settings to the model as per-image fields.
+- Model: runs the usual vision tower and projector, then PAR, returning K rows per image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from functools import cached_property
+
+import torch
+from transformers import BatchFeature
+from vllm.exceptions import VLLMValidationError
+from vllm.model_executor.models.llava import (
+    LlavaDummyInputsBuilder,
+    LlavaForConditionalGeneration,
+    LlavaMultiModalProcessor,
+    LlavaProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
+from vllm.multimodal.parse import MultiModalDataItems
+from vllm.multimodal.processing import PromptReplacement, PromptUpdate
+
+from ..config import ParSettingError, ParSettings, settings_from_hf_config
+from ..prompt import QueryRewriter
+from ..reduction import reduce_per_image
+
+# Keys the processor adds to the mm processor kwargs after validating the request's.
+# vLLM hashes these kwargs into each image's cache identity.
+SETTINGS_KEY = "par_settings"
+QUERY_KEY = "par_query_ids"
+
+
+class ParRequestError(VLLMValidationError, ParSettingError):
+    """A bad PAR setting in a request: vLLM answers 400 and names the parameter."""
+
+    def __init__(self, error: ParSettingError):
+        super().__init__(str(error), parameter=f"mm_processor_kwargs.{error.setting}")
+        self.setting = error.setting
+
+
+class ParLlavaProcessingInfo(LlavaProcessingInfo):
+    @cached_property
+    def server_settings(self) -> ParSettings:
+        return settings_from_hf_config(self.get_hf_config())
+
+    def resolve_settings(self, mm_kwargs: Mapping[str, object]) -> ParSettings:
+        if SETTINGS_KEY in mm_kwargs:  # already resolved by apply()
+            return ParSettings(**mm_kwargs[SETTINGS_KEY])
+        try:
+            return ParSettings.from_keys(mm_kwargs, base=self.server_settings)
+        except ParSettingError as error:
+            raise ParRequestError(error) from None
+
+    @cached_property
+    def query_rewriter(self) -> QueryRewriter:
+        return QueryRewriter(self.get_tokenizer(), self.get_hf_processor().image_token)
+
+
+class ParLlavaMultiModalProcessor(LlavaMultiModalProcessor):
+    info: ParLlavaProcessingInfo
+
+    def apply(self, inputs, timing_ctx):
+        request_kwargs = inputs.hf_processor_mm_kwargs
+        settings = self.info.resolve_settings(request_kwargs)
+        query = () if settings.reduces_nothing else tuple(self.info.query_rewriter(inputs.prompt))
+        kwargs = {k: v for k, v in request_kwargs.items() if not k.startswith("par_")}
+        kwargs[SETTINGS_KEY] = settings.model_dump(exclude_none=True)
+        kwargs[QUERY_KEY] = query
+        return super().apply(replace(inputs, hf_processor_mm_kwargs=kwargs), timing_ctx)
+
+    def _call_hf_processor(self, hf_data, hf_kwargs):
+        hf_kwargs = {k: v for k, v in hf_kwargs.items() if k not in (SETTINGS_KEY, QUERY_KEY)}
+        return super()._call_hf_processor(hf_data, hf_kwargs)
+
+    def _postprocess_hf_mm_data(
+        self,
+        mm_inputs: Mapping[str, object],
+        hf_processor_mm_kwargs: Mapping[str, object],
+        processed_data: BatchFeature,
+    ) -> BatchFeature:
+        processed_data = super()._postprocess_hf_mm_data(
+            mm_inputs, hf_processor_mm_kwargs, processed_data
+        )
+        images = processed_data.get("pixel_values", processed_data.get("image_embeds"))
+        if images is None:
+            return processed_data
+        # Every image of a request is scored against the same prompt. The field is always
+        # present (empty for image-only prompts) so items of different requests batch.
+        query = torch.tensor(hf_processor_mm_kwargs.get(QUERY_KEY, ()), dtype=torch.long)
+        packed = self.info.resolve_settings(hf_processor_mm_kwargs).to_tensor()
+        processed_data[QUERY_KEY] = [query] * len(images)
+        processed_data[SETTINGS_KEY] = packed.expand(len(images), -1).clone()
+        return processed_data
+
+    def _get_mm_fields_config(
+        self,
+        hf_inputs: BatchFeature,
+        hf_processor_mm_kwargs: Mapping[str, object],
+    ) -> Mapping[str, MultiModalFieldConfig]:
+        return {
+            **super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),
+            QUERY_KEY: MultiModalFieldConfig.batched("image"),
+            SETTINGS_KEY: MultiModalFieldConfig.batched("image", keep_on_cpu=True),
+        }
+
+    def _get_prompt_updates(
+        self,
+        mm_items: MultiModalDataItems,
+        hf_processor_mm_kwargs: Mapping[str, object],
+        out_mm_kwargs: MultiModalKwargsItems,
+    ) -> Sequence[PromptUpdate]:
+        settings = self.info.resolve_settings(hf_processor_mm_kwargs)
+        (full,) = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+
+        def reduced(item_idx: int) -> list[int]:
+            placeholders = full.replacement(item_idx)
+            return placeholders[: settings.num_kept(len(placeholders))]
+
+        return [PromptReplacement(modality=full.modality, target=full.target, replacement=reduced)]
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    ParLlavaMultiModalProcessor,
+    info=ParLlavaProcessingInfo,
+    dummy_inputs=LlavaDummyInputsBuilder,
+)
+class ParLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        # Fail at start-up, naming the key, if --hf-overrides holds a bad default.
+        self.par_server_settings = settings_from_hf_config(self.config)
+
+    def embed_multimodal(self, **kwargs: object):
+        query_ids = kwargs.pop(QUERY_KEY, None)
+        packed_settings = kwargs.pop(SETTINGS_KEY, None)
+        features = super().embed_multimodal(**kwargs)
+        if packed_settings is None or len(features) == 0:
+            return features
+        settings = [ParSettings.from_tensor(row) for row in packed_settings]
+        return reduce_per_image(
+            list(features),
+            list(query_ids),
+            settings,
+            embed_tokens=self.get_language_model().embed_input_ids,
+        )

@@ -1,0 +1,240 @@
+"""PAR's visual token reduction: the readable torch reference.
+
+Batched over images: B x N x D visual tokens (after the projector, in the LLM's
+embedding space) and B x T x D prompt-token embeddings in; B x K x D out. Each step
+of PAR (see PAR_SPEC.md) is its own function, so kernels can replace one step at a
+time and be tested against it.
+
+Selection is fully deterministic. Wherever scores tie, the lower token index wins
+(stable sorts, first-index argmax); kernels follow the same rule.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import ParSettings
+
+
+@dataclass
+class Reduction:
+    tokens: torch.Tensor        # B x K x D, in the raster order of kept_indices
+    kept_indices: torch.Tensor  # B x K, ascending: each output token's representative
+    assignment: torch.Tensor    # B x N, which output token (0..K-1) each input merged into
+    retrieved: torch.Tensor     # B x N bool, kept by semantic retrieval (prompt outliers)
+    prompt_aware: torch.Tensor  # B bool, False where the image had no prompt to score against
+
+
+def _stable_desc_order(score: torch.Tensor) -> torch.Tensor:
+    return torch.argsort(score, dim=-1, descending=True, stable=True)
+
+
+def saliency(visual_n: torch.Tensor) -> torch.Tensor:
+    """Prompt-agnostic score for image-only requests: how far a token is from the image's
+    mean token. Distinctive tokens become retrieval outliers; density peaks cover the rest."""
+    mean = F.normalize(visual_n.mean(dim=1, keepdim=True), dim=-1)
+    return 1.0 - (visual_n * mean).sum(-1)
+
+
+def relevance(
+    visual_n: torch.Tensor, query_n: torch.Tensor, query_mask: torch.Tensor, reduce: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """r_i = max (or mean) over prompt tokens j of cos(v_i, q_j); saliency where T = 0.
+
+    Returns (relevance B x N, prompt_aware B)."""
+    has_query = query_mask.any(dim=-1)
+    fallback = saliency(visual_n)
+    if query_n.shape[1] == 0:
+        return fallback, has_query
+    sim = visual_n @ query_n.transpose(1, 2)  # B x N x T
+    mask = query_mask[:, None, :]
+    if reduce == "max":
+        rel = sim.masked_fill(~mask, -math.inf).amax(dim=-1)
+    elif reduce == "mean":
+        rel = (sim * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    else:
+        raise ValueError(f"relevance reduce must be 'max' or 'mean', got {reduce!r}")
+    return torch.where(has_query[:, None], rel, fallback), has_query
+
+
+def retrieve(
+    rel: torch.Tensor, num_kept: int, outlier_factor: float, retrieval_share: float
+) -> torch.Tensor:
+    """Semantic retrieval: tokens whose relevance is an outlier (> Q3 + alpha * IQR),
+    the most relevant first, at most floor(retrieval_share * K) of them. B x N bool."""
+    quartiles = torch.quantile(rel, torch.tensor([0.25, 0.75], dtype=rel.dtype, device=rel.device), dim=1)
+    q1, q3 = quartiles[0], quartiles[1]
+    outlier = rel > (q3 + outlier_factor * (q3 - q1))[:, None]
+    cap = int(retrieval_share * num_kept)
+    retrieved = torch.zeros_like(outlier)
+    if cap == 0:
+        return retrieved
+    top = _stable_desc_order(rel.masked_fill(~outlier, -math.inf))[:, :cap]
+    return retrieved.scatter(1, top, outlier.gather(1, top))
+
+
+def near_duplicates(sim: torch.Tensor, retrieved: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Non-retrieved tokens whose cosine to some retrieved token exceeds the threshold."""
+    to_retrieved = sim.masked_fill(~retrieved[:, None, :], -math.inf).amax(dim=-1)
+    return (to_retrieved > threshold) & ~retrieved
+
+
+def density_peaks(sim: torch.Tensor, candidates: torch.Tensor, knn_k: int) -> torch.Tensor:
+    """DPC-KNN centre score rho * delta over the candidate tokens' cosine kNN graph.
+
+    rho_i = exp(-mean squared distance to its k nearest candidates); delta_i = distance
+    to the nearest denser candidate (the densest gets its farthest distance). Distances
+    are Euclidean between unit vectors, d^2 = 2 - 2 cos. B x N, 0 off the candidates."""
+    num_tokens = sim.shape[-1]
+    index = torch.arange(num_tokens, device=sim.device)
+    not_self = index[:, None] != index[None, :]
+    pair = candidates[:, :, None] & candidates[:, None, :] & not_self
+    dist2 = (2.0 - 2.0 * sim).clamp(min=0.0)
+
+    k = min(knn_k, num_tokens - 1)
+    if k == 0:
+        density = torch.ones_like(sim[..., 0])
+    else:
+        nearest = dist2.masked_fill(~pair, math.inf).topk(k, dim=-1, largest=False).values
+        valid = torch.isfinite(nearest)
+        mean_d2 = nearest.masked_fill(~valid, 0.0).sum(-1) / valid.sum(-1).clamp(min=1)
+        density = torch.exp(-mean_d2)
+
+    # j is denser than i; equal densities are ordered by index so exactly one token is densest.
+    denser = (density[:, None, :] > density[:, :, None]) | (
+        (density[:, None, :] == density[:, :, None]) & (index[None, :] < index[:, None])
+    )
+    dist = dist2.sqrt()
+    delta = dist.masked_fill(~(denser & pair), math.inf).amin(dim=-1)
+    farthest = dist.masked_fill(~pair, 0.0).amax(dim=-1)
+    delta = torch.where(torch.isinf(delta), farthest, delta)
+    return (density * delta).masked_fill(~candidates, 0.0)
+
+
+def select_kept(
+    rel: torch.Tensor,
+    retrieved: torch.Tensor,
+    duplicates: torch.Tensor,
+    peak_score: torch.Tensor,
+    num_kept: int,
+) -> torch.Tensor:
+    """K representatives per image, ascending: every retrieved token (by relevance), then
+    cluster centres by density-peak score; duplicates only if candidates run out."""
+    tier = retrieved.long() * 2 + (~retrieved & ~duplicates).long()
+    secondary = torch.where(retrieved, rel, peak_score)
+    order = _stable_desc_order(secondary)
+    order = order.gather(1, _stable_desc_order(tier.gather(1, order)))
+    return order[:, :num_kept].sort(dim=1).values
+
+
+def route(
+    sim: torch.Tensor, kept: torch.Tensor, retrieved: torch.Tensor, duplicates: torch.Tensor
+) -> torch.Tensor:
+    """Token routing: each token goes to its most similar kept token; near-duplicates of a
+    retrieved token go to their most similar retrieved one. Returns B x N positions in kept."""
+    batch, num_tokens = retrieved.shape
+    num_kept = kept.shape[1]
+    to_kept = sim.gather(2, kept[:, None, :].expand(batch, num_tokens, num_kept))
+    kept_is_retrieved = retrieved.gather(1, kept)
+    to_kept = to_kept.masked_fill(duplicates[:, :, None] & ~kept_is_retrieved[:, None, :], -math.inf)
+    assignment = to_kept.argmax(dim=-1)
+    own = torch.arange(num_kept, device=kept.device).expand(batch, num_kept)
+    return assignment.scatter(1, kept, own)
+
+
+def route_merge(
+    visual: torch.Tensor, weight: torch.Tensor, kept: torch.Tensor, assignment: torch.Tensor
+) -> torch.Tensor:
+    """Each kept token becomes the weighted mean of itself and the tokens routed to it.
+    Weights are positive, so every output is a convex combination of its members."""
+    batch, num_tokens, dim = visual.shape
+    num_kept = kept.shape[1]
+    w = weight.float()
+    sums = visual.new_zeros(batch, num_kept, dim, dtype=torch.float32).scatter_add_(
+        1, assignment[..., None].expand(batch, num_tokens, dim), visual.float() * w[..., None]
+    )
+    totals = w.new_zeros(batch, num_kept).scatter_add_(1, assignment, w)
+    members = torch.zeros_like(totals).scatter_add_(1, assignment, torch.ones_like(w))
+    merged = (sums / totals[..., None]).to(visual.dtype)
+    # A token nobody merged into stays bit-identical rather than w * v / w.
+    alone = visual.gather(1, kept[..., None].expand(batch, num_kept, dim))
+    return torch.where(members[..., None] == 1, alone, merged)
+
+
+def par_reduce(
+    visual: torch.Tensor,
+    query: torch.Tensor,
+    query_mask: torch.Tensor,
+    num_kept: int,
+    settings: ParSettings,
+) -> Reduction:
+    """Reduce B images of N visual tokens to K each, guided by their prompts.
+
+    visual: B x N x D; query: B x T x D prompt-token embeddings (T may be 0);
+    query_mask: B x T bool, False on padding."""
+    batch, num_tokens, _ = visual.shape
+    if not 1 <= num_kept:
+        raise ValueError(f"num_kept must be >= 1, got {num_kept}")
+    if num_kept >= num_tokens:
+        index = torch.arange(num_tokens, device=visual.device).expand(batch, num_tokens)
+        return Reduction(
+            tokens=visual,
+            kept_indices=index,
+            assignment=index,
+            retrieved=torch.zeros(batch, num_tokens, dtype=torch.bool, device=visual.device),
+            prompt_aware=query_mask.any(dim=-1),
+        )
+
+    visual_n = F.normalize(visual.float(), dim=-1)
+    query_n = F.normalize(query.float(), dim=-1)
+    rel, prompt_aware = relevance(visual_n, query_n, query_mask, settings.relevance)
+    retrieved = retrieve(rel, num_kept, settings.outlier_factor, settings.retrieval_share)
+    sim = visual_n @ visual_n.transpose(1, 2)
+    duplicates = near_duplicates(sim, retrieved, settings.duplicate_threshold)
+    peaks = density_peaks(sim, ~retrieved & ~duplicates, settings.knn_k)
+    kept = select_kept(rel, retrieved, duplicates, peaks, num_kept)
+    assignment = route(sim, kept, retrieved, duplicates)
+    # exp keeps weights positive and monotone in relevance (cosines lie in [-1, 1]).
+    tokens = route_merge(visual, torch.exp(rel), kept, assignment)
+    return Reduction(tokens, kept, assignment, retrieved, prompt_aware)
+
+
+def reduce_per_image(
+    features: list[torch.Tensor],
+    query_ids: list[torch.Tensor],
+    settings: list[ParSettings],
+    embed_tokens,
+) -> list[torch.Tensor]:
+    """What the model executor calls: one N_i x D tensor per image (possibly from
+    different requests, each with its own prompt and settings) to one K_i x D each.
+
+    Images with the same N and settings are reduced as one batch; prompts are embedded
+    with `embed_tokens` (the LLM's own input embedding table) in one call."""
+    out: list[torch.Tensor | None] = [None] * len(features)
+    groups: dict[tuple, list[int]] = {}
+    for i, (feature, setting) in enumerate(zip(features, settings)):
+        num_kept = setting.num_kept(feature.shape[0])
+        if num_kept >= feature.shape[0]:
+            out[i] = feature
+        else:
+            groups.setdefault((feature.shape, num_kept, setting), []).append(i)
+
+    for (_, num_kept, setting), members in groups.items():
+        visual = torch.stack([features[i] for i in members])
+        ids = [query_ids[i].to(visual.device) for i in members]
+        lengths = [len(q) for q in ids]
+        query = visual.new_zeros(len(members), max(lengths), visual.shape[-1])
+        if max(lengths) > 0:
+            embedded = embed_tokens(torch.cat(ids)).to(visual.dtype)
+            query = torch.nn.utils.rnn.pad_sequence(list(embedded.split(lengths)), batch_first=True)
+        query_mask = torch.arange(query.shape[1], device=visual.device)[None, :] < torch.tensor(
+            lengths, device=visual.device
+        )[:, None]
+        reduced = par_reduce(visual, query, query_mask, num_kept, setting)
+        for row, i in enumerate(members):
+            out[i] = reduced.tokens[row]
+    return out
