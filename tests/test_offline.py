@@ -1,0 +1,104 @@
+"""Offline vLLM engine (LLM.generate) with the PAR plugin: what the KV cache holds."""
+
+import gc
+
+import pytest
+
+from par_vllm.demo import demo_image
+from par_vllm.server import par_overrides
+
+N = 576  # visual tokens per 336 px image at patch 14
+PROMPT = "USER: <image>\nWhat color is the triangle?\nASSISTANT:"
+TWO_IMAGES = "USER: <image>\n<image>\nWhich shape is larger?\nASSISTANT:"
+
+
+def make_llm(model, **overrides):
+    from vllm import LLM
+
+    return LLM(str(model), hf_overrides=overrides, enforce_eager=True, dtype="float32",
+               max_model_len=2048, max_num_seqs=4, limit_mm_per_prompt={"image": 2},
+               seed=0)
+
+
+def generate(llm, prompt, images, mm_kwargs=None, max_tokens=6):
+    from vllm import SamplingParams
+
+    request = {"prompt": prompt, "multi_modal_data": {"image": images}}
+    if mm_kwargs is not None:
+        request["mm_processor_kwargs"] = mm_kwargs
+    (out,) = llm.generate(request, SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                                                  logprobs=1), use_tqdm=False)
+    return out
+
+
+def text_tokens(tokenizer, prompt):
+    ids = tokenizer.encode(prompt)
+    return len(ids) - ids.count(tokenizer.convert_tokens_to_ids("<image>"))
+
+
+@pytest.fixture(scope="module")
+def results(demo_model):
+    """Everything the tests check, from one PAR engine and one plain LLaVA engine (engine
+    start-up dominates the cost, so each is started once)."""
+    image = demo_image()
+    res = {}
+    llm = make_llm(demo_model, **par_overrides(keep_ratio=0.25))
+    res["server_default"] = generate(llm, PROMPT, image)
+    for kwargs in [{"par_keep_ratio": r} for r in (0.002, 0.05, 0.111, 0.5, 1.0)] + [
+        {"par_num_tokens": n} for n in (1, 10, 100, 575, 576, 1000)
+    ]:
+        res[tuple(kwargs.items())] = generate(llm, PROMPT, image, kwargs)
+    res["two_images"] = generate(llm, TWO_IMAGES, [image, image.rotate(90)], {"par_num_tokens": 32})
+    res["disabled"] = generate(llm, PROMPT, image, {"par_enabled": False})
+    res["disabled_two"] = generate(llm, TWO_IMAGES, [image, image.rotate(90)], {"par_enabled": False})
+    del llm
+    gc.collect()
+    llm = make_llm(demo_model)  # the stock LlavaForConditionalGeneration
+    res["plain"] = generate(llm, PROMPT, image)
+    res["plain_two"] = generate(llm, TWO_IMAGES, [image, image.rotate(90)])
+    del llm
+    gc.collect()
+    return res
+
+
+@pytest.mark.parametrize(
+    "kwargs, k",
+    [((("par_keep_ratio", 0.002),), 2), ((("par_keep_ratio", 0.05),), 29),
+     ((("par_keep_ratio", 0.111),), 64), ((("par_keep_ratio", 0.5),), 288),
+     ((("par_keep_ratio", 1.0),), 576), ((("par_num_tokens", 1),), 1),
+     ((("par_num_tokens", 10),), 10), ((("par_num_tokens", 100),), 100),
+     ((("par_num_tokens", 575),), 575), ((("par_num_tokens", 576),), 576),
+     ((("par_num_tokens", 1000),), 576)],
+)
+def test_prompt_tokens_are_text_plus_k(results, tokenizer, kwargs, k):
+    out = results[kwargs]
+    assert len(out.prompt_token_ids) == text_tokens(tokenizer, PROMPT) + k
+    assert out.outputs[0].token_ids, "an answer was generated"
+
+
+def test_server_default_budget_comes_from_hf_overrides(results, tokenizer):
+    assert len(results["server_default"].prompt_token_ids) == text_tokens(tokenizer, PROMPT) + 144
+
+
+def test_each_image_of_a_prompt_gets_k(results, tokenizer):
+    assert len(results["two_images"].prompt_token_ids) == text_tokens(tokenizer, TWO_IMAGES) + 2 * 32
+
+
+def test_without_par_it_is_text_plus_n_exactly_as_plain_llava(results, tokenizer):
+    for par, plain, prompt, images in [("disabled", "plain", PROMPT, 1),
+                                       ("disabled_two", "plain_two", TWO_IMAGES, 2)]:
+        a, b = results[par], results[plain]
+        assert len(b.prompt_token_ids) == text_tokens(tokenizer, prompt) + images * N
+        assert a.prompt_token_ids == b.prompt_token_ids
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for step_a, step_b in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            for token, lp in step_a.items():
+                assert abs(lp.logprob - step_b[token].logprob) < 1e-4
+
+
+def test_reduction_changes_what_the_model_sees(results):
+    """Sanity: 64 reduced tokens are not the full image, so the next-token distribution moves."""
+    full = results[(("par_keep_ratio", 1.0),)].outputs[0].logprobs[0]
+    reduced = results[(("par_keep_ratio", 0.111),)].outputs[0].logprobs[0]
+    token = next(iter(full))
+    assert token not in reduced or abs(full[token].logprob - reduced[token].logprob) > 1e-6

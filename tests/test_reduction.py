@@ -1,0 +1,153 @@
+"""The torch reference of PAR, on its own (no vLLM)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from par_vllm.config import ParSettings
+from par_vllm.reduction import par_reduce, reduce_per_image, route_merge
+
+
+def make_inputs(batch, n, d, t, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    visual = torch.randn(batch, n, d, generator=g).to(dtype)
+    query = torch.randn(batch, t, d, generator=g).to(dtype)
+    lengths = torch.randint(0, t + 1, (batch,), generator=g)
+    mask = torch.arange(t)[None, :] < lengths[:, None]
+    return visual, query, mask
+
+
+@pytest.mark.parametrize(
+    "batch, n, d, t, k",
+    [(1, 1, 8, 3, 1), (1, 2, 8, 1, 1), (2, 7, 16, 4, 3), (3, 50, 32, 5, 1), (2, 64, 16, 0, 10),
+     (4, 100, 24, 9, 99), (2, 576, 64, 12, 64), (1, 576, 64, 6, 7), (5, 33, 8, 2, 32)],
+)
+def test_exactly_k_tokens_out_with_sorted_unique_representatives(batch, n, d, t, k):
+    visual, query, mask = make_inputs(batch, n, d, t)
+    out = par_reduce(visual, query, mask, k, ParSettings())
+    assert out.tokens.shape == (batch, k, d)
+    assert out.kept_indices.shape == (batch, k)
+    for row in out.kept_indices:
+        assert torch.equal(row, row.unique(sorted=True)), "kept indices sorted and unique"
+        assert 0 <= row.min() and row.max() < n
+    # Every token is routed to an output token; each kept token to its own.
+    assert out.assignment.shape == (batch, n)
+    assert 0 <= out.assignment.min() and out.assignment.max() < k
+    own = out.assignment.gather(1, out.kept_indices)
+    assert torch.equal(own, torch.arange(k).expand(batch, k))
+    assert torch.isfinite(out.tokens).all()
+
+
+def test_k_equal_n_returns_the_input_unchanged():
+    visual, query, mask = make_inputs(2, 40, 16, 4)
+    out = par_reduce(visual, query, mask, 40, ParSettings())
+    assert torch.equal(out.tokens, visual)
+    assert torch.equal(out.kept_indices, torch.arange(40).expand(2, 40))
+
+
+def test_merged_tokens_are_convex_combinations_of_their_members():
+    visual, query, mask = make_inputs(3, 200, 16, 5, seed=3)
+    out = par_reduce(visual, query, mask, 20, ParSettings())
+    for b in range(3):
+        for k in range(20):
+            members = visual[b, out.assignment[b] == k]
+            assert out.kept_indices[b, k] in (out.assignment[b] == k).nonzero()
+            lo, hi = members.min(0).values, members.max(0).values
+            assert (out.tokens[b, k] >= lo - 1e-5).all() and (out.tokens[b, k] <= hi + 1e-5).all()
+            # A convex combination with weights that sum to one: solve for them and check.
+            weights = torch.linalg.lstsq(
+                torch.cat([members.T, torch.ones(1, len(members))]),
+                torch.cat([out.tokens[b, k], torch.ones(1)])[:, None],
+            ).solution.squeeze(1)
+            if len(members) <= 16:  # identifiable: at most D unknowns
+                assert (weights > -1e-4).all() and abs(weights.sum() - 1) < 1e-4
+
+
+def test_route_merge_is_the_weighted_mean():
+    visual = torch.tensor([[[0.0, 0.0], [2.0, 0.0], [0.0, 4.0], [9.0, 9.0]]])
+    weight = torch.tensor([[1.0, 3.0, 1.0, 5.0]])
+    kept = torch.tensor([[0, 3]])
+    assignment = torch.tensor([[0, 0, 0, 1]])
+    merged = route_merge(visual, weight, kept, assignment)
+    assert torch.allclose(merged[0, 0], torch.tensor([6.0 / 5, 4.0 / 5]))
+    assert torch.equal(merged[0, 1], visual[0, 3])
+
+
+def test_deterministic():
+    visual, query, mask = make_inputs(4, 300, 32, 6, seed=5)
+    a = par_reduce(visual, query, mask, 30, ParSettings())
+    b = par_reduce(visual.clone(), query.clone(), mask.clone(), 30, ParSettings())
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.kept_indices, b.kept_indices)
+
+
+def test_tokens_matching_the_prompt_are_retrieved_and_kept():
+    torch.manual_seed(0)
+    n, d = 576, 64
+    visual = torch.randn(1, n, d)
+    query = torch.randn(1, 2, d)
+    relevant = [17, 300, 555]
+    for i, token in enumerate(relevant):
+        visual[0, token] = query[0, i % 2] + 0.05 * torch.randn(d)
+    out = par_reduce(visual, query, torch.ones(1, 2, dtype=torch.bool), 64, ParSettings())
+    assert out.prompt_aware.all()
+    assert set(relevant) <= set(out.retrieved[0].nonzero().flatten().tolist())
+    assert set(relevant) <= set(out.kept_indices[0].tolist())
+    assert out.retrieved.sum() <= 32  # retrieval_share 0.5 of K
+
+
+def test_near_duplicates_of_a_retrieved_token_merge_into_it():
+    torch.manual_seed(1)
+    d = 32
+    visual = torch.randn(1, 100, d)
+    query = torch.randn(1, 1, d)
+    visual[0, 10] = query[0, 0]
+    for copy in (11, 12, 13):
+        visual[0, copy] = query[0, 0] * 0.97 + 0.01 * torch.randn(d)
+    out = par_reduce(visual, query, torch.ones(1, 1, dtype=torch.bool), 20,
+                     ParSettings(retrieval_share=0.05))  # room for a single retrieved token
+    assert out.retrieved[0].nonzero().flatten().tolist() == [10]
+    slot = out.kept_indices[0].tolist().index(10)
+    assert all(out.assignment[0, c] == slot for c in (11, 12, 13))
+
+
+def test_different_prompts_keep_different_tokens():
+    visual, query, _ = make_inputs(1, 576, 64, 8, seed=7)
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    a = par_reduce(visual, query[:, :4], mask, 64, ParSettings())
+    b = par_reduce(visual, query[:, 4:], mask, 64, ParSettings())
+    assert not torch.equal(a.kept_indices, b.kept_indices)
+
+
+def test_image_only_falls_back_to_a_prompt_agnostic_score():
+    visual, query, _ = make_inputs(2, 120, 16, 3, seed=2)
+    empty = par_reduce(visual, query[:, :0], torch.zeros(2, 0, dtype=torch.bool), 12, ParSettings())
+    masked = par_reduce(visual, query, torch.zeros(2, 3, dtype=torch.bool), 12, ParSettings())
+    assert not empty.prompt_aware.any()
+    assert torch.equal(empty.kept_indices, masked.kept_indices)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_half_precision_inputs(dtype):
+    visual, query, mask = make_inputs(2, 96, 32, 4, dtype=dtype)
+    out = par_reduce(visual, query, mask, 16, ParSettings())
+    assert out.tokens.dtype == dtype and torch.isfinite(out.tokens.float()).all()
+    ref = par_reduce(visual.float(), query.float(), mask, 16, ParSettings())
+    assert F.cosine_similarity(out.tokens.float(), ref.tokens, dim=-1).min() > 0.95
+
+
+def test_reduce_per_image_mixes_sizes_settings_and_prompts():
+    table = torch.nn.Embedding(50, 16)
+    g = torch.Generator().manual_seed(0)
+    features = [torch.randn(n, 16, generator=g) for n in (40, 40, 25, 40)]
+    queries = [torch.tensor([3, 4]), torch.tensor([], dtype=torch.long), torch.tensor([7]),
+               torch.tensor([3, 4])]
+    settings = [ParSettings(num_tokens=5), ParSettings(num_tokens=5),
+                ParSettings(keep_ratio=0.5), ParSettings(enabled=False)]
+    with torch.no_grad():
+        out = reduce_per_image(features, queries, settings, embed_tokens=table)
+        assert [o.shape[0] for o in out] == [5, 5, 13, 40]
+        assert torch.equal(out[3], features[3])
+        # Batched with others or alone, an image reduces the same way.
+        alone = par_reduce(features[0][None], table(queries[0])[None],
+                           torch.ones(1, 2, dtype=torch.bool), 5, settings[0])
+        assert torch.allclose(out[0], alone.tokens[0])
