@@ -1,0 +1,190 @@
+"""A real vLLM OpenAI server with PAR on 127.0.0.1, driven by the official openai client."""
+
+import base64
+import json
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+import torch
+
+from par_vllm.config import ParSettings
+from par_vllm.demo import chat_messages, demo_image, image_data_url
+from par_vllm.server import CPU_ENGINE_ARGS, VllmServer, par_overrides
+
+N, K = 576, 64
+QUESTIONS = ["What color is the triangle?", "Where is the blue circle?"]
+SERVER_ARGS = [*CPU_ENGINE_ARGS, "--trust-request-mm-kwargs", "--enable-prompt-tokens-details",
+               "--limit-mm-per-prompt", '{"image": 2}',
+               # The CPU default block (128 tokens) is longer than these prompts: with 32,
+               # the blocks holding the image placeholders are shareable across requests.
+               "--block-size", "32"]
+CACHING_ON = ["--enable-prefix-caching", "--mm-processor-cache-gb", "1"]
+CACHING_OFF = ["--no-enable-prefix-caching", "--mm-processor-cache-gb", "0"]
+
+
+def ask(server, messages, max_tokens=8, **extra_body):
+    response = server.client().chat.completions.create(
+        model="par-demo", messages=messages, max_tokens=max_tokens, temperature=0.0,
+        logprobs=True, top_logprobs=3, extra_body=extra_body or None,
+    )
+    content = response.choices[0].logprobs.content
+    return {
+        "text": response.choices[0].message.content,
+        "prompt_tokens": response.usage.prompt_tokens,
+        "image_tokens": (response.usage.prompt_tokens_details.multimodal_tokens or {}).get("image", 0),
+        "logprobs": [(step.token, step.logprob) for step in content],
+    }
+
+
+def same_answer(a, b):
+    assert a["text"] == b["text"] and a["prompt_tokens"] == b["prompt_tokens"]
+    assert [t for t, _ in a["logprobs"]] == [t for t, _ in b["logprobs"]]
+    assert all(abs(x - y) < 1e-3 for (_, x), (_, y) in zip(a["logprobs"], b["logprobs"]))
+
+
+@pytest.fixture(scope="module")
+def fresh_answers(demo_model):
+    """Each question about the same image, from a server with every cache off."""
+    with VllmServer(demo_model, hf_overrides=par_overrides(),
+                    extra_args=SERVER_ARGS + CACHING_OFF) as server:
+        return [ask(server, chat_messages(q, demo_image())) for q in QUESTIONS]
+
+
+@pytest.fixture(scope="module")
+def server(demo_model, fresh_answers):
+    with VllmServer(demo_model, hf_overrides=par_overrides(),
+                    extra_args=SERVER_ARGS + CACHING_ON) as server:
+        yield server
+
+
+def test_chat_completion_with_a_base64_image(server):
+    with_par = ask(server, chat_messages(QUESTIONS[0], demo_image()))
+    without = ask(server, chat_messages(QUESTIONS[0], demo_image()), mm_processor_kwargs={"par_enabled": False})
+    assert with_par["text"] and without["text"]
+    assert with_par["image_tokens"] == K and without["image_tokens"] == N
+    assert without["prompt_tokens"] - with_par["prompt_tokens"] == N - K
+    quarter = ask(server, chat_messages(QUESTIONS[0], demo_image()), mm_processor_kwargs={"par_keep_ratio": 0.25})
+    assert quarter["image_tokens"] == 144
+
+
+def test_caches_never_hand_one_prompts_tokens_to_another(server, fresh_answers):
+    # Interleave, and repeat, so the processor, encoder and prefix caches are all warm.
+    # The image's placeholders precede the question, so without the prompt in the image's
+    # identity the prefix cache would reuse the first question's image KV for the second.
+    for _ in range(2):
+        for question, fresh in zip(QUESTIONS, fresh_answers):
+            same_answer(ask(server, chat_messages(question, demo_image())), fresh)
+    assert fresh_answers[0]["logprobs"] != fresh_answers[1]["logprobs"]
+    metrics = server.get("/metrics")
+    hits = [line for line in metrics.splitlines() if line.startswith("vllm:prefix_cache_hits_total")]
+    assert hits and float(hits[0].split()[-1]) > 0, "the prefix cache was in use"
+
+
+def test_the_two_prompts_keep_different_token_sets(demo_model, tokenizer):
+    """The same image, reduced for each question by the model's own features and embeddings."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from par_vllm.prompt import QueryRewriter
+    from par_vllm.reduction import par_reduce
+
+    model = LlavaForConditionalGeneration.from_pretrained(demo_model).eval()
+    processor = AutoProcessor.from_pretrained(demo_model)
+    pixels = processor.image_processor(demo_image(), return_tensors="pt")["pixel_values"]
+    rewriter = QueryRewriter(tokenizer, "<image>")
+    kept = []
+    with torch.no_grad():
+        features = model.get_image_features(
+            pixel_values=pixels, vision_feature_layer=-2, vision_feature_select_strategy="default"
+        )
+        features = features.pooler_output if hasattr(features, "pooler_output") else features
+        visual = torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
+        assert visual.shape[1] == N
+        for question in QUESTIONS:
+            ids = torch.tensor(rewriter(tokenizer.encode(f"USER: <image>\n{question}\nASSISTANT:")))
+            query = model.get_input_embeddings()(ids)[None]
+            out = par_reduce(visual, query, torch.ones(1, len(ids), dtype=torch.bool), K, ParSettings())
+            kept.append(set(out.kept_indices[0].tolist()))
+    assert kept[0] != kept[1]
+
+
+def post_chat(server, body: str):
+    request = urllib.request.Request(
+        f"{server.base_url}/v1/chat/completions", data=body.encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.mark.parametrize(
+    "kwargs, setting",
+    [({"par_keep_ratio": 0}, "par_keep_ratio"), ({"par_keep_ratio": -0.1}, "par_keep_ratio"),
+     ({"par_keep_ratio": 1.5}, "par_keep_ratio"), ({"par_keep_ratio": "0.5"}, "par_keep_ratio"),
+     ({"par_num_tokens": 0}, "par_num_tokens"), ({"par_relevance": "median"}, "par_relevance"),
+     ({"par_bogus": 1}, "par_bogus"), ({"par_enabled": "off"}, "par_enabled")],
+)
+def test_bad_settings_get_a_400_naming_the_setting(server, kwargs, setting):
+    with pytest.raises(openai.BadRequestError) as info:
+        ask(server, chat_messages(QUESTIONS[0], demo_image()), mm_processor_kwargs=kwargs)
+    assert info.value.status_code == 400
+    assert setting in info.value.message
+    assert ask(server, chat_messages(QUESTIONS[0], demo_image()))["image_tokens"] == K
+
+
+def test_nan_setting_gets_a_400(server):
+    body = json.dumps({"model": "par-demo", "max_tokens": 4,
+                       "messages": chat_messages(QUESTIONS[0], demo_image()),
+                       "mm_processor_kwargs": {"par_keep_ratio": float("nan")}})
+    status, payload = post_chat(server, body)
+    assert status == 400 and "par_keep_ratio" in payload["error"]["message"]
+    assert ask(server, chat_messages(QUESTIONS[0], demo_image()))["image_tokens"] == K
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["data:image/png;base64," + base64.b64encode(b"definitely not a png").decode(),
+     "data:image/png;base64,",
+     image_data_url(demo_image())[:200]],  # truncated PNG
+)
+def test_corrupt_or_empty_image_gets_a_client_error(server, url):
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": QUESTIONS[0]}]}]
+    with pytest.raises(openai.APIStatusError) as info:
+        ask(server, messages)
+    assert 400 <= info.value.status_code < 500
+    assert ask(server, chat_messages(QUESTIONS[0], demo_image()))["image_tokens"] == K
+
+
+def test_image_with_no_question_is_answered(server):
+    messages = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": image_data_url(demo_image())}}]}]
+    answer = ask(server, messages)
+    assert answer["text"] and answer["image_tokens"] == K
+
+
+def test_text_only_request_is_answered(server):
+    answer = ask(server, [{"role": "user", "content": "Say hello."}])
+    assert answer["text"] and answer["image_tokens"] == 0
+
+
+def test_two_images_in_one_request(server):
+    messages = chat_messages("Which shape is larger?", demo_image())
+    messages[0]["content"].insert(1, {"type": "image_url",
+                                      "image_url": {"url": image_data_url(demo_image().rotate(90))}})
+    answer = ask(server, messages)
+    assert answer["text"] and answer["image_tokens"] == 2 * K
+
+
+def test_three_images_over_the_limit_get_a_400(server):
+    messages = chat_messages("Which shape is larger?", demo_image())
+    for angle in (90, 180):
+        messages[0]["content"].insert(1, {"type": "image_url",
+                                          "image_url": {"url": image_data_url(demo_image().rotate(angle))}})
+    with pytest.raises(openai.BadRequestError):
+        ask(server, messages)
+    assert ask(server, chat_messages(QUESTIONS[0], demo_image()))["image_tokens"] == K
