@@ -18,7 +18,8 @@ PREFIX = "par_"
 # The model sees settings only as per-image tensors (mm fields), so they travel packed
 # in this order.
 PACKED_FIELDS = ("enabled", "keep_ratio", "num_tokens", "outlier_factor", "retrieval_share",
-                 "duplicate_threshold", "relevance", "knn_k")
+                 "duplicate_threshold", "relevance", "knn_k", "backend")
+CHOICES = {"relevance": ("max", "mean"), "backend": ("auto", "torch", "triton")}
 
 
 class ParSettingError(ValueError):
@@ -52,6 +53,10 @@ class ParSettings(BaseModel):
     relevance: Literal["max", "mean"] = "max"
     # Neighbours in the cosine kNN graph that estimates density for cluster centres.
     knn_k: Annotated[int, Field(ge=1, le=64)] = 5
+    # Which implementation runs: "auto" uses the Triton kernels on CUDA tensors and the
+    # torch reference elsewhere; "torch" forces the reference; "triton" forces the kernels
+    # (on a CPU only under TRITON_INTERPRET=1).
+    backend: Literal["auto", "torch", "triton"] = "auto"
 
     def num_kept(self, num_tokens: int) -> int:
         """K for an image of `num_tokens` visual tokens (N when PAR is off)."""
@@ -72,7 +77,8 @@ class ParSettings(BaseModel):
     def to_tensor(self) -> torch.Tensor:
         values = self.model_dump()
         values["num_tokens"] = values["num_tokens"] or 0
-        values["relevance"] = ("max", "mean").index(values["relevance"])
+        for name, choices in CHOICES.items():
+            values[name] = choices.index(values[name])
         return torch.tensor([float(values[name]) for name in PACKED_FIELDS], dtype=torch.float64)
 
     @classmethod
@@ -85,8 +91,9 @@ class ParSettings(BaseModel):
             outlier_factor=values["outlier_factor"],
             retrieval_share=values["retrieval_share"],
             duplicate_threshold=values["duplicate_threshold"],
-            relevance=("max", "mean")[int(values["relevance"])],
+            relevance=CHOICES["relevance"][int(values["relevance"])],
             knn_k=int(values["knn_k"]),
+            backend=CHOICES["backend"][int(values["backend"])],
         )
 
     @classmethod

@@ -29,6 +29,22 @@ class Reduction:
     prompt_aware: torch.Tensor  # B bool, False where the image had no prompt to score against
 
 
+def use_kernels(visual: torch.Tensor, backend: str) -> bool:
+    """The one place the implementation is chosen: Triton kernels on CUDA tensors (or when
+    forced), this torch reference elsewhere (or when forced)."""
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        return True
+    if not visual.is_cuda:
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _stable_desc_order(score: torch.Tensor) -> torch.Tensor:
     return torch.argsort(score, dim=-1, descending=True, stable=True)
 
@@ -189,17 +205,32 @@ def par_reduce(
             prompt_aware=query_mask.any(dim=-1),
         )
 
+    kernels = use_kernels(visual, settings.backend)
     visual_n = F.normalize(visual.float(), dim=-1)
     query_n = F.normalize(query.float(), dim=-1)
-    rel, prompt_aware = relevance(visual_n, query_n, query_mask, settings.relevance)
+    if kernels:
+        from .kernels import relevance_topk
+
+        # The kernel takes prompts padded at the end (lengths), as reduce_per_image builds them.
+        prompt_aware = query_mask.any(dim=-1)
+        rel = relevance_topk.relevance(visual, query_n, query_mask.sum(-1), settings.relevance)
+        rel = torch.where(prompt_aware[:, None], rel, saliency(visual_n))
+    else:
+        rel, prompt_aware = relevance(visual_n, query_n, query_mask, settings.relevance)
     retrieved = retrieve(rel, num_kept, settings.outlier_factor, settings.retrieval_share)
     sim = visual_n @ visual_n.transpose(1, 2)
     duplicates = near_duplicates(sim, retrieved, settings.duplicate_threshold)
     peaks = density_peaks(sim, ~retrieved & ~duplicates, settings.knn_k)
     kept = select_kept(rel, retrieved, duplicates, peaks, num_kept)
-    assignment = route(sim, kept, retrieved, duplicates)
     # exp keeps weights positive and monotone in relevance (cosines lie in [-1, 1]).
-    tokens = route_merge(visual, torch.exp(rel), kept, assignment)
+    weight = torch.exp(rel)
+    if kernels:
+        from .kernels import route_merge as kernel
+
+        tokens, assignment = kernel.route_merge(visual, visual_n, weight, kept, retrieved, duplicates)
+    else:
+        assignment = route(sim, kept, retrieved, duplicates)
+        tokens = route_merge(visual, weight, kept, assignment)
     return Reduction(tokens, kept, assignment, retrieved, prompt_aware)
 
 

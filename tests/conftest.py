@@ -7,6 +7,11 @@ for key, value in CPU_ENV.items():
     os.environ.setdefault(key, value)
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Without a GPU, Triton kernels run in Triton's interpreter (numpy on the CPU).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
