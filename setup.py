@@ -13,6 +13,7 @@ setup(
     extras_require={"triton": ["triton"]},
     entry_points={
         "vllm.general_plugins": ["par_vllm = par_vllm:register"],
+        "vllm.endpoint_plugins": ["par_vllm_api = par_vllm.endpoints:ParApiPlugin"],
         "console_scripts": ["par-vllm = par_vllm.cli:main"],
     },
 )

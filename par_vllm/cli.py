@@ -1,14 +1,71 @@
-"""`par-vllm`: build the demo model, run the demo."""
+"""`par-vllm`: serve a LLaVA checkpoint with PAR, build the demo model, run the demo."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shlex
+import sys
 from pathlib import Path
+
+from . import ARCHITECTURE
+
+# One flag per PAR setting (the `par_*` key is the flag's name with underscores).
+SETTING_FLAGS = {
+    "keep_ratio": (float, "share of each image's visual tokens to keep: K = ceil(N x ratio), "
+                          "at least 1 (default 0.111: 64 of LLaVA-1.5's 576)"),
+    "num_tokens": (int, "explicit K per image; wins over --keep-ratio; clamped to N"),
+    "outlier_factor": (float, "semantic retrieval keeps tokens whose prompt relevance exceeds "
+                              "Q3 + factor x IQR (default 1.5)"),
+    "retrieval_share": (float, "most of K that retrieved tokens may take; clustering gets the "
+                               "rest (default 0.5)"),
+    "duplicate_threshold": (float, "cosine above which a token merges into a retrieved token "
+                                   "instead of competing for a centre (default 0.9)"),
+    "relevance": (str, "reduce a token's similarity to the prompt's words by 'max' or 'mean'"),
+    "knn_k": (int, "neighbours in the kNN graph that ranks cluster centres (default 5)"),
+    "backend": (str, "'auto' (Triton kernels on GPU, torch elsewhere), 'torch' or 'triton'"),
+}
+
+
+def serve_command(args: argparse.Namespace, vllm_args: list[str]) -> tuple[list[str], dict]:
+    from .config import ParSettings
+
+    keys = {f"par_{name}": getattr(args, name) for name in SETTING_FLAGS
+            if getattr(args, name) is not None}
+    if args.disable:
+        keys["par_enabled"] = False
+    ParSettings.from_keys(keys)  # fail here, naming the setting, not inside vLLM
+    overrides = {"architectures": [ARCHITECTURE], **keys}
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+               "--model", args.model, "--hf-overrides", json.dumps(overrides), *vllm_args]
+    env = dict(os.environ)
+    if args.par_api:
+        names = [n for n in env.get("VLLM_PLUGINS", "").split(",") if n]
+        env["VLLM_PLUGINS"] = ",".join(dict.fromkeys([*names, "par_vllm", "par_vllm_api"]))
+    return command, env
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="par-vllm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser(
+        "serve",
+        help="run vLLM's OpenAI server on a LLaVA checkpoint with PAR",
+        description="Start vLLM's OpenAI-compatible server with PAR. Flags below set the "
+                    "server's PAR defaults; every other argument goes to vLLM unchanged. "
+                    "Requests can override a default with the same `par_*` key in "
+                    "mm_processor_kwargs if vLLM runs with --trust-request-mm-kwargs.",
+    )
+    serve.add_argument("model", help="checkpoint directory or name (an unmodified LLaVA)")
+    for name, (kind, text) in SETTING_FLAGS.items():
+        serve.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, help=text)
+    serve.add_argument("--disable", action="store_true",
+                       help="serve every image whole by default (par_enabled=false)")
+    serve.add_argument("--par-api", action="store_true",
+                       help="also expose GET /v1/par/config (sets VLLM_PLUGINS)")
+    serve.add_argument("--dry-run", action="store_true", help="print the vLLM command, do not run it")
 
     make = commands.add_parser(
         "make-demo-model",
@@ -25,8 +82,26 @@ def main(argv: list[str] | None = None) -> None:
                       help="model directory (built here first if it does not exist)")
     demo.add_argument("--keep-ratio", type=float, default=0.111)
 
-    args = parser.parse_args(argv)
-    if args.command == "make-demo-model":
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after a bare "--" belongs to vLLM, even flags that look like ours.
+    vllm_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    args, rest = parser.parse_known_args(argv)
+    rest += vllm_args
+    if rest and args.command != "serve":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "serve":
+        from .config import ParSettingError
+
+        try:
+            command, env = serve_command(args, rest)
+        except ParSettingError as error:
+            parser.exit(2, f"par-vllm serve: {error}\n")
+        if args.dry_run:
+            print(shlex.join(command))
+            return
+        os.execve(command[0], command, env)
+    elif args.command == "make-demo-model":
         from .demo_model import make_demo_model
 
         print(make_demo_model(args.out_dir, seed=args.seed))

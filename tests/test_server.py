@@ -44,18 +44,40 @@ def same_answer(a, b):
     assert all(abs(x - y) < 1e-3 for (_, x), (_, y) in zip(a["logprobs"], b["logprobs"]))
 
 
+# The PAR API routes are opt-in, as vLLM requires for endpoint plugins.
+PLUGINS = {"VLLM_PLUGINS": "par_vllm,par_vllm_api"}
+
+
+def par_samples(server) -> dict:
+    """Every `par_*` sample on /metrics, by (name, labels)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(server.get("/metrics"))
+        for sample in family.samples if sample.name.startswith("par_")
+    }
+
+
 @pytest.fixture(scope="module")
-def fresh_answers(demo_model):
-    """Each question about the same image, from a server with every cache off."""
+def fresh_start(demo_model):
+    """A server with every cache off: /metrics before any request, then each question
+    about the same image."""
     with VllmServer(demo_model, hf_overrides=par_overrides(),
                     extra_args=SERVER_ARGS + CACHING_OFF) as server:
-        return [ask(server, chat_messages(q, demo_image())) for q in QUESTIONS]
+        metrics_at_start = par_samples(server)
+        return metrics_at_start, [ask(server, chat_messages(q, demo_image())) for q in QUESTIONS]
+
+
+@pytest.fixture(scope="module")
+def fresh_answers(fresh_start):
+    return fresh_start[1]
 
 
 @pytest.fixture(scope="module")
 def server(demo_model, fresh_answers):
     with VllmServer(demo_model, hf_overrides=par_overrides(),
-                    extra_args=SERVER_ARGS + CACHING_ON) as server:
+                    extra_args=SERVER_ARGS + CACHING_ON, env=PLUGINS) as server:
         yield server
 
 
@@ -188,3 +210,67 @@ def test_three_images_over_the_limit_get_a_400(server):
     with pytest.raises(openai.BadRequestError):
         ask(server, messages)
     assert ask(server, chat_messages(QUESTIONS[0], demo_image()))["image_tokens"] == K
+
+
+def metric(samples, name):
+    return samples.get((name, (("model_name", "par-demo"),)), 0.0)
+
+
+def test_warm_up_and_profiling_do_not_count(fresh_start):
+    metrics_at_start, _ = fresh_start
+    assert all(value == 0 for value in metrics_at_start.values())
+
+
+def test_par_metrics_count_exactly_what_was_served(server):
+    before = par_samples(server)
+    ask(server, chat_messages(QUESTIONS[0], demo_image()))                      # 576 -> 64
+    ask(server, chat_messages(QUESTIONS[0], demo_image()),                      # 576 -> 576
+        mm_processor_kwargs={"par_enabled": False})
+    ask(server, [{"role": "user", "content": [                                  # 576 -> 64, no text
+        {"type": "image_url", "image_url": {"url": image_data_url(demo_image())}}]}])
+    two = chat_messages("Which shape is larger?", demo_image())                 # 2 x (576 -> 32)
+    two[0]["content"].insert(1, {"type": "image_url",
+                                 "image_url": {"url": image_data_url(demo_image().rotate(90))}})
+    ask(server, two, mm_processor_kwargs={"par_num_tokens": 32})
+    ask(server, [{"role": "user", "content": "Say hello."}])                    # no image
+    after = par_samples(server)
+    delta = {name: metric(after, name) - metric(before, name) for name in [
+        "par_images_reduced_total", "par_visual_tokens_before_total", "par_visual_tokens_after_total",
+        "par_visual_tokens_saved_total", "par_kept_share_count", "par_kept_share_sum",
+        "par_prompt_agnostic_requests_total", "par_disabled_requests_total"]}
+    assert delta == {
+        "par_images_reduced_total": 4,
+        "par_visual_tokens_before_total": 5 * 576,
+        "par_visual_tokens_after_total": 64 + 576 + 64 + 2 * 32,
+        "par_visual_tokens_saved_total": 5 * 576 - (64 + 576 + 64 + 2 * 32),
+        "par_kept_share_count": 5,
+        "par_kept_share_sum": pytest.approx(64 / 576 + 1 + 64 / 576 + 2 * 32 / 576),
+        "par_prompt_agnostic_requests_total": 1,
+        "par_disabled_requests_total": 1,
+    }
+
+
+def test_par_config_endpoint_reports_the_effective_settings(server):
+    config = json.loads(server.get("/v1/par/config"))
+    assert config["par_active"] is True and config["per_request_overrides"] is True
+    assert config["model"] == "par-demo"
+    assert config["settings"] == ParSettings().to_keys()
+
+
+def test_grafana_dashboard_queries_only_metrics_the_server_exports(server):
+    import re
+    from pathlib import Path
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    ask(server, chat_messages(QUESTIONS[0], demo_image()))  # labelled series exist once used
+    exported = set()
+    for family in text_string_to_metric_families(server.get("/metrics")):
+        exported.add(family.name)
+        exported.update(sample.name for sample in family.samples)
+    dashboard = json.loads((Path(__file__).parents[1] / "deploy/grafana/dashboards/par.json").read_text())
+    queries = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    queries.append(dashboard["templating"]["list"][0]["query"])
+    used = {m for q in queries for m in re.findall(r"\b(?:par_|vllm:)[A-Za-z0-9_:]+", q)}
+    assert any(m.startswith("par_") for m in used) and any(m.startswith("vllm:") for m in used)
+    assert used <= exported, used - exported

@@ -26,9 +26,10 @@ from vllm.model_executor.models.llava import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
-from vllm.multimodal.parse import MultiModalDataItems
+from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems, MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
+from .. import metrics
 from ..config import ParSettingError, ParSettings, settings_from_hf_config
 from ..prompt import QueryRewriter
 from ..reduction import reduce_per_image
@@ -67,6 +68,7 @@ class ParLlavaProcessingInfo(LlavaProcessingInfo):
 
 class ParLlavaMultiModalProcessor(LlavaMultiModalProcessor):
     info: ParLlavaProcessingInfo
+    _profiling = False
 
     def apply(self, inputs, timing_ctx):
         request_kwargs = inputs.hf_processor_mm_kwargs
@@ -75,7 +77,31 @@ class ParLlavaMultiModalProcessor(LlavaMultiModalProcessor):
         kwargs = {k: v for k, v in request_kwargs.items() if not k.startswith("par_")}
         kwargs[SETTINGS_KEY] = settings.model_dump(exclude_none=True)
         kwargs[QUERY_KEY] = query
-        return super().apply(replace(inputs, hf_processor_mm_kwargs=kwargs), timing_ctx)
+        result = super().apply(replace(inputs, hf_processor_mm_kwargs=kwargs), timing_ctx)
+        if not self._profiling and "image" in inputs.mm_data_items:
+            metrics.record_request(
+                self.info.ctx.model_config.served_model_name,
+                full=self._full_token_counts(inputs.mm_data_items),
+                kept=[r.get_num_embeds() for r in result["mm_placeholders"]["image"]],
+                disabled=settings.reduces_nothing,
+                prompt_agnostic=not query,
+            )
+        return result
+
+    def get_dummy_mm_inputs(self, *args, **kwargs):
+        # Start-up profiling and warm-up process dummy images: keep them out of the metrics.
+        self._profiling = True
+        try:
+            return super().get_dummy_mm_inputs(*args, **kwargs)
+        finally:
+            self._profiling = False
+
+    def _full_token_counts(self, mm_items: MultiModalDataItems) -> list[int]:
+        images = mm_items.get_items("image", (ImageEmbeddingItems, ImageProcessorItems))
+        if isinstance(images, ImageEmbeddingItems):
+            return [images.get_feature_size(i) for i in range(len(images))]
+        sizes = [images.get_image_size(i) for i in range(len(images))]
+        return [self.info.get_num_image_tokens(image_width=s.width, image_height=s.height) for s in sizes]
 
     def _call_hf_processor(self, hf_data, hf_kwargs):
         hf_kwargs = {k: v for k, v in hf_kwargs.items() if k not in (SETTINGS_KEY, QUERY_KEY)}

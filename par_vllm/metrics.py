@@ -1,0 +1,46 @@
+"""PAR's Prometheus metrics, served on vLLM's own /metrics.
+
+Counted by the multimodal processor, which runs in the API-server process that also
+serves /metrics, so they appear with no extra set-up. Names carry a `par_` prefix (vLLM
+unregisters `vllm:*` collectors it does not own) and a `model_name` label, as vLLM's do.
+"""
+
+from prometheus_client import Counter, Histogram
+
+LABELS = ["model_name"]
+
+images_reduced = Counter(
+    "par_images_reduced", "Images whose visual tokens PAR reduced (K < N).", LABELS)
+visual_tokens_before = Counter(
+    "par_visual_tokens_before", "Visual tokens the images would take without PAR (N).", LABELS)
+visual_tokens_after = Counter(
+    "par_visual_tokens_after", "Visual tokens reserved after PAR (K): what the KV cache holds.", LABELS)
+visual_tokens_saved = Counter(
+    "par_visual_tokens_saved", "Visual tokens PAR removed before the language model (N - K).", LABELS)
+kept_share = Histogram(
+    "par_kept_share", "Share of an image's visual tokens kept (K / N).", LABELS,
+    buckets=(0.02, 0.05, 0.08, 0.12, 0.2, 0.3, 0.5, 0.75, 0.99, 1.0))
+prompt_agnostic_requests = Counter(
+    "par_prompt_agnostic_requests",
+    "Requests with images but no prompt text: PAR fell back to a prompt-agnostic score.", LABELS)
+disabled_requests = Counter(
+    "par_disabled_requests", "Requests with images served whole (par_enabled=false or ratio 1).", LABELS)
+
+ALL = (images_reduced, visual_tokens_before, visual_tokens_after, visual_tokens_saved, kept_share,
+       prompt_agnostic_requests, disabled_requests)
+
+
+def record_request(model_name: str, full: list[int], kept: list[int], disabled: bool,
+                   prompt_agnostic: bool) -> None:
+    labels = {"model_name": model_name}
+    for n, k in zip(full, kept):
+        visual_tokens_before.labels(**labels).inc(n)
+        visual_tokens_after.labels(**labels).inc(k)
+        visual_tokens_saved.labels(**labels).inc(n - k)
+        kept_share.labels(**labels).observe(k / n)
+        if k < n:
+            images_reduced.labels(**labels).inc()
+    if disabled:
+        disabled_requests.labels(**labels).inc()
+    elif prompt_agnostic:
+        prompt_agnostic_requests.labels(**labels).inc()

