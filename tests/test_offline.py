@@ -102,3 +102,20 @@ def test_reduction_changes_what_the_model_sees(results):
     reduced = results[(("par_keep_ratio", 0.111),)].outputs[0].logprobs[0]
     token = next(iter(full))
     assert token not in reduced or abs(full[token].logprob - reduced[token].logprob) > 1e-6
+
+
+def test_plugin_loads_in_every_tensor_parallel_worker(results, demo_model, tokenizer, monkeypatch):
+    """Two worker processes (tensor parallel 2; on a CPU each bound to its own core): both
+    must load the plugin, and PAR must give what the single-worker engine gave."""
+    from vllm import LLM
+
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    llm = LLM(str(demo_model), hf_overrides=par_overrides(keep_ratio=0.111), enforce_eager=True,
+              dtype="float32", max_model_len=2048, max_num_seqs=4, tensor_parallel_size=2,
+              distributed_executor_backend="mp", seed=0)
+    out = generate(llm, PROMPT, demo_image())
+    del llm
+    gc.collect()
+    single = results[(("par_keep_ratio", 0.111),)]
+    assert len(out.prompt_token_ids) == text_tokens(tokenizer, PROMPT) + 64
+    assert out.outputs[0].token_ids == single.outputs[0].token_ids
