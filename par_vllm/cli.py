@@ -82,6 +82,19 @@ def main(argv: list[str] | None = None) -> None:
                       help="model directory (built here first if it does not exist)")
     demo.add_argument("--keep-ratio", type=float, default=0.111)
 
+    explain = commands.add_parser(
+        "explain",
+        help="draw which patches PAR keeps, and which it merges into which, as a PNG",
+    )
+    explain.add_argument("image", type=Path)
+    explain.add_argument("prompt")
+    explain.add_argument("--model", type=Path, default=Path(".models/par-demo"))
+    explain.add_argument("--out", type=Path, default=Path("kept.png"))
+    for name, (kind, text) in SETTING_FLAGS.items():
+        explain.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, help=text)
+    explain.add_argument("--method", choices=["par", "pool", "random", "topk", "diverse"],
+                         help="PAR or a baseline at the same budget")
+
     argv = list(sys.argv[1:] if argv is None else argv)
     # Everything after a bare "--" belongs to vLLM, even flags that look like ours.
     vllm_args = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -101,6 +114,17 @@ def main(argv: list[str] | None = None) -> None:
             print(shlex.join(command))
             return
         os.execve(command[0], command, env)
+    elif args.command == "explain":
+        from .config import ParSettingError, ParSettings
+        from .explain import explain as run_explain
+
+        keys = {f"par_{name}": getattr(args, name) for name in [*SETTING_FLAGS, "method"]
+                if getattr(args, name) is not None}
+        try:
+            settings = ParSettings.from_keys(keys)
+        except ParSettingError as error:
+            parser.exit(2, f"par-vllm explain: {error}\n")
+        print(run_explain(args.model, args.image, args.prompt, args.out, settings))
     elif args.command == "make-demo-model":
         from .demo_model import make_demo_model
 

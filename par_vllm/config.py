@@ -18,8 +18,9 @@ PREFIX = "par_"
 # The model sees settings only as per-image tensors (mm fields), so they travel packed
 # in this order.
 PACKED_FIELDS = ("enabled", "keep_ratio", "num_tokens", "outlier_factor", "retrieval_share",
-                 "duplicate_threshold", "relevance", "knn_k", "backend")
-CHOICES = {"relevance": ("max", "mean"), "backend": ("auto", "torch", "triton")}
+                 "duplicate_threshold", "relevance", "knn_k", "backend", "method")
+CHOICES = {"relevance": ("max", "mean"), "backend": ("auto", "torch", "triton"),
+           "method": ("par", "pool", "random", "topk", "diverse")}
 
 
 class ParSettingError(ValueError):
@@ -57,6 +58,11 @@ class ParSettings(BaseModel):
     # torch reference elsewhere; "torch" forces the reference; "triton" forces the kernels
     # (on a CPU only under TRITON_INTERPRET=1).
     backend: Literal["auto", "torch", "triton"] = "auto"
+    # What selects the K tokens: PAR itself, or a baseline at the same budget, for
+    # comparisons through the same server: "pool" (2D average pooling), "random",
+    # "topk" (prompt relevance, no merging), "diverse" (prompt-agnostic max-min diversity,
+    # DivPrune-style).
+    method: Literal["par", "pool", "random", "topk", "diverse"] = "par"
 
     def num_kept(self, num_tokens: int) -> int:
         """K for an image of `num_tokens` visual tokens (N when PAR is off)."""
@@ -94,6 +100,7 @@ class ParSettings(BaseModel):
             relevance=CHOICES["relevance"][int(values["relevance"])],
             knn_k=int(values["knn_k"]),
             backend=CHOICES["backend"][int(values["backend"])],
+            method=CHOICES["method"][int(values["method"])],
         )
 
     @classmethod

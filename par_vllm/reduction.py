@@ -24,7 +24,8 @@ from .config import ParSettings
 class Reduction:
     tokens: torch.Tensor        # B x K x D, in the raster order of kept_indices
     kept_indices: torch.Tensor  # B x K, ascending: each output token's representative
-    assignment: torch.Tensor    # B x N, which output token (0..K-1) each input merged into
+    assignment: torch.Tensor    # B x N, which output token (0..K-1) each input merged into;
+                                # -1 where a pruning baseline dropped the token
     retrieved: torch.Tensor     # B x N bool, kept by semantic retrieval (prompt outliers)
     prompt_aware: torch.Tensor  # B bool, False where the image had no prompt to score against
 
@@ -205,6 +206,10 @@ def par_reduce(
             prompt_aware=query_mask.any(dim=-1),
         )
 
+    if settings.method != "par":
+        from .baselines import reduce_with
+
+        return reduce_with(settings.method, visual, query, query_mask, num_kept, settings)
     kernels = use_kernels(visual, settings.backend)
     visual_n = F.normalize(visual.float(), dim=-1)
     query_n = F.normalize(query.float(), dim=-1)

@@ -48,6 +48,9 @@ def results(demo_model):
         {"par_num_tokens": n} for n in (1, 10, 100, 575, 576, 1000)
     ]:
         res[tuple(kwargs.items())] = generate(llm, PROMPT, image, kwargs)
+    for method in ("pool", "random", "topk", "diverse"):
+        kwargs = {"par_method": method, "par_num_tokens": 30}
+        res[tuple(kwargs.items())] = generate(llm, PROMPT, image, kwargs)
     res["two_images"] = generate(llm, TWO_IMAGES, [image, image.rotate(90)], {"par_num_tokens": 32})
     res["disabled"] = generate(llm, PROMPT, image, {"par_enabled": False})
     res["disabled_two"] = generate(llm, TWO_IMAGES, [image, image.rotate(90)], {"par_enabled": False})
@@ -74,6 +77,13 @@ def test_prompt_tokens_are_text_plus_k(results, tokenizer, kwargs, k):
     out = results[kwargs]
     assert len(out.prompt_token_ids) == text_tokens(tokenizer, PROMPT) + k
     assert out.outputs[0].token_ids, "an answer was generated"
+
+
+@pytest.mark.parametrize("method", ["pool", "random", "topk", "diverse"])
+def test_baselines_run_in_the_engine_at_the_same_budget(results, tokenizer, method):
+    out = results[(("par_method", method), ("par_num_tokens", 30))]
+    assert len(out.prompt_token_ids) == text_tokens(tokenizer, PROMPT) + 30
+    assert out.outputs[0].token_ids
 
 
 def test_server_default_budget_comes_from_hf_overrides(results, tokenizer):

@@ -151,3 +151,42 @@ def test_reduce_per_image_mixes_sizes_settings_and_prompts():
         alone = par_reduce(features[0][None], table(queries[0])[None],
                            torch.ones(1, 2, dtype=torch.bool), 5, settings[0])
         assert torch.allclose(out[0], alone.tokens[0])
+
+
+@pytest.mark.parametrize("method", ["pool", "random", "topk", "diverse"])
+@pytest.mark.parametrize("n, k", [(576, 64), (576, 29), (100, 7), (50, 1)])
+def test_baselines_give_exactly_k(method, n, k):
+    visual, query, mask = make_inputs(2, n, 16, 4, seed=4)
+    out = par_reduce(visual, query, mask, k, ParSettings(method=method))
+    assert out.tokens.shape == (2, k, 16) and out.kept_indices.shape == (2, k)
+    assert out.assignment.min() >= -1 and out.assignment.max() < k
+    a = par_reduce(visual, query, mask, k, ParSettings(method=method))
+    assert torch.equal(out.tokens, a.tokens), "deterministic"
+    if method != "pool":
+        for row in out.kept_indices:
+            assert torch.equal(row, row.unique(sorted=True))
+        # Pruning: kept tokens are the inputs themselves, dropped ones map to -1.
+        assert torch.equal(out.tokens, visual.gather(1, out.kept_indices[..., None].expand(-1, -1, 16)))
+        assert (out.assignment == -1).sum() == 2 * (n - k)
+
+
+def test_uniform_pool_is_2d_average_pooling():
+    visual = torch.randn(1, 576, 8)
+    out = par_reduce(visual, visual[:, :0], torch.zeros(1, 0, dtype=torch.bool), 64,
+                     ParSettings(method="pool"))
+    grid = visual.reshape(1, 24, 24, 8)
+    assert torch.allclose(out.tokens[0, 0], grid[0, :3, :3].reshape(9, 8).mean(0), atol=1e-6)
+    assert torch.allclose(out.tokens[0, 63], grid[0, 21:, 21:].reshape(9, 8).mean(0), atol=1e-6)
+
+
+def test_topk_keeps_the_most_relevant_and_diverse_ignores_the_prompt():
+    torch.manual_seed(0)
+    visual = torch.randn(1, 200, 32)
+    query = torch.randn(1, 1, 32)
+    visual[0, 42] = query[0, 0]
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    assert 42 in par_reduce(visual, query, mask, 5, ParSettings(method="topk")).kept_indices[0]
+    other = torch.randn(1, 1, 32)
+    a = par_reduce(visual, query, mask, 20, ParSettings(method="diverse"))
+    b = par_reduce(visual, other, mask, 20, ParSettings(method="diverse"))
+    assert torch.equal(a.kept_indices, b.kept_indices)

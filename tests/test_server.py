@@ -7,7 +7,6 @@ import urllib.request
 
 import openai
 import pytest
-import torch
 
 from par_vllm.config import ParSettings
 from par_vllm.demo import chat_messages, demo_image, image_data_url
@@ -104,30 +103,14 @@ def test_caches_never_hand_one_prompts_tokens_to_another(server, fresh_answers):
     assert hits and float(hits[0].split()[-1]) > 0, "the prefix cache was in use"
 
 
-def test_the_two_prompts_keep_different_token_sets(demo_model, tokenizer):
+def test_the_two_prompts_keep_different_token_sets(demo_model):
     """The same image, reduced for each question by the model's own features and embeddings."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from par_vllm.explain import Explainer
 
-    from par_vllm.prompt import QueryRewriter
-    from par_vllm.reduction import par_reduce
-
-    model = LlavaForConditionalGeneration.from_pretrained(demo_model).eval()
-    processor = AutoProcessor.from_pretrained(demo_model)
-    pixels = processor.image_processor(demo_image(), return_tensors="pt")["pixel_values"]
-    rewriter = QueryRewriter(tokenizer, "<image>")
-    kept = []
-    with torch.no_grad():
-        features = model.get_image_features(
-            pixel_values=pixels, vision_feature_layer=-2, vision_feature_select_strategy="default"
-        )
-        features = features.pooler_output if hasattr(features, "pooler_output") else features
-        visual = torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
-        assert visual.shape[1] == N
-        for question in QUESTIONS:
-            ids = torch.tensor(rewriter(tokenizer.encode(f"USER: <image>\n{question}\nASSISTANT:")))
-            query = model.get_input_embeddings()(ids)[None]
-            out = par_reduce(visual, query, torch.ones(1, len(ids), dtype=torch.bool), K, ParSettings())
-            kept.append(set(out.kept_indices[0].tolist()))
+    explainer = Explainer(demo_model)
+    kept = [set(explainer.reduce(demo_image(), q, ParSettings()).kept_indices[0].tolist())
+            for q in QUESTIONS]
+    assert len(kept[0]) == len(kept[1]) == K
     assert kept[0] != kept[1]
 
 

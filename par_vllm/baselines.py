@@ -1,0 +1,97 @@
+"""Baselines at PAR's budget, selectable per request (`par_method`) so that every method
+is measured through the same vLLM server. Pruning baselines merge nothing: a token they
+drop has assignment -1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .config import ParSettings
+from .reduction import Reduction, relevance, saliency
+
+
+def _pruned(visual: torch.Tensor, kept: torch.Tensor, prompt_aware: torch.Tensor) -> Reduction:
+    batch, num_tokens, dim = visual.shape
+    kept = kept.sort(dim=1).values
+    assignment = torch.full((batch, num_tokens), -1, dtype=torch.long, device=visual.device)
+    own = torch.arange(kept.shape[1], device=visual.device).expand_as(kept)
+    return Reduction(
+        tokens=visual.gather(1, kept[..., None].expand(-1, -1, dim)),
+        kept_indices=kept,
+        assignment=assignment.scatter(1, kept, own),
+        retrieved=torch.zeros(batch, num_tokens, dtype=torch.bool, device=visual.device),
+        prompt_aware=prompt_aware,
+    )
+
+
+def uniform_pool(visual, query, query_mask, num_kept, settings) -> Reduction:
+    """2D average pooling of the token grid to an h x w grid with h * w = K (the factor
+    pair closest to square). Non-square token counts pool along the raster order."""
+    batch, num_tokens, dim = visual.shape
+    side = math.isqrt(num_tokens)
+    h = max(d for d in range(1, math.isqrt(num_kept) + 1) if num_kept % d == 0)
+    w = num_kept // h
+    if side * side != num_tokens:
+        side_h, side_w, h, w = 1, num_tokens, 1, num_kept
+    else:
+        side_h = side_w = side
+    grid = visual.float().transpose(1, 2).reshape(batch, dim, side_h, side_w)
+    tokens = F.adaptive_avg_pool2d(grid, (h, w)).reshape(batch, dim, h * w).transpose(1, 2)
+    rows = torch.arange(side_h, device=visual.device) * h // side_h
+    cols = torch.arange(side_w, device=visual.device) * w // side_w
+    cell = (rows[:, None] * w + cols[None, :]).reshape(-1)
+    centre_r = ((torch.arange(h, device=visual.device) + 0.5) * side_h / h).long()
+    centre_c = ((torch.arange(w, device=visual.device) + 0.5) * side_w / w).long()
+    centres = (centre_r[:, None] * side_w + centre_c[None, :]).reshape(-1)
+    return Reduction(
+        tokens=tokens.to(visual.dtype),
+        kept_indices=centres.expand(batch, -1),
+        assignment=cell.expand(batch, -1),
+        retrieved=torch.zeros(batch, num_tokens, dtype=torch.bool, device=visual.device),
+        prompt_aware=torch.zeros(batch, dtype=torch.bool, device=visual.device),
+    )
+
+
+def random_keep(visual, query, query_mask, num_kept, settings) -> Reduction:
+    """K tokens uniformly at random (fixed seed, so a request is repeatable)."""
+    generator = torch.Generator().manual_seed(0)
+    kept = torch.stack([torch.randperm(visual.shape[1], generator=generator)[:num_kept]
+                        for _ in range(visual.shape[0])]).to(visual.device)
+    return _pruned(visual, kept, torch.zeros(visual.shape[0], dtype=torch.bool, device=visual.device))
+
+
+def topk_keep(visual, query, query_mask, num_kept, settings) -> Reduction:
+    """The K tokens most relevant to the prompt (PAR's relevance), without routing."""
+    visual_n = F.normalize(visual.float(), dim=-1)
+    rel, prompt_aware = relevance(visual_n, F.normalize(query.float(), dim=-1), query_mask,
+                                  settings.relevance)
+    kept = torch.argsort(rel, dim=1, descending=True, stable=True)[:, :num_kept]
+    return _pruned(visual, kept, prompt_aware)
+
+
+def diverse_keep(visual, query, query_mask, num_kept, settings) -> Reduction:
+    """Prompt-agnostic max-min diversity (DivPrune-style): start from the most salient
+    token, then repeatedly keep the token farthest (cosine) from everything kept so far."""
+    visual_n = F.normalize(visual.float(), dim=-1)
+    batch = visual.shape[0]
+    first = saliency(visual_n).argmax(dim=1)
+    kept = [first]
+    nearest = 1.0 - (visual_n * visual_n[torch.arange(batch), first][:, None]).sum(-1)
+    for _ in range(num_kept - 1):
+        nxt = nearest.argmax(dim=1)
+        kept.append(nxt)
+        distance = 1.0 - (visual_n * visual_n[torch.arange(batch), nxt][:, None]).sum(-1)
+        nearest = torch.minimum(nearest, distance)
+    return _pruned(visual, torch.stack(kept, dim=1),
+                   torch.zeros(batch, dtype=torch.bool, device=visual.device))
+
+
+BASELINES = {"pool": uniform_pool, "random": random_keep, "topk": topk_keep, "diverse": diverse_keep}
+
+
+def reduce_with(method: str, visual, query, query_mask, num_kept, settings: ParSettings) -> Reduction:
+    return BASELINES[method](visual, query, query_mask, num_kept, settings)
