@@ -111,13 +111,12 @@ def main() -> None:
     for family, batch, n, d, t, k in shapes:
         visual = torch.randn(batch, n, d, device=device, dtype=dtype)
         query = F.normalize(torch.randn(batch, t, d, device=device), dim=-1)
-        lengths = torch.full((batch,), t, device=device)
         mask = torch.ones(batch, t, dtype=torch.bool, device=device)
         visual_n = F.normalize(visual.float(), dim=-1)
 
         ref_rel = measure(lambda: torch.sort(relevance(F.normalize(visual.float(), dim=-1), query, mask, "max")[0],
                                              dim=-1, descending=True, stable=True))
-        tri_rel = measure(lambda: relevance_topk.relevance_topk(visual, query, lengths, "max", k))
+        tri_rel = measure(lambda: relevance_topk.relevance_topk(visual, query, mask, "max", k))
         rel_bytes = visual.numel() * visual.element_size() + query.numel() * 4 + batch * n * 4
 
         rel = relevance(visual_n, query, mask, "max")[0]

@@ -17,14 +17,13 @@ import triton.language as tl
 
 @triton.jit
 def _relevance_kernel(
-    V, Q, LENGTHS, OUT,
+    V, Q, MASK, OUT,
     N, T, D,
     MEAN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    length = tl.load(LENGTHS + b)
     v_base = V + b * N * D
     q_base = Q + b * T * D
 
@@ -32,9 +31,11 @@ def _relevance_kernel(
         score = tl.zeros([BLOCK_N], dtype=tl.float32)
     else:
         score = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
-    for t0 in range(0, length, BLOCK_T):
+    count = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
-        t_mask = offs_t < length
+        t_mask = tl.load(MASK + b * T + offs_t, mask=offs_t < T, other=0) != 0
+        count += t_mask.to(tl.float32)
         dots = tl.zeros([BLOCK_N, BLOCK_T], dtype=tl.float32)
         sq = tl.zeros([BLOCK_N], dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
@@ -52,26 +53,26 @@ def _relevance_kernel(
         else:
             score = tl.maximum(score, tl.max(tl.where(t_mask[None, :], cos, float("-inf")), axis=1))
     if MEAN:
-        score = score / tl.maximum(length, 1).to(tl.float32)
+        score = score / tl.maximum(tl.sum(count, axis=0), 1.0)
     tl.store(OUT + b * N + offs_n, score, mask=n_mask)
 
 
 def relevance(
     visual: torch.Tensor,
     query_n: torch.Tensor,
-    lengths: torch.Tensor,
+    query_mask: torch.Tensor,
     reduce: str,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """visual B x N x D (any float dtype); query_n B x T x D, unit rows, padded after
-    `lengths` (B ints). Returns B x N float32; rows with length 0 are -inf (max) or 0 (mean):
-    the caller substitutes its prompt-agnostic fallback there."""
+    """visual B x N x D (any float dtype); query_n B x T x D, unit rows; query_mask B x T
+    bool, False on padding (anywhere). Returns B x N float32; rows with no prompt token are
+    -inf (max) or 0 (mean): the caller substitutes its prompt-agnostic fallback there."""
     if reduce not in ("max", "mean"):
         raise ValueError(f"reduce must be 'max' or 'mean', got {reduce!r}")
     batch, num_tokens, dim = visual.shape
     visual = visual.contiguous()
     query_n = query_n.to(torch.float32).contiguous()
-    lengths = lengths.to(device=visual.device, dtype=torch.int32).contiguous()
+    query_mask = query_mask.to(device=visual.device, dtype=torch.int8).contiguous()
     if out is None:
         out = torch.empty(batch, num_tokens, dtype=torch.float32, device=visual.device)
     block_n = 64
@@ -79,17 +80,17 @@ def relevance(
     block_d = min(128, max(16, triton.next_power_of_2(dim)))
     grid = (batch, triton.cdiv(num_tokens, block_n))
     _relevance_kernel[grid](
-        visual, query_n, lengths, out, num_tokens, query_n.shape[1], dim,
+        visual, query_n, query_mask, out, num_tokens, query_n.shape[1], dim,
         MEAN=reduce == "mean", BLOCK_N=block_n, BLOCK_T=block_t, BLOCK_D=block_d,
     )
     return out
 
 
 def relevance_topk(
-    visual: torch.Tensor, query_n: torch.Tensor, lengths: torch.Tensor, reduce: str, k: int
+    visual: torch.Tensor, query_n: torch.Tensor, query_mask: torch.Tensor, reduce: str, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Relevance (B x N float32) and the indices of the k most relevant tokens per image
     (B x k, most relevant first, lower index first on ties)."""
-    rel = relevance(visual, query_n, lengths, reduce)
+    rel = relevance(visual, query_n, query_mask, reduce)
     order = torch.argsort(rel, dim=-1, descending=True, stable=True)
     return rel, order[:, :k]

@@ -216,9 +216,8 @@ def par_reduce(
     if kernels:
         from .kernels import relevance_topk
 
-        # The kernel takes prompts padded at the end (lengths), as reduce_per_image builds them.
         prompt_aware = query_mask.any(dim=-1)
-        rel = relevance_topk.relevance(visual, query_n, query_mask.sum(-1), settings.relevance)
+        rel = relevance_topk.relevance(visual, query_n, query_mask, settings.relevance)
         rel = torch.where(prompt_aware[:, None], rel, saliency(visual_n))
     else:
         rel, prompt_aware = relevance(visual_n, query_n, query_mask, settings.relevance)

@@ -46,14 +46,14 @@ def test_relevance_topk_matches_reference(shape, dtype, reduce):
     batch, n, d, t, k = shape
     visual, query_n, lengths, mask = inputs(batch, n, d, t, dtype)
     poisoned = torch.full((batch, n), float("nan"), device=DEVICE)
-    rel = relevance_topk.relevance(visual, query_n, lengths, reduce, out=poisoned)
+    rel = relevance_topk.relevance(visual, query_n, mask, reduce, out=poisoned)
     assert rel.data_ptr() == poisoned.data_ptr()
     ref, _ = relevance(F.normalize(visual.float(), dim=-1), query_n, mask, reduce)
     has_query = lengths > 0
     assert not torch.isnan(rel).any(), "every element written"
     torch.testing.assert_close(rel[has_query], ref[has_query], atol=1e-5, rtol=1e-5)
 
-    _, top = relevance_topk.relevance_topk(visual, query_n, lengths, reduce, k)
+    _, top = relevance_topk.relevance_topk(visual, query_n, mask, reduce, k)
     assert top.shape == (batch, k)
     for b in torch.nonzero(has_query).flatten().tolist():
         ref_sorted = torch.sort(ref[b], descending=True, stable=True)
@@ -125,6 +125,16 @@ def test_merge_matches_reference(shape, dtype):
     alone = torch.zeros(batch, k, dtype=torch.long, device=DEVICE).scatter_add_(
         1, assignment, torch.ones_like(assignment)) == 1
     assert torch.equal(got[alone], visual.gather(1, kept[..., None].expand(batch, k, d))[alone])
+
+
+def test_relevance_accepts_padding_anywhere():
+    visual, query_n, _, _ = inputs(3, 50, 24, 6, torch.float32, seed=9)
+    mask = torch.tensor([[1, 0, 1, 0, 0, 1], [0, 0, 0, 0, 0, 1], [1, 1, 1, 1, 1, 1]],
+                        dtype=torch.bool, device=DEVICE)
+    for reduce in ("max", "mean"):
+        got = relevance_topk.relevance(visual, query_n, mask, reduce)
+        ref, _ = relevance(F.normalize(visual, dim=-1), query_n, mask, reduce)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
