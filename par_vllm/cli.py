@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from . import ARCHITECTURE
+from .config import CHOICES, ParSettingError, ParSettings
 
 # One flag per PAR setting (the `par_*` key is the flag's name with underscores).
 SETTING_FLAGS = {
@@ -28,14 +29,25 @@ SETTING_FLAGS = {
 }
 
 
-def serve_command(args: argparse.Namespace, vllm_args: list[str]) -> tuple[list[str], dict]:
-    from .config import ParSettings
+def add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    for name, (kind, text) in SETTING_FLAGS.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, help=text)
 
-    keys = {f"par_{name}": getattr(args, name) for name in SETTING_FLAGS
-            if getattr(args, name) is not None}
-    if args.disable:
+
+def setting_keys(args: argparse.Namespace) -> tuple[dict[str, object], ParSettings]:
+    """The `par_*` keys the user gave as flags, and the settings they make.
+
+    Raises ParSettingError naming a bad one, so serve fails before vLLM starts."""
+    keys = {f"par_{name}": getattr(args, name) for name in [*SETTING_FLAGS, "method"]
+            if getattr(args, name, None) is not None}
+    if getattr(args, "disable", False):
         keys["par_enabled"] = False
-    ParSettings.from_keys(keys)  # fail here, naming the setting, not inside vLLM
+    return keys, ParSettings.from_keys(keys)
+
+
+def serve_command(
+    args: argparse.Namespace, keys: dict[str, object], vllm_args: list[str]
+) -> tuple[list[str], dict]:
     overrides = {"architectures": [ARCHITECTURE], **keys}
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
                "--model", args.model, "--hf-overrides", json.dumps(overrides), *vllm_args]
@@ -59,8 +71,7 @@ def main(argv: list[str] | None = None) -> None:
                     "mm_processor_kwargs if vLLM runs with --trust-request-mm-kwargs.",
     )
     serve.add_argument("model", help="checkpoint directory or name (an unmodified LLaVA)")
-    for name, (kind, text) in SETTING_FLAGS.items():
-        serve.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, help=text)
+    add_setting_flags(serve)
     serve.add_argument("--disable", action="store_true",
                        help="serve every image whole by default (par_enabled=false)")
     serve.add_argument("--par-api", action="store_true",
@@ -90,9 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     explain.add_argument("prompt")
     explain.add_argument("--model", type=Path, default=Path(".models/par-demo"))
     explain.add_argument("--out", type=Path, default=Path("kept.png"))
-    for name, (kind, text) in SETTING_FLAGS.items():
-        explain.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, help=text)
-    explain.add_argument("--method", choices=["par", "pool", "random", "topk", "diverse"],
+    add_setting_flags(explain)
+    explain.add_argument("--method", choices=CHOICES["method"],
                          help="PAR or a baseline at the same budget")
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -103,27 +113,20 @@ def main(argv: list[str] | None = None) -> None:
     rest += vllm_args
     if rest and args.command != "serve":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    if args.command == "serve":
-        from .config import ParSettingError
-
+    if args.command in ("serve", "explain"):
         try:
-            command, env = serve_command(args, rest)
+            keys, settings = setting_keys(args)
         except ParSettingError as error:
-            parser.exit(2, f"par-vllm serve: {error}\n")
+            parser.exit(2, f"par-vllm {args.command}: {error}\n")
+    if args.command == "serve":
+        command, env = serve_command(args, keys, rest)
         if args.dry_run:
             print(shlex.join(command))
             return
         os.execve(command[0], command, env)
     elif args.command == "explain":
-        from .config import ParSettingError, ParSettings
         from .explain import explain as run_explain
 
-        keys = {f"par_{name}": getattr(args, name) for name in [*SETTING_FLAGS, "method"]
-                if getattr(args, name) is not None}
-        try:
-            settings = ParSettings.from_keys(keys)
-        except ParSettingError as error:
-            parser.exit(2, f"par-vllm explain: {error}\n")
         print(run_explain(args.model, args.image, args.prompt, args.out, settings))
     elif args.command == "make-demo-model":
         from .demo_model import make_demo_model

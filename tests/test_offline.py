@@ -12,12 +12,12 @@ PROMPT = "USER: <image>\nWhat color is the triangle?\nASSISTANT:"
 TWO_IMAGES = "USER: <image>\n<image>\nWhich shape is larger?\nASSISTANT:"
 
 
-def make_llm(model, **overrides):
+def make_llm(model, overrides=None, **engine_args):
     from vllm import LLM
 
-    return LLM(str(model), hf_overrides=overrides, enforce_eager=True, dtype="float32",
+    return LLM(str(model), hf_overrides=overrides or {}, enforce_eager=True, dtype="float32",
                max_model_len=2048, max_num_seqs=4, limit_mm_per_prompt={"image": 2},
-               seed=0)
+               seed=0, **engine_args)
 
 
 def generate(llm, prompt, images, mm_kwargs=None, max_tokens=6):
@@ -42,7 +42,7 @@ def results(demo_model):
     start-up dominates the cost, so each is started once)."""
     image = demo_image()
     res = {}
-    llm = make_llm(demo_model, **par_overrides(keep_ratio=0.25))
+    llm = make_llm(demo_model, par_overrides(keep_ratio=0.25))
     res["server_default"] = generate(llm, PROMPT, image)
     for kwargs in [{"par_keep_ratio": r} for r in (0.002, 0.05, 0.111, 0.5, 1.0)] + [
         {"par_num_tokens": n} for n in (1, 10, 100, 575, 576, 1000)
@@ -117,12 +117,9 @@ def test_reduction_changes_what_the_model_sees(results):
 def test_plugin_loads_in_every_tensor_parallel_worker(results, demo_model, tokenizer, monkeypatch):
     """Two worker processes (tensor parallel 2; on a CPU each bound to its own core): both
     must load the plugin, and PAR must give what the single-worker engine gave."""
-    from vllm import LLM
-
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
-    llm = LLM(str(demo_model), hf_overrides=par_overrides(keep_ratio=0.111), enforce_eager=True,
-              dtype="float32", max_model_len=2048, max_num_seqs=4, tensor_parallel_size=2,
-              distributed_executor_backend="mp", seed=0)
+    llm = make_llm(demo_model, par_overrides(keep_ratio=0.111), tensor_parallel_size=2,
+                   distributed_executor_backend="mp")
     out = generate(llm, PROMPT, demo_image())
     del llm
     gc.collect()
