@@ -2,9 +2,14 @@
 
 Starts two real vLLM servers on 127.0.0.1 (stock LlavaForConditionalGeneration, and
 the PAR architecture at a budget), then drives both, alternating, with the same image
-requests through the `openai` client at several concurrency levels, repeated. A third
-series sends requests to the PAR server with `par_num_tokens = N - 1`: the reduction runs
-in full but saves almost nothing, so it measures PAR's own processing cost.
+requests through the `openai` client at several concurrency levels, repeated; the order
+of the series is shuffled (seeded) in every repeat and level, so no series always runs
+first. A third series sends requests to the PAR server with `par_num_tokens = N - 1`: the
+reduction runs in full but saves almost nothing, so it measures PAR's own processing cost
+end to end. Because that difference can sit below a CPU's noise, PAR's own work per
+request (prompt rewrite in the frontend, reduction in the executor: the plugin's own
+functions on the model's shapes) is also timed directly and reported as a share of
+stock vLLM's latency measured in the same run.
 
 Caches are off (every request has its own image anyway) so each request pays its full
 prefill. Per series: time to first token (p50, p95), end-to-end latency, requests per
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import threading
 import time
@@ -142,6 +148,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--gpu", action="store_true", help="vLLM's default engine settings (bf16, graphs)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the series order")
     args = parser.parse_args()
 
     path, about = model_dir(args.model)
@@ -167,15 +174,18 @@ def main() -> None:
             for i in range(2):
                 one_request(servers[name].client(), 10**6 + i, args.max_tokens, {})
         index = 0
+        order = random.Random(args.seed)
         for _ in range(args.repeats):
             for concurrency in levels:
-                for label, which, extra in series:
+                for label, which, extra in order.sample(series, len(series)):
                     result = run_batch(servers[which], concurrency, args.requests, index,
                                        args.max_tokens, extra, bar)
                     runs.setdefault((label, concurrency), []).append(result)
                     index += args.requests
     for log in ("serve-stock.log", "serve-par.log"):
         (RESULTS / log).unlink(missing_ok=True)
+    # Timed after the servers are gone, so nothing else competes for the cores.
+    own_work = par_own_work(path, n_tokens, args.budget, "cuda" if args.gpu else "cpu")
 
     summary = {f"{label} @c{c}": summarize(r) for (label, c), r in runs.items()}
     device = "GPU" if args.gpu else "CPU (2 cores)"
@@ -205,14 +215,68 @@ def main() -> None:
         lines.append(f"  c={c}: prompt tokens -{r['prompt_tokens_reduction_pct']:.1f}%, TTFT "
                      f"{r['ttft_speedup']:.2f}x lower, throughput {r['throughput_gain']:.2f}x, "
                      f"PAR at K=N-1 adds {r['par_overhead_pct']:+.1f}% latency")
+    stock_latency = statistics.median(r["latency_p50"] for r in runs[("vLLM", levels[0])])
+    lines.append(f"\nPAR's own work per single-image request, timed directly (median of "
+                 f"{own_work['repeats']}): prompt rewrite {1e3 * own_work['rewrite_s']:.2f} ms")
+    for k, seconds in own_work["reduce_s"].items():
+        share = 100 * (own_work["rewrite_s"] + seconds) / stock_latency
+        ratios.setdefault("own_work_pct_of_stock_latency", {})[k] = share
+        lines.append(f"  reduction {n_tokens} -> {k} tokens: {1e3 * seconds:.2f} ms; with the rewrite "
+                     f"{share:.2f}% of stock vLLM's p50 latency at c={levels[0]} ({stock_latency:.2f} s)")
     report = "\n".join(lines)
     print(report)
     slug = Path(args.model).name
     (RESULTS / f"serve-{slug}.txt").write_text(report + "\n")
     (RESULTS / f"serve-{slug}.json").write_text(json.dumps(
         {"model": about, "device": device, "args": vars(args), "summary": summary,
-         "ratios": ratios}, indent=2))
+         "ratios": ratios, "own_work": own_work}, indent=2))
     plot(runs, levels, series, RESULTS / f"serve-{slug}.png", about)
+
+
+def par_own_work(path: Path, n_tokens: int, budget: int, device: str, repeats: int = 30) -> dict:
+    """Seconds PAR adds to one request, using the plugin's own functions: the frontend's
+    prompt rewrite (decode, strip, re-encode) and the executor's reduction of one image
+    (N x D features of the checkpoint's hidden size, the prompt embedded by a table of
+    the checkpoint's vocabulary size) at the budget and at K = N - 1."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    from par_vllm.config import ParSettings
+    from par_vllm.prompt import QueryRewriter
+    from par_vllm.reduction import reduce_per_image
+
+    config = AutoConfig.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    image_token = tokenizer.convert_ids_to_tokens(config.image_token_index)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": f"{image_token}\n{QUESTION}"}], add_generation_prompt=True, tokenize=False)
+    prompt_ids = tokenizer.encode(prompt.replace(image_token, image_token * n_tokens))
+    rewriter = QueryRewriter(tokenizer, image_token)
+
+    def median_seconds(fn) -> float:
+        fn()  # warm-up
+        times = []
+        for _ in range(repeats):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    hidden = config.text_config.hidden_size
+    embed = torch.nn.Embedding(config.text_config.vocab_size, hidden).to(device)
+    query_ids = torch.tensor(rewriter(prompt_ids), device=device)
+    features = torch.randn(n_tokens, hidden, device=device)
+    reduce_s = {}
+    with torch.no_grad():
+        for k in (budget, n_tokens - 1):
+            settings = ParSettings(num_tokens=k)
+            reduce_s[k] = median_seconds(lambda: reduce_per_image([features], [query_ids], [settings], embed))
+    return {"repeats": repeats, "rewrite_s": median_seconds(lambda: rewriter(prompt_ids)),
+            "reduce_s": reduce_s, "torch_threads": torch.get_num_threads(), "device": device}
 
 
 def plot(runs, levels, series, path, about):

@@ -26,3 +26,11 @@ def test_kernel_benchmark_smoke_runs():
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rel tri" in result.stdout and "smoke" in result.stdout
+
+
+def test_serve_benchmark_times_pars_own_work(demo_model):
+    import serve
+
+    work = serve.par_own_work(demo_model, 576, 64, "cpu", repeats=2)
+    assert work["rewrite_s"] > 0 and set(work["reduce_s"]) == {64, 575}
+    assert all(0 < s < 5 for s in work["reduce_s"].values())
