@@ -1,0 +1,276 @@
+"""Accuracy of PAR and the baselines at the same budget, served by the real vLLM engine.
+
+    .venv/bin/python benchmarks/accuracy.py --model .models/vqa
+
+The model answers composite easy-VQA questions (composite_vqa.py) from the test split.
+Every method runs inside the plugin (`par_method` per request) at every budget, so the
+language model, the prompt and the image are the same and only the kept tokens differ.
+
+Per method and budget: accuracy, accuracy as % of the full-token model, prefill tokens
+per request (vLLM's own prompt token count), and where each method puts its tokens:
+  recall        share of the queried tile's patches whose information stays on that tile:
+                kept, or merged into a kept token that lies on the tile (a patch merged into
+                a token elsewhere is averaged into another tile's content, so it counts as lost)
+  object_recall the same over the patches that show the queried shape
+  on_target     share of the kept tokens that lie on the queried tile
+The placement columns come from the same reduction code run on the checkpoint's own
+features in transformers (par_vllm.explain), since vLLM does not return which tokens it kept.
+
+Writes accuracy-<name>.{txt,json,png} and accuracy-<name>-explain-<i>.png to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))
+
+from composite_vqa import COLORS, TILE_PX, chat_prompt, make_composites  # noqa: E402
+
+from par_vllm.config import ParSettings  # noqa: E402
+from par_vllm.server import CPU_ENV, par_overrides  # noqa: E402
+
+METHODS = ("par", "pool", "random", "topk", "diverse")
+BUDGETS = (0.5, 0.25, 0.111, 0.06)
+LABELS = {"par": "PAR", "pool": "uniform 2D pooling", "random": "random",
+          "topk": "relevance top-k", "diverse": "diversity (DivPrune-style)", "full": "no reduction"}
+
+
+def is_correct(text: str, answer: str) -> bool:
+    words = text.strip().lower().replace(".", " ").replace(",", " ").split()
+    return bool(words) and words[0] == answer
+
+
+def placement(reduction, tile_mask, object_mask) -> dict:
+    """recall / object_recall / on_target for one image (first of the batch)."""
+    import torch
+
+    kept = reduction.kept_indices[0]
+    assignment = reduction.assignment[0]
+    tile = torch.as_tensor(tile_mask)
+    obj = torch.as_tensor(object_mask)
+    # Where each patch's information ends up: the token position of its kept representative.
+    representative = torch.where(assignment >= 0, kept[assignment.clamp(min=0)], -1)
+    stays = (representative >= 0) & tile[representative.clamp(min=0)]
+    return {
+        "recall": stays[tile].float().mean().item(),
+        "object_recall": stays[obj].float().mean().item() if obj.any() else 1.0,
+        "on_target": tile[kept].float().mean().item(),
+    }
+
+
+def object_patches(composite, patch_px: int):
+    """Patches that show the queried shape (on its tile, not background)."""
+    colors, _ = composite.patch_labels(patch_px)
+    return (colors < len(COLORS)) & composite.patch_mask(int(len(colors) ** 0.5))
+
+
+def run_vllm(model: Path, composites, configs, max_num_seqs: int):
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    llm = LLM(str(model), hf_overrides=par_overrides(), enforce_eager=True, dtype="float32",
+              max_model_len=1024, max_num_seqs=max_num_seqs, limit_mm_per_prompt={"image": 1},
+              seed=0)
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+    images = [c.image() for c in composites]
+    prompts = [chat_prompt(tokenizer, c.question) for c in composites]
+    out = {}
+    for name, kwargs in configs:
+        requests = [{"prompt": p, "multi_modal_data": {"image": im}, "mm_processor_kwargs": kwargs}
+                    for p, im in zip(prompts, images)]
+        print(f"vLLM: {name}", flush=True)
+        started = time.time()
+        results = llm.generate(requests, params, use_tqdm=True)
+        out[name] = {
+            "answers": [r.outputs[0].text for r in results],
+            "prefill_tokens": [len(r.prompt_token_ids) for r in results],
+            "seconds": time.time() - started,
+        }
+    return out
+
+
+def run_placement(model: Path, composites, configs, patch_px: int):
+    import torch
+    from tqdm import tqdm
+
+    from par_vllm.explain import Explainer
+    from par_vllm.reduction import par_reduce
+
+    explainer = Explainer(model)
+    rows = {name: [] for name, _ in configs}
+    for c in tqdm(composites, desc="placement"):
+        visual = explainer.visual_tokens(c.image())
+        query = explainer.query(c.question)
+        mask = torch.ones(1, query.shape[1], dtype=torch.bool)
+        side = int(visual.shape[1] ** 0.5)
+        tile = c.patch_mask(side)
+        obj = object_patches(c, patch_px)
+        for name, kwargs in configs:
+            settings = ParSettings.from_keys(kwargs)
+            if settings.reduces_nothing or settings.num_kept(visual.shape[1]) >= visual.shape[1]:
+                rows[name].append({"recall": 1.0, "object_recall": 1.0, "on_target": float(tile.mean())})
+                continue
+            reduction = par_reduce(visual, query, mask, settings.num_kept(visual.shape[1]), settings)
+            rows[name].append(placement(reduction, tile, obj))
+    return explainer, rows
+
+
+def configs_for(methods, budgets):
+    configs = [("full", {"par_enabled": False})]
+    for budget in budgets:
+        for method in methods:
+            configs.append((f"{method}@{budget:g}", {"par_method": method, "par_keep_ratio": budget}))
+    return configs
+
+
+def summarize(composites, configs, answers, placements, visual_tokens):
+    rows = []
+    full_accuracy = None
+    for name, kwargs in configs:
+        correct = [is_correct(t, c.answer) for t, c in zip(answers[name]["answers"], composites)]
+        accuracy = sum(correct) / len(correct)
+        if name == "full":
+            full_accuracy = accuracy
+        method, _, budget = name.partition("@")
+        place = placements[name]
+        mean = (lambda key: sum(p[key] for p in place) / len(place))  # noqa: E731
+        settings = ParSettings.from_keys(kwargs)
+        rows.append({
+            "method": method, "budget": float(budget) if budget else 1.0,
+            "visual_tokens": visual_tokens if settings.reduces_nothing else settings.num_kept(visual_tokens),
+            "accuracy": accuracy,
+            "pct_of_full": 100 * accuracy / full_accuracy if full_accuracy else float("nan"),
+            "recall": mean("recall"), "object_recall": mean("object_recall"), "on_target": mean("on_target"),
+            "prefill_tokens": sum(answers[name]["prefill_tokens"]) / len(composites),
+            "color_accuracy": _share(correct, composites, "color"),
+            "shape_accuracy": _share(correct, composites, "shape"),
+            "vllm_seconds": round(answers[name]["seconds"], 1),
+        })
+    return rows
+
+
+def _share(correct, composites, asks):
+    picked = [ok for ok, c in zip(correct, composites) if c.asks == asks]
+    return sum(picked) / len(picked) if picked else float("nan")
+
+
+def table(rows) -> str:
+    header = (f"{'method':<28}{'budget':>7}{'tokens':>7}{'accuracy':>9}{'% full':>8}{'color':>7}"
+              f"{'shape':>7}{'recall':>8}{'obj rec':>8}{'on tile':>8}{'prefill':>8}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(
+            f"{LABELS[r['method']]:<28}{r['budget']:>7.1%}{r['visual_tokens']:>7}{r['accuracy']:>9.3f}"
+            f"{r['pct_of_full']:>7.1f}%{r['color_accuracy']:>7.3f}{r['shape_accuracy']:>7.3f}"
+            f"{r['recall']:>8.3f}{r['object_recall']:>8.3f}{r['on_target']:>8.3f}{r['prefill_tokens']:>8.1f}")
+    return "\n".join(lines)
+
+
+def plot(rows, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    full = next(r for r in rows if r["method"] == "full")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in METHODS:
+        points = sorted((r["visual_tokens"], r["accuracy"]) for r in rows if r["method"] == method)
+        if points:
+            points.append((full["visual_tokens"], full["accuracy"]))
+            ax.plot(*zip(*points), marker="o", label=LABELS[method])
+    ax.axhline(full["accuracy"], color="grey", linestyle=":", label="no reduction")
+    ax.set_xscale("log")
+    ax.set_xlabel("visual tokens kept per image (log)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def explain_panels(explainer, composite, budget: float, methods, path: Path) -> None:
+    """The same composite under every method, side by side."""
+    import torch
+    from PIL import Image, ImageDraw
+
+    from par_vllm.explain import render
+    from par_vllm.reduction import par_reduce
+
+    image = composite.image()
+    visual = explainer.visual_tokens(image)
+    query = explainer.query(composite.question)
+    mask = torch.ones(1, query.shape[1], dtype=torch.bool)
+    size, band = 384, 28
+    canvas = Image.new("RGB", (size * len(methods), size + band * 2), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((6, 6), f"Q: {composite.question}   A: {composite.answer}   budget {budget:.1%}", fill="black")
+    for i, method in enumerate(methods):
+        settings = ParSettings(method=method, keep_ratio=budget)
+        reduction = par_reduce(visual, query, mask, settings.num_kept(visual.shape[1]), settings)
+        canvas.paste(render(image, reduction, size=size), (i * size, band))
+        draw.text((i * size + 6, size + band + 6), LABELS[method], fill="black")
+    canvas.save(path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=Path(".models/vqa"))
+    parser.add_argument("--count", type=int, default=400, help="test composites")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--explain", type=int, default=3, help="composites to render")
+    parser.add_argument("--max-num-seqs", type=int, default=16)
+    parser.add_argument("--name", default="vqa")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+    for key, value in CPU_ENV.items():
+        os.environ.setdefault(key, value)
+
+    config = json.loads((args.model / "config.json").read_text())
+    vision = config["vision_config"]
+    image_px, patch_px = vision["image_size"], vision["patch_size"]
+    grid = image_px // TILE_PX
+    visual_tokens = (image_px // patch_px) ** 2
+    composites = make_composites("test", args.count, grid=grid, seed=args.seed)
+    configs = configs_for(args.methods, args.budgets)
+
+    answers = run_vllm(args.model, composites, configs, args.max_num_seqs)
+    explainer, placements = run_placement(args.model, composites, configs, patch_px)
+    rows = summarize(composites, configs, answers, placements, visual_tokens)
+
+    about_path = args.model / "par_model.json"
+    about = json.loads(about_path.read_text()) if about_path.exists() else {}
+    model_words = "random-weight model" if about.get("random_weights") else about.get("language_model", args.model.name)
+    title = (f"composite easy-VQA ({grid}x{grid} tiles, {visual_tokens} visual tokens), "
+             f"{len(composites)} test questions; model: {model_words}")
+    text = f"{title}\nvision: {about.get('vision_tower_and_projector', 'see par_model.json')}\n\n{table(rows)}\n"
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"accuracy-{args.name}"
+    stem.with_suffix(".txt").write_text(text)
+    stem.with_suffix(".json").write_text(json.dumps({
+        "model": str(args.model), "about": about, "count": len(composites), "seed": args.seed,
+        "grid": grid, "visual_tokens": visual_tokens, "rows": rows,
+    }, indent=2))
+    plot(rows, stem.with_suffix(".png"), title)
+    headline = min(args.budgets, key=lambda b: abs(b - 0.111))
+    for i, composite in enumerate(composites[:args.explain]):
+        explain_panels(explainer, composite, headline, args.methods, Path(f"{stem}-explain-{i}.png"))
+    print(f"wrote {stem}.txt/.json/.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

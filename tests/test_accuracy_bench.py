@@ -1,0 +1,131 @@
+"""The accuracy benchmark: composite easy-VQA data, recall bookkeeping, and the whole
+evaluation loop through vLLM on a tiny untrained model (answers are noise there; what is
+checked is that every method and budget runs and is counted right)."""
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import accuracy  # noqa: E402
+from composite_vqa import COLORS, SHAPES, TILE_PX, make_composites, tiles  # noqa: E402
+
+from par_vllm.reduction import Reduction  # noqa: E402
+
+# easy-VQA draws every shape in one flat colour from this palette.
+PALETTE = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
+           "teal": (0, 128, 128), "brown": (165, 42, 42), "black": (0, 0, 0), "gray": (128, 128, 128)}
+
+
+def shape_colour(path) -> tuple:
+    pixels = np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3).astype(int)
+    on_shape = pixels[np.abs(pixels - pixels[0]).max(-1) > 48]
+    return Counter(map(tuple, on_shape.tolist())).most_common(1)[0][0]
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_tile_labels_agree_with_the_pixels(split):
+    pool = tiles(split)
+    assert len(pool) > 500
+    assert all(f"/{split}/" in t.path for t in pool)
+    assert {t.color for t in pool} == set(COLORS) and {t.shape for t in pool} == set(SHAPES)
+    for tile in pool[:: max(1, len(pool) // 150)]:
+        assert shape_colour(tile.path) == PALETTE[tile.color], tile
+
+
+@pytest.mark.parametrize("grid", [2, 3])
+def test_composites_ask_about_exactly_one_tile(grid):
+    composites = make_composites("test", 60, grid=grid, seed=3)
+    assert make_composites("test", 60, grid=grid, seed=3) == composites
+    assert {c.asks for c in composites} == {"color", "shape"}
+    for c in composites:
+        assert len(c.tiles) == grid * grid and all("/test/" in t.path for t in c.tiles)
+        target = c.tiles[c.target]
+        if c.asks == "color":
+            assert target.shape in c.question and c.answer == target.color
+            assert [t.shape for t in c.tiles].count(target.shape) == 1
+        else:
+            assert target.color in c.question and c.answer == target.shape
+            assert [t.color for t in c.tiles].count(target.color) == 1
+
+
+def test_image_and_patch_masks_locate_the_queried_tile():
+    c = make_composites("test", 1, grid=3, seed=11)[0]
+    image = np.asarray(c.image())
+    assert image.shape == (3 * TILE_PX, 3 * TILE_PX, 3)
+    row, col = divmod(c.target, 3)
+    tile_pixels = image[row * TILE_PX:(row + 1) * TILE_PX, col * TILE_PX:(col + 1) * TILE_PX]
+    assert np.array_equal(tile_pixels, np.asarray(Image.open(c.tiles[c.target].path).convert("RGB")))
+
+    mask = c.patch_mask(12).reshape(12, 12)  # 16 px patches: 4 x 4 per tile
+    expected = np.zeros((12, 12), bool)
+    expected[row * 4:(row + 1) * 4, col * 4:(col + 1) * 4] = True
+    assert np.array_equal(mask, expected)
+    # Patch grids that do not divide the tiles evenly assign each patch by its centre.
+    assert c.patch_mask(24).sum() == 64 and c.patch_mask(7).sum() in (4, 6, 9)
+
+    colors, shapes = c.patch_labels(16)
+    on_tile = colors.reshape(12, 12)[expected]
+    assert (on_tile == COLORS.index(c.tiles[c.target].color)).any()
+    assert set(on_tile.tolist()) <= {COLORS.index(c.tiles[c.target].color), len(COLORS)}
+    assert ((colors < len(COLORS)) == (shapes < len(SHAPES))).all()
+
+
+def test_placement_counts_merges_onto_other_tiles_as_lost():
+    tile = np.array([True, True, False, False])
+    obj = np.array([True, False, False, False])
+    # Tokens 0 and 2 kept; 1 merged into 0 (same tile), 3 merged into 2.
+    reduction = Reduction(tokens=torch.zeros(1, 2, 4), kept_indices=torch.tensor([[0, 2]]),
+                          assignment=torch.tensor([[0, 0, 1, 1]]), retrieved=torch.zeros(1, 4, dtype=torch.bool),
+                          prompt_aware=torch.tensor([True]))
+    assert accuracy.placement(reduction, tile, obj) == {"recall": 1.0, "object_recall": 1.0, "on_target": 0.5}
+    # Now token 1 (on the tile) is merged into token 2, which is not: its content is lost.
+    reduction.assignment = torch.tensor([[0, 1, 1, 1]])
+    assert accuracy.placement(reduction, tile, obj)["recall"] == 0.5
+    # A pruning baseline drops token 0: dropped content is lost too.
+    reduction.kept_indices = torch.tensor([[1, 2]])
+    reduction.assignment = torch.tensor([[-1, 0, 1, -1]])
+    assert accuracy.placement(reduction, tile, obj) == {"recall": 0.5, "object_recall": 0.0, "on_target": 0.5}
+
+
+def test_answers_are_read_from_the_first_word():
+    assert accuracy.is_correct(" Red.", "red") and accuracy.is_correct("circle, I think", "circle")
+    assert not accuracy.is_correct("a red one", "red") and not accuracy.is_correct("", "red")
+
+
+def test_evaluation_runs_end_to_end_through_vllm(tmp_path):
+    from par_vllm.demo_model import make_demo_model
+
+    model = make_demo_model(tmp_path / "tiny", image_size=3 * TILE_PX, patch_size=16)
+    out = tmp_path / "results"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/accuracy.py", "--model", str(model), "--count", "6",
+         "--methods", "par", "pool", "topk", "--budgets", "0.25", "0.06", "--explain", "1",
+         "--max-num-seqs", "4", "--name", "tiny", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    data = json.loads((out / "accuracy-tiny.json").read_text())
+    rows = {(r["method"], r["budget"]): r for r in data["rows"]}
+    assert set(rows) == {("full", 1.0)} | {(m, b) for m in ("par", "pool", "topk") for b in (0.25, 0.06)}
+    full = rows["full", 1.0]
+    assert full["visual_tokens"] == 144 and full["recall"] == 1.0
+    for (method, budget), row in rows.items():
+        assert 0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["recall"] <= 1.0
+        # vLLM's own prompt length: the text plus exactly the kept visual tokens.
+        assert row["prefill_tokens"] == pytest.approx(full["prefill_tokens"] - 144 + row["visual_tokens"])
+    assert rows["par", 0.25]["visual_tokens"] == 36 and rows["par", 0.06]["visual_tokens"] == 9
+    # Top-k keeps only tokens, merging nothing: what it drops from the tile is lost.
+    assert rows["topk", 0.06]["recall"] < 1.0
+    text = (out / "accuracy-tiny.txt").read_text()
+    assert "relevance top-k" in text and "random-weight model" in text
+    for png in ("accuracy-tiny.png", "accuracy-tiny-explain-0.png"):
+        assert Image.open(out / png).size[0] > 300
