@@ -129,3 +129,31 @@ def test_evaluation_runs_end_to_end_through_vllm(tmp_path):
     assert "relevance top-k" in text and "random-weight model" in text
     for png in ("accuracy-tiny.png", "accuracy-tiny-explain-0.png"):
         assert Image.open(out / png).size[0] > 300
+
+
+def test_training_chats_ask_only_answerable_questions():
+    import random
+
+    import train_vqa
+
+    for c in make_composites("train", 40, grid=3, seed=5):
+        turns = train_vqa.conversation(c, random.Random(1), turns=4)
+        assert (c.question, c.answer) in turns and 1 <= len(turns) <= 4
+        for question, answer in turns:
+            named = [t for t in c.tiles if (t.color if answer in SHAPES else t.shape) in question.split(" ")
+                     or (t.color if answer in SHAPES else t.shape) + "?" in question.split(" ")]
+            # Exactly one tile carries the attribute the question names, and the answer is its other one.
+            assert len(named) == 1, (question, c.tiles)
+            assert answer == (named[0].shape if answer in SHAPES else named[0].color)
+    assert max(len(train_vqa.conversation(c, random.Random(2), 4)) for c in make_composites("train", 20, seed=6)) == 4
+
+
+def test_training_loss_sees_only_the_replies():
+    import train_vqa
+
+    marker, end = [1, 7, 9], 2
+    ids = torch.tensor([[0, 0, 1, 5, 9, 1, 7, 9, 30, 31, 2, 4, 1, 7, 9, 40, 2, 4],
+                        [0, 1, 7, 9, 50, 2, 4, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6]])
+    targets = train_vqa.reply_targets(ids, marker, end)
+    assert targets[0].tolist() == [-100] * 8 + [30, 31, 2] + [-100] * 4 + [40, 2, -100]
+    assert targets[1].tolist() == [-100] * 4 + [50, 2] + [-100] * 12
