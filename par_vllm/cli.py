@@ -25,6 +25,8 @@ SETTING_FLAGS = {
                                    "instead of competing for a centre (default 0.9)"),
     "relevance": (str, "reduce a token's similarity to the prompt's words by 'max' or 'mean'"),
     "knn_k": (int, "neighbours in the kNN graph that ranks cluster centres (default 5)"),
+    "centres": (str, "how non-retrieved tokens are covered: 'density_peaks' (DPC-KNN) or "
+                     "'farthest_point' (max-min distance to everything kept)"),
     "backend": (str, "'auto' (Triton kernels on GPU, torch elsewhere), 'torch' or 'triton'"),
 }
 

@@ -18,9 +18,10 @@ PREFIX = "par_"
 # The model sees settings only as per-image tensors (mm fields), so they travel packed
 # in this order.
 PACKED_FIELDS = ("enabled", "keep_ratio", "num_tokens", "outlier_factor", "retrieval_share",
-                 "duplicate_threshold", "relevance", "knn_k", "backend", "method")
+                 "duplicate_threshold", "relevance", "knn_k", "backend", "method", "centres")
 CHOICES = {"relevance": ("max", "mean"), "backend": ("auto", "torch", "triton"),
-           "method": ("par", "pool", "random", "topk", "diverse")}
+           "method": ("par", "pool", "random", "topk", "diverse"),
+           "centres": ("density_peaks", "farthest_point")}
 
 
 class ParSettingError(ValueError):
@@ -54,6 +55,10 @@ class ParSettings(BaseModel):
     relevance: Literal["max", "mean"] = "max"
     # Neighbours in the cosine kNN graph that estimates density for cluster centres.
     knn_k: Annotated[int, Field(ge=1, le=64)] = 5
+    # How the tokens retrieval left are covered: "density_peaks" (DPC-KNN centres, the
+    # densest regions first) or "farthest_point" (each centre the token farthest from
+    # every token kept so far, retrieved ones included).
+    centres: Literal["density_peaks", "farthest_point"] = "density_peaks"
     # Which implementation runs: "auto" uses the Triton kernels on CUDA tensors and the
     # torch reference elsewhere; "torch" forces the reference; "triton" forces the kernels
     # (on a CPU only under TRITON_INTERPRET=1).
@@ -101,6 +106,7 @@ class ParSettings(BaseModel):
             knn_k=int(values["knn_k"]),
             backend=CHOICES["backend"][int(values["backend"])],
             method=CHOICES["method"][int(values["method"])],
+            centres=CHOICES["centres"][int(values["centres"])],
         )
 
     @classmethod

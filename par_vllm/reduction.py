@@ -132,6 +132,32 @@ def density_peaks(sim: torch.Tensor, candidates: torch.Tensor, knn_k: int) -> to
     return (density * delta).masked_fill(~candidates, 0.0)
 
 
+def farthest_points(
+    sim: torch.Tensor, candidates: torch.Tensor, retrieved: torch.Tensor, rel: torch.Tensor, steps: int
+) -> torch.Tensor:
+    """Centre score by farthest-point sampling: repeatedly pick the candidate whose cosine
+    distance to everything picked so far (retrieved tokens included) is largest, so centres
+    cover what retrieval did not. Without retrieved tokens the most relevant candidate goes
+    first. B x N: steps, steps - 1, ... for the picks in order, 0 elsewhere."""
+    batch, num_tokens = candidates.shape
+    rows = torch.arange(batch, device=sim.device)
+    distance = 1.0 - sim
+    nearest = distance.masked_fill(~retrieved[:, None, :], math.inf).amin(dim=-1)
+    # An image with nothing retrieved has every distance inf: seed it by relevance instead.
+    seed = torch.isinf(nearest).all(dim=-1, keepdim=True)
+    open_ = candidates.clone()
+    score = torch.zeros_like(rel)
+    for step in range(min(steps, num_tokens)):
+        key = torch.where(seed, rel, nearest).masked_fill(~open_, -math.inf)
+        pick = key.argmax(dim=-1)
+        valid = torch.isfinite(key[rows, pick])
+        score[rows[valid], pick[valid]] = float(steps - step)
+        open_[rows, pick] = False
+        nearest = torch.minimum(nearest, distance[rows, pick])
+        seed = seed & ~valid[:, None]
+    return score
+
+
 def select_kept(
     rel: torch.Tensor,
     retrieved: torch.Tensor,
@@ -221,10 +247,30 @@ def par_reduce(
         rel = torch.where(prompt_aware[:, None], rel, saliency(visual_n))
     else:
         rel, prompt_aware = relevance(visual_n, query_n, query_mask, settings.relevance)
+    return reduce_by_relevance(visual, visual_n, rel, prompt_aware, num_kept, settings, kernels)
+
+
+def reduce_by_relevance(
+    visual: torch.Tensor,
+    visual_n: torch.Tensor,
+    rel: torch.Tensor,
+    prompt_aware: torch.Tensor,
+    num_kept: int,
+    settings: ParSettings,
+    kernels: bool = False,
+) -> Reduction:
+    """PAR's steps 2-5 (retrieval, clustering, routing, merge) for a given relevance B x N.
+
+    par_reduce feeds it the prompt relevance; diagnostics feed it others (an oracle) to
+    tell a relevance failure from a retrieval or routing failure."""
     retrieved = retrieve(rel, num_kept, settings.outlier_factor, settings.retrieval_share)
     sim = visual_n @ visual_n.transpose(1, 2)
     duplicates = near_duplicates(sim, retrieved, settings.duplicate_threshold)
-    peaks = density_peaks(sim, ~retrieved & ~duplicates, settings.knn_k)
+    candidates = ~retrieved & ~duplicates
+    if settings.centres == "farthest_point":
+        peaks = farthest_points(sim, candidates, retrieved, rel, num_kept)
+    else:
+        peaks = density_peaks(sim, candidates, settings.knn_k)
     kept = select_kept(rel, retrieved, duplicates, peaks, num_kept)
     # exp keeps weights positive and monotone in relevance (cosines lie in [-1, 1]).
     weight = torch.exp(rel)

@@ -22,9 +22,10 @@ def make_inputs(batch, n, d, t, seed=0, dtype=torch.float32):
     [(1, 1, 8, 3, 1), (1, 2, 8, 1, 1), (2, 7, 16, 4, 3), (3, 50, 32, 5, 1), (2, 64, 16, 0, 10),
      (4, 100, 24, 9, 99), (2, 576, 64, 12, 64), (1, 576, 64, 6, 7), (5, 33, 8, 2, 32)],
 )
-def test_exactly_k_tokens_out_with_sorted_unique_representatives(batch, n, d, t, k):
+@pytest.mark.parametrize("centres", ["density_peaks", "farthest_point"])
+def test_exactly_k_tokens_out_with_sorted_unique_representatives(batch, n, d, t, k, centres):
     visual, query, mask = make_inputs(batch, n, d, t)
-    out = par_reduce(visual, query, mask, k, ParSettings())
+    out = par_reduce(visual, query, mask, k, ParSettings(centres=centres))
     assert out.tokens.shape == (batch, k, d)
     assert out.kept_indices.shape == (batch, k)
     for row in out.kept_indices:
@@ -108,6 +109,39 @@ def test_near_duplicates_of_a_retrieved_token_merge_into_it():
     assert out.retrieved[0].nonzero().flatten().tolist() == [10]
     slot = out.kept_indices[0].tolist().index(10)
     assert all(out.assignment[0, c] == slot for c in (11, 12, 13))
+
+
+def test_farthest_point_centres_cover_every_distinct_group():
+    # 6 tight groups of tokens, one 10x larger than the rest: density peaks spend the
+    # centres on the big group; farthest-point sampling puts one in every group.
+    torch.manual_seed(4)
+    d = 32
+    anchors = F.normalize(torch.randn(6, d), dim=-1) * 4
+    sizes = [100, 10, 10, 10, 10, 10]
+    group = torch.cat([torch.full((s,), g) for g, s in enumerate(sizes)])
+    visual = (anchors[group] + 0.3 * torch.randn(len(group), d))[None]
+    query = torch.randn(1, 0, d)
+    out = par_reduce(visual, query, torch.zeros(1, 0, dtype=torch.bool), 6,
+                     ParSettings(centres="farthest_point", retrieval_share=0.0))
+    assert sorted(group[out.kept_indices[0]].tolist()) == [0, 1, 2, 3, 4, 5]
+
+
+def test_farthest_point_centres_start_from_retrieved_tokens():
+    # With tokens already retrieved, the first centre is the token farthest from them,
+    # not a second copy of what retrieval kept.
+    from par_vllm.reduction import farthest_points
+
+    sim = torch.tensor([[[1.0, 0.9, 0.1, 0.5],
+                         [0.9, 1.0, 0.2, 0.4],
+                         [0.1, 0.2, 1.0, 0.3],
+                         [0.5, 0.4, 0.3, 1.0]]])
+    retrieved = torch.tensor([[True, False, False, False]])
+    rel = torch.tensor([[0.9, 0.8, 0.0, 0.1]])
+    score = farthest_points(sim, ~retrieved, retrieved, rel, steps=3)
+    assert score.tolist() == [[0.0, 1.0, 3.0, 2.0]]
+    # Nothing retrieved: the most relevant token seeds the sampling.
+    none = torch.zeros_like(retrieved)
+    assert farthest_points(sim, ~none, none, rel, steps=1).tolist() == [[1.0, 0.0, 0.0, 0.0]]
 
 
 def test_different_prompts_keep_different_tokens():
