@@ -123,11 +123,30 @@ def run_placement(model: Path, composites, configs, patch_px: int):
     return explainer, rows
 
 
-def configs_for(methods, budgets):
+def parse_variant(text: str) -> tuple[str, dict]:
+    """"NAME:key=value,key=value" -> (NAME, {"par_key": value}): a PAR variant to measure
+    beside the methods, e.g. "par-fps:centres=farthest_point"."""
+    name, _, body = text.partition(":")
+    keys: dict[str, object] = {}
+    for item in filter(None, body.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            keys["par_" + key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            keys["par_" + key.strip()] = value.strip()
+    ParSettings.from_keys(keys)  # a typo fails here, before vLLM starts
+    if not name or "@" in name or name in LABELS:
+        raise ValueError(f"--variant {text!r}: needs a new NAME without '@' before the ':'")
+    return name, keys
+
+
+def configs_for(methods, budgets, variants=()):
     configs = [("full", {"par_enabled": False})]
     for budget in budgets:
         for method in methods:
             configs.append((f"{method}@{budget:g}", {"par_method": method, "par_keep_ratio": budget}))
+        for name, keys in variants:
+            configs.append((f"{name}@{budget:g}", {"par_method": "par", **keys, "par_keep_ratio": budget}))
     return configs
 
 
@@ -168,7 +187,7 @@ def table(rows) -> str:
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(
-            f"{LABELS[r['method']]:<28}{r['budget']:>7.1%}{r['visual_tokens']:>7}{r['accuracy']:>9.3f}"
+            f"{LABELS.get(r['method'], r['method']):<28}{r['budget']:>7.1%}{r['visual_tokens']:>7}{r['accuracy']:>9.3f}"
             f"{r['pct_of_full']:>7.1f}%{r['color_accuracy']:>7.3f}{r['shape_accuracy']:>7.3f}"
             f"{r['recall']:>8.3f}{r['object_recall']:>8.3f}{r['on_target']:>8.3f}{r['prefill_tokens']:>8.1f}")
     return "\n".join(lines)
@@ -182,11 +201,12 @@ def plot(rows, path: Path, title: str) -> None:
 
     full = next(r for r in rows if r["method"] == "full")
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in METHODS:
+    for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "full"):
         points = sorted((r["visual_tokens"], r["accuracy"]) for r in rows if r["method"] == method)
         if points:
             points.append((full["visual_tokens"], full["accuracy"]))
-            ax.plot(*zip(*points), marker="o", label=LABELS[method])
+            ax.plot(*zip(*points), marker="o", label=LABELS.get(method, method),
+                    linestyle="-" if method in METHODS else "--")
     ax.axhline(full["accuracy"], color="grey", linestyle=":", label="no reduction")
     ax.set_xscale("log")
     ax.set_xlabel("visual tokens kept per image (log)")
@@ -229,6 +249,9 @@ def main(argv=None) -> int:
     parser.add_argument("--count", type=int, default=400, help="test composites")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
+    parser.add_argument("--variant", action="append", default=[], type=parse_variant,
+                        help="a PAR variant measured beside the methods: NAME:key=value,... "
+                             "(par_ keys without the prefix), e.g. par-fps:centres=farthest_point")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--explain", type=int, default=3, help="composites to render")
     parser.add_argument("--max-num-seqs", type=int, default=16)
@@ -244,7 +267,7 @@ def main(argv=None) -> int:
     grid = image_px // TILE_PX
     visual_tokens = (image_px // patch_px) ** 2
     composites = make_composites("test", args.count, grid=grid, seed=args.seed)
-    configs = configs_for(args.methods, args.budgets)
+    configs = configs_for(args.methods, args.budgets, args.variant)
 
     answers = run_vllm(args.model, composites, configs, args.max_num_seqs)
     explainer, placements = run_placement(args.model, composites, configs, patch_px)

@@ -110,12 +110,13 @@ def test_evaluation_runs_end_to_end_through_vllm(tmp_path):
     result = subprocess.run(
         [sys.executable, "benchmarks/accuracy.py", "--model", str(model), "--count", "6",
          "--methods", "par", "pool", "topk", "--budgets", "0.25", "0.06", "--explain", "1",
+         "--variant", "par-fps:centres=farthest_point,outlier_factor=1",
          "--max-num-seqs", "4", "--name", "tiny", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     data = json.loads((out / "accuracy-tiny.json").read_text())
     rows = {(r["method"], r["budget"]): r for r in data["rows"]}
-    assert set(rows) == {("full", 1.0)} | {(m, b) for m in ("par", "pool", "topk") for b in (0.25, 0.06)}
+    assert set(rows) == {("full", 1.0)} | {(m, b) for m in ("par", "pool", "topk", "par-fps") for b in (0.25, 0.06)}
     full = rows["full", 1.0]
     assert full["visual_tokens"] == 144 and full["recall"] == 1.0
     for (method, budget), row in rows.items():
@@ -125,10 +126,25 @@ def test_evaluation_runs_end_to_end_through_vllm(tmp_path):
     assert rows["par", 0.25]["visual_tokens"] == 36 and rows["par", 0.06]["visual_tokens"] == 9
     # Top-k keeps only tokens, merging nothing: what it drops from the tile is lost.
     assert rows["topk", 0.06]["recall"] < 1.0
+    assert rows["par-fps", 0.06]["visual_tokens"] == 9
     text = (out / "accuracy-tiny.txt").read_text()
-    assert "relevance top-k" in text and "random-weight model" in text
+    assert "relevance top-k" in text and "par-fps" in text and "random-weight model" in text
     for png in ("accuracy-tiny.png", "accuracy-tiny-explain-0.png"):
         assert Image.open(out / png).size[0] > 300
+
+
+def test_variants_are_par_settings_checked_before_vllm_starts():
+    name, keys = accuracy.parse_variant("par-fps:centres=farthest_point,outlier_factor=1,retrieval_share=0.25")
+    assert name == "par-fps"
+    assert keys == {"par_centres": "farthest_point", "par_outlier_factor": 1, "par_retrieval_share": 0.25}
+    configs = dict(accuracy.configs_for(["par"], [0.111], [(name, keys)]))
+    assert configs["par-fps@0.111"] == {"par_method": "par", **keys, "par_keep_ratio": 0.111}
+    from par_vllm.config import ParSettingError
+
+    with pytest.raises(ParSettingError, match="par_centres"):
+        accuracy.parse_variant("bad:centres=kmeans")
+    with pytest.raises(ValueError, match="NAME"):
+        accuracy.parse_variant("par:centres=farthest_point")
 
 
 def test_training_chats_ask_only_answerable_questions():
