@@ -173,3 +173,26 @@ def test_training_loss_sees_only_the_replies():
     targets = train_vqa.reply_targets(ids, marker, end)
     assert targets[0].tolist() == [-100] * 8 + [30, 31, 2] + [-100] * 4 + [40, 2, -100]
     assert targets[1].tolist() == [-100] * 4 + [50, 2] + [-100] * 12
+
+
+def test_diagnostics_run_on_a_tiny_model(tmp_path):
+    """The relevance probe and the oracle ablation (benchmarks that explain the accuracy
+    table) run end to end; on a random-weight model their numbers mean nothing."""
+    from par_vllm.demo_model import make_demo_model
+
+    model = make_demo_model(tmp_path / "tiny", image_size=3 * TILE_PX, patch_size=16)
+    out = tmp_path / "results"
+    for script, extra in (("relevance_probe.py", []), ("par_ablation.py", ["--budgets", "0.111"])):
+        result = subprocess.run([sys.executable, f"benchmarks/{script}", "--model", str(model), "--count", "3",
+                                 "--name", "tiny", "--out", str(out), *extra],
+                                cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-4000:]
+    probe = json.loads((out / "relevance-probe-tiny.json").read_text())
+    assert {r["score"] for r in probe["rows"]} >= {"cos", "named_word", "lens"}
+    assert all(0.0 <= r["top1_on_tile"] <= 1.0 for r in probe["rows"])
+    ablation = {(r["relevance"], r["budget"]): r for r in json.loads((out / "par-ablation-tiny.json").read_text())["rows"]}
+    assert set(ablation) == {("full", 1.0)} | {(s, 0.111) for s in
+                                               ("prompt", "oracle_tile", "oracle_object", "topk_oracle_tile")}
+    # Keeping the K highest oracle scores at 16 of 144 tokens keeps exactly the queried tile.
+    assert ablation["topk_oracle_tile", 0.111]["on_target"] == 1.0
+    assert ablation["oracle_tile", 0.111]["recall"] > ablation["full", 1.0]["on_target"]

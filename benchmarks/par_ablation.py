@@ -1,0 +1,151 @@
+"""Which step of PAR loses the answer? Swap one input of the reduction and measure.
+
+    .venv/bin/python benchmarks/par_ablation.py --model .models/vqa
+
+PAR is relevance (step 1) followed by retrieval, clustering and routing (steps 2-4). To
+tell a relevance failure from a retrieval or routing failure, this runs steps 2-4
+(`par_vllm.reduction.reduce_by_relevance`, the code the plugin runs) on three relevance
+scores and measures accuracy and placement on the same composite easy-VQA questions:
+
+  prompt        PAR's own: max cosine between each visual token and the prompt's words
+  oracle_tile   1 on the queried tile's patches, 0 elsewhere: perfect relevance
+  oracle_object 1 on the patches that show the queried shape, 0 elsewhere
+
+If the oracles keep the full model's accuracy at a budget and the prompt relevance does
+not, the failing step is relevance; if the oracles fail too, it is retrieval or routing.
+`topk_oracle_tile` (keep the K highest oracle scores, no merging) separates routing
+from retrieval.
+
+The language model runs in transformers (float32, greedy, the same weights vLLM serves),
+fed the reduced visual tokens in place of the image placeholder, because vLLM cannot take
+an externally chosen relevance. `prompt` here should match accuracy.py's PAR rows; the
+table says how closely it does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))
+
+from accuracy import is_correct, object_patches, placement  # noqa: E402
+from composite_vqa import TILE_PX, chat_prompt, make_composites  # noqa: E402
+
+from par_vllm.config import ParSettings  # noqa: E402
+from par_vllm.explain import Explainer  # noqa: E402
+from par_vllm.reduction import Reduction, reduce_by_relevance, relevance  # noqa: E402
+
+SOURCES = ("prompt", "oracle_tile", "oracle_object", "topk_oracle_tile")
+
+
+@torch.no_grad()
+def answer(explainer: Explainer, prompt_ids: list[int], visual: torch.Tensor, max_tokens: int = 4) -> str:
+    """Greedy reply of the checkpoint's language model with `visual` (K x D) in place of
+    the one image placeholder in `prompt_ids`."""
+    model = explainer.model
+    image_id = model.config.image_token_index
+    at = prompt_ids.index(image_id)
+    embed = model.get_input_embeddings()
+    before = embed(torch.tensor(prompt_ids[:at]))
+    after = embed(torch.tensor(prompt_ids[at + 1:]))
+    inputs = torch.cat([before, visual.to(before.dtype), after])[None]
+    language_model, head = model.model.language_model, model.lm_head
+    out = language_model(inputs_embeds=inputs, use_cache=True)
+    reply = []
+    for _ in range(max_tokens):
+        token = head(out.last_hidden_state[:, -1]).argmax(-1)
+        if token.item() == explainer.tokenizer.eos_token_id:
+            break
+        reply.append(token.item())
+        out = language_model(inputs_embeds=embed(token)[None], past_key_values=out.past_key_values, use_cache=True)
+    return explainer.tokenizer.decode(reply, skip_special_tokens=True)
+
+
+def reduce(source: str, visual: torch.Tensor, query: torch.Tensor, tile, obj, num_kept: int,
+           settings: ParSettings) -> Reduction:
+    visual_n = torch.nn.functional.normalize(visual.float(), dim=-1)
+    aware = torch.ones(1, dtype=torch.bool)
+    if source == "prompt":
+        query_n = torch.nn.functional.normalize(query.float(), dim=-1)
+        rel, aware = relevance(visual_n, query_n, torch.ones(1, query.shape[1], dtype=torch.bool),
+                               settings.relevance)
+    else:
+        rel = torch.as_tensor(obj if source == "oracle_object" else tile, dtype=torch.float32)[None]
+    if source.startswith("topk_"):
+        kept = torch.argsort(rel, dim=-1, descending=True, stable=True)[:, :num_kept].sort(dim=1).values
+        tokens = visual.gather(1, kept[..., None].expand(-1, -1, visual.shape[-1]))
+        assignment = torch.full(rel.shape, -1, dtype=torch.long).scatter(
+            1, kept, torch.arange(num_kept)[None])
+        return Reduction(tokens, kept, assignment, torch.zeros_like(rel, dtype=torch.bool), aware)
+    return reduce_by_relevance(visual, visual_n, rel, aware, num_kept, settings)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=Path(".models/vqa"))
+    parser.add_argument("--count", type=int, default=200, help="test composites")
+    parser.add_argument("--budgets", nargs="+", type=float, default=[0.25, 0.111, 0.06])
+    parser.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", default="vqa")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    explainer = Explainer(args.model.resolve())
+    tokenizer = explainer.tokenizer
+    vision = explainer.config.vision_config
+    composites = make_composites("test", args.count, grid=vision.image_size // TILE_PX, seed=args.seed)
+    configs = [("full", None, 1.0)] + [(s, s, b) for b in args.budgets for s in args.sources]
+    tallies = {(name, budget): [] for name, _, budget in configs}
+    for c in tqdm(composites, desc="ablation"):
+        visual = explainer.visual_tokens(c.image())
+        query = explainer.query(c.question)
+        prompt_ids = tokenizer.encode(chat_prompt(tokenizer, c.question), add_special_tokens=False)
+        side = int(visual.shape[1] ** 0.5)
+        tile, obj = c.patch_mask(side), object_patches(c, vision.patch_size)
+        for name, source, budget in configs:
+            if source is None:
+                tokens, place = visual[0], {"recall": 1.0, "object_recall": 1.0, "on_target": float(tile.mean())}
+            else:
+                settings = ParSettings(keep_ratio=budget)
+                reduction = reduce(source, visual, query, tile, obj, settings.num_kept(visual.shape[1]), settings)
+                tokens, place = reduction.tokens[0], placement(reduction, tile, obj)
+            ok = is_correct(answer(explainer, prompt_ids, tokens), c.answer)
+            tallies[(name, budget)].append({"correct": float(ok), **place})
+
+    full = sum(t["correct"] for t in tallies[("full", 1.0)]) / len(composites)
+    rows = []
+    for (name, budget), tally in tallies.items():
+        mean = {k: sum(t[k] for t in tally) / len(tally) for k in tally[0]}
+        rows.append({"relevance": name, "budget": budget, "accuracy": mean["correct"],
+                     "pct_of_full": 100 * mean["correct"] / full if full else float("nan"),
+                     "recall": mean["recall"], "object_recall": mean["object_recall"],
+                     "on_target": mean["on_target"]})
+    about_path = args.model / "par_model.json"
+    about = json.loads(about_path.read_text()) if about_path.exists() else {}
+    header = f"{'relevance':<18}{'budget':>7}{'accuracy':>9}{'% full':>8}{'recall':>8}{'obj rec':>8}{'on tile':>8}"
+    lines = [f"PAR ablation (transformers, greedy): {len(composites)} composite easy-VQA test questions; "
+             f"model: {about.get('language_model', args.model.name)}", "", header, "-" * len(header)]
+    lines += [f"{r['relevance']:<18}{r['budget']:>7.1%}{r['accuracy']:>9.3f}{r['pct_of_full']:>7.1f}%"
+              f"{r['recall']:>8.3f}{r['object_recall']:>8.3f}{r['on_target']:>8.3f}" for r in rows]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"par-ablation-{args.name}"
+    stem.with_suffix(".txt").write_text(text)
+    stem.with_suffix(".json").write_text(json.dumps(
+        {"model": str(args.model), "count": len(composites), "seed": args.seed, "rows": rows}, indent=2))
+    print(f"wrote {stem}.txt/.json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
