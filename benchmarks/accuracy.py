@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -211,7 +212,7 @@ def plot(rows, path: Path, title: str) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("visual tokens kept per image (log)")
     ax.set_ylabel("accuracy")
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, 100)), fontsize=8)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
