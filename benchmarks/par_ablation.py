@@ -93,6 +93,8 @@ def main(argv=None) -> int:
     parser.add_argument("--count", type=int, default=200, help="test composites")
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.25, 0.111, 0.06])
     parser.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES)
+    parser.add_argument("--split", default="test", choices=["test", "train"],
+                        help="easy-VQA split the composites come from (train: seen images, new composites)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default="vqa")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -102,7 +104,7 @@ def main(argv=None) -> int:
     explainer = Explainer(args.model.resolve())
     tokenizer = explainer.tokenizer
     vision = explainer.config.vision_config
-    composites = make_composites("test", args.count, grid=vision.image_size // TILE_PX, seed=args.seed)
+    composites = make_composites(args.split, args.count, grid=vision.image_size // TILE_PX, seed=args.seed)
     configs = [("full", None, 1.0)] + [(s, s, b) for b in args.budgets for s in args.sources]
     tallies = {(name, budget): [] for name, _, budget in configs}
     for c in tqdm(composites, desc="ablation"):
@@ -132,7 +134,7 @@ def main(argv=None) -> int:
     about_path = args.model / "par_model.json"
     about = json.loads(about_path.read_text()) if about_path.exists() else {}
     header = f"{'relevance':<18}{'budget':>7}{'accuracy':>9}{'% full':>8}{'recall':>8}{'obj rec':>8}{'on tile':>8}"
-    lines = [f"PAR ablation (transformers, greedy): {len(composites)} composite easy-VQA test questions; "
+    lines = [f"PAR ablation (transformers, greedy): {len(composites)} composite easy-VQA {args.split}-split questions; "
              f"model: {about.get('language_model', args.model.name)}", "", header, "-" * len(header)]
     lines += [f"{r['relevance']:<18}{r['budget']:>7.1%}{r['accuracy']:>9.3f}{r['pct_of_full']:>7.1f}%"
               f"{r['recall']:>8.3f}{r['object_recall']:>8.3f}{r['on_target']:>8.3f}" for r in rows]
@@ -142,7 +144,7 @@ def main(argv=None) -> int:
     stem = args.out / f"par-ablation-{args.name}"
     stem.with_suffix(".txt").write_text(text)
     stem.with_suffix(".json").write_text(json.dumps(
-        {"model": str(args.model), "count": len(composites), "seed": args.seed, "rows": rows}, indent=2))
+        {"model": str(args.model), "split": args.split, "count": len(composites), "seed": args.seed, "rows": rows}, indent=2))
     print(f"wrote {stem}.txt/.json")
     return 0
 
