@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import threading
@@ -139,6 +140,15 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
+def describe_device(gpu: bool) -> str:
+    """What the results were measured on, by name, for the results file."""
+    if gpu:
+        import torch
+
+        return f"GPU ({torch.cuda.get_device_name(0)}, {torch.cuda.device_count()} visible)"
+    return f"CPU ({os.cpu_count()} cores)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm", help="demo, smollm, or a checkpoint directory")
@@ -188,7 +198,7 @@ def main() -> None:
     own_work = par_own_work(path, n_tokens, args.budget, "cuda" if args.gpu else "cpu")
 
     summary = {f"{label} @c{c}": summarize(r) for (label, c), r in runs.items()}
-    device = "GPU" if args.gpu else "CPU (2 cores)"
+    device = describe_device(args.gpu)
     lines = [f"model: {about}; device: {device}; {args.requests} requests x {args.repeats} repeats "
              f"per cell, {args.max_tokens} output tokens, caches off; median [min-max] over repeats",
              f"{'series':<34} {'conc':>4} {'TTFT p50 s':>18} {'TTFT p95 s':>8} {'latency s':>9} "
