@@ -43,6 +43,24 @@ LABELS = {"par": "PAR", "pool": "uniform 2D pooling", "random": "random",
           "topk": "relevance top-k", "diverse": "diversity (DivPrune-style)", "full": "no reduction"}
 
 
+def model_about(model: Path) -> dict:
+    """The par_model.json a benchmark model was saved with ({} if it has none)."""
+    path = model / "par_model.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def model_words(about: dict, model: Path) -> str:
+    """How a results file names the model: random-weight models say so."""
+    return "random-weight model" if about.get("random_weights") else about.get("language_model", model.name)
+
+
+def write_results(stem: Path, text: str, data: dict) -> None:
+    """stem.txt (the printed table) and stem.json (the same rows, machine-readable)."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".txt").write_text(text)
+    stem.with_suffix(".json").write_text(json.dumps(data, indent=2))
+
+
 def is_correct(text: str, answer: str) -> bool:
     words = text.strip().lower().replace(".", " ").replace(",", " ").split()
     return bool(words) and words[0] == answer
@@ -282,20 +300,16 @@ def main(argv=None) -> int:
     explainer, placements = run_placement(args.model, composites, configs, patch_px)
     rows = summarize(composites, configs, answers, placements, visual_tokens)
 
-    about_path = args.model / "par_model.json"
-    about = json.loads(about_path.read_text()) if about_path.exists() else {}
-    model_words = "random-weight model" if about.get("random_weights") else about.get("language_model", args.model.name)
+    about = model_about(args.model)
     title = (f"composite easy-VQA ({grid}x{grid} tiles, {visual_tokens} visual tokens), "
-             f"{len(composites)} test questions; model: {model_words}")
+             f"{len(composites)} test questions; model: {model_words(about, args.model)}")
     text = f"{title}\nvision: {about.get('vision_tower_and_projector', 'see par_model.json')}\n\n{table(rows)}\n"
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"accuracy-{args.name}"
-    stem.with_suffix(".txt").write_text(text)
-    stem.with_suffix(".json").write_text(json.dumps({
+    write_results(stem, text, {
         "model": str(args.model), "about": about, "count": len(composites), "seed": args.seed,
         "grid": grid, "visual_tokens": visual_tokens, "rows": rows,
-    }, indent=2))
+    })
     plot(rows, stem.with_suffix(".png"), title)
     headline = min(args.budgets, key=lambda b: abs(b - 0.111))
     for i, composite in enumerate(composites[:args.explain]):

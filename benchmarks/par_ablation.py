@@ -25,7 +25,6 @@ table says how closely it does.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -35,10 +34,11 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
-from accuracy import is_correct, object_patches, placement  # noqa: E402
+from accuracy import is_correct, model_about, model_words, object_patches, placement, write_results  # noqa: E402
 from composite_vqa import TILE_PX, chat_prompt, make_composites  # noqa: E402
 
 from par_vllm.config import ParSettings  # noqa: E402
+from par_vllm.baselines import pruned  # noqa: E402
 from par_vllm.explain import Explainer  # noqa: E402
 from par_vllm.reduction import Reduction, reduce_by_relevance, relevance  # noqa: E402
 
@@ -79,11 +79,7 @@ def reduce(source: str, visual: torch.Tensor, query: torch.Tensor, tile, obj, nu
     else:
         rel = torch.as_tensor(obj if source == "oracle_object" else tile, dtype=torch.float32)[None]
     if source.startswith("topk_"):
-        kept = torch.argsort(rel, dim=-1, descending=True, stable=True)[:, :num_kept].sort(dim=1).values
-        tokens = visual.gather(1, kept[..., None].expand(-1, -1, visual.shape[-1]))
-        assignment = torch.full(rel.shape, -1, dtype=torch.long).scatter(
-            1, kept, torch.arange(num_kept)[None])
-        return Reduction(tokens, kept, assignment, torch.zeros_like(rel, dtype=torch.bool), aware)
+        return pruned(visual, torch.argsort(rel, dim=-1, descending=True, stable=True)[:, :num_kept], aware)
     return reduce_by_relevance(visual, visual_n, rel, aware, num_kept, settings)
 
 
@@ -131,20 +127,16 @@ def main(argv=None) -> int:
                      "pct_of_full": 100 * mean["correct"] / full if full else float("nan"),
                      "recall": mean["recall"], "object_recall": mean["object_recall"],
                      "on_target": mean["on_target"]})
-    about_path = args.model / "par_model.json"
-    about = json.loads(about_path.read_text()) if about_path.exists() else {}
     header = f"{'relevance':<18}{'budget':>7}{'accuracy':>9}{'% full':>8}{'recall':>8}{'obj rec':>8}{'on tile':>8}"
     lines = [f"PAR ablation (transformers, greedy): {len(composites)} composite easy-VQA {args.split}-split questions; "
-             f"model: {about.get('language_model', args.model.name)}", "", header, "-" * len(header)]
+             f"model: {model_words(model_about(args.model), args.model)}", "", header, "-" * len(header)]
     lines += [f"{r['relevance']:<18}{r['budget']:>7.1%}{r['accuracy']:>9.3f}{r['pct_of_full']:>7.1f}%"
               f"{r['recall']:>8.3f}{r['object_recall']:>8.3f}{r['on_target']:>8.3f}" for r in rows]
     text = "\n".join(lines) + "\n"
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"par-ablation-{args.name}"
-    stem.with_suffix(".txt").write_text(text)
-    stem.with_suffix(".json").write_text(json.dumps(
-        {"model": str(args.model), "split": args.split, "count": len(composites), "seed": args.seed, "rows": rows}, indent=2))
+    write_results(stem, text, {"model": str(args.model), "split": args.split, "count": len(composites),
+                               "seed": args.seed, "rows": rows})
     print(f"wrote {stem}.txt/.json")
     return 0
 

@@ -33,7 +33,6 @@ colour and shape words is their own colour or shape (chance 2/11).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -45,6 +44,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
+from accuracy import model_about, model_words, write_results  # noqa: E402
 from composite_vqa import COLORS, SHAPES, TILE_PX, make_composites  # noqa: E402
 
 from par_vllm.explain import Explainer  # noqa: E402
@@ -124,22 +124,17 @@ def main(argv=None) -> int:
     tiles = len(composites[0].tiles)
     rows = [{"score": name, "top1_on_tile": float(np.mean([h[0] for h in rows])),
              f"top{args.top}_on_tile": float(np.mean([h[1] for h in rows]))} for name, rows in hits.items()]
-    about_path = args.model / "par_model.json"
-    about = json.loads(about_path.read_text()) if about_path.exists() else {}
     lines = [f"relevance probe: {len(composites)} composite easy-VQA test questions, {tiles} tiles "
-             f"(chance on tile: {1 / tiles:.3f}); model: {about.get('language_model', args.model.name)}",
+             f"(chance on tile: {1 / tiles:.3f}); model: {model_words(model_about(args.model), args.model)}",
              f"alignment (nearest of the 11 attribute words is the patch's own colour or shape; chance "
              f"{2 / 11:.3f}): {aligned / shown:.3f}", "",
              f"{'score':<12}{'top-1 on tile':>15}{f'top-{args.top} on tile':>15}"]
     lines += [f"{r['score']:<12}{r['top1_on_tile']:>15.3f}{r[f'top{args.top}_on_tile']:>15.3f}" for r in rows]
     text = "\n".join(lines) + "\n"
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"relevance-probe-{args.name}"
-    stem.with_suffix(".txt").write_text(text)
-    stem.with_suffix(".json").write_text(json.dumps(
-        {"model": str(args.model), "count": len(composites), "seed": args.seed, "chance": 1 / tiles,
-         "alignment": aligned / shown, "rows": rows}, indent=2))
+    write_results(args.out / f"relevance-probe-{args.name}", text, {
+        "model": str(args.model), "count": len(composites), "seed": args.seed, "chance": 1 / tiles,
+        "alignment": aligned / shown, "rows": rows})
     return 0
 
 

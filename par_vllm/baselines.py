@@ -14,7 +14,9 @@ from .config import ParSettings
 from .reduction import Reduction, relevance, saliency
 
 
-def _pruned(visual: torch.Tensor, kept: torch.Tensor, prompt_aware: torch.Tensor) -> Reduction:
+def pruned(visual: torch.Tensor, kept: torch.Tensor, prompt_aware: torch.Tensor) -> Reduction:
+    """The Reduction of keeping exactly the `kept` tokens (B x K, any order) and dropping
+    the rest."""
     batch, num_tokens, dim = visual.shape
     kept = kept.sort(dim=1).values
     assignment = torch.full((batch, num_tokens), -1, dtype=torch.long, device=visual.device)
@@ -61,7 +63,7 @@ def random_keep(visual, query, query_mask, num_kept, settings) -> Reduction:
     generator = torch.Generator().manual_seed(0)
     kept = torch.stack([torch.randperm(visual.shape[1], generator=generator)[:num_kept]
                         for _ in range(visual.shape[0])]).to(visual.device)
-    return _pruned(visual, kept, torch.zeros(visual.shape[0], dtype=torch.bool, device=visual.device))
+    return pruned(visual, kept, torch.zeros(visual.shape[0], dtype=torch.bool, device=visual.device))
 
 
 def topk_keep(visual, query, query_mask, num_kept, settings) -> Reduction:
@@ -70,7 +72,7 @@ def topk_keep(visual, query, query_mask, num_kept, settings) -> Reduction:
     rel, prompt_aware = relevance(visual_n, F.normalize(query.float(), dim=-1), query_mask,
                                   settings.relevance)
     kept = torch.argsort(rel, dim=1, descending=True, stable=True)[:, :num_kept]
-    return _pruned(visual, kept, prompt_aware)
+    return pruned(visual, kept, prompt_aware)
 
 
 def diverse_keep(visual, query, query_mask, num_kept, settings) -> Reduction:
@@ -86,7 +88,7 @@ def diverse_keep(visual, query, query_mask, num_kept, settings) -> Reduction:
         kept.append(nxt)
         distance = 1.0 - (visual_n * visual_n[torch.arange(batch), nxt][:, None]).sum(-1)
         nearest = torch.minimum(nearest, distance)
-    return _pruned(visual, torch.stack(kept, dim=1),
+    return pruned(visual, torch.stack(kept, dim=1),
                    torch.zeros(batch, dtype=torch.bool, device=visual.device))
 
 

@@ -196,3 +196,5 @@ def test_diagnostics_run_on_a_tiny_model(tmp_path):
     # Keeping the K highest oracle scores at 16 of 144 tokens keeps exactly the queried tile.
     assert ablation["topk_oracle_tile", 0.111]["on_target"] == 1.0
     assert ablation["oracle_tile", 0.111]["recall"] > ablation["full", 1.0]["on_target"]
+    for name in ("relevance-probe-tiny.txt", "par-ablation-tiny.txt"):
+        assert "random-weight model" in (out / name).read_text()
