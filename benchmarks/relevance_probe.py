@@ -25,7 +25,11 @@ embedding table is the wrong ruler":
                the input), max over j
 
 It also reports `alignment`: the share of on-shape patches whose nearest of the 11
-colour and shape words is their own colour or shape (chance 2/11).
+colour and shape words is their own colour or shape (chance 2/11), and the geometry that
+decides whether cosine can single a tile out: the mean norm of visual tokens and of word
+embeddings, the mean cosine between two visual tokens of one image (near 1: the tokens
+share one direction and differ only in a small remainder), and the named word's mean
+cosine to the queried tile's shape patches against the other tiles' shape patches.
 
     .venv/bin/python benchmarks/relevance_probe.py --model .models/vqa
 """
@@ -104,6 +108,8 @@ def main(argv=None) -> int:
     patch = explainer.config.vision_config.patch_size
     hits: dict[str, list[tuple[float, float]]] = {}
     aligned = shown = 0
+    geometry: dict[str, list[float]] = {k: [] for k in ("visual_norm", "pairwise_cos", "named_on_target",
+                                                         "named_elsewhere")}
     for c in tqdm(composites, desc="relevance probe"):
         v = explainer.visual_tokens(c.image())[0]
         ids = explainer.rewriter(tokenizer.encode(f"{explainer.processor.image_token}\n{c.question}"))
@@ -120,21 +126,33 @@ def main(argv=None) -> int:
         on_shape = color < len(COLORS)
         aligned += int(((nearest == color) | (nearest == len(COLORS) + shape))[on_shape].sum())
         shown += int(on_shape.sum())
+        v_n = F.normalize(v, dim=-1)
+        named_cos = (v_n @ F.normalize(scores.embed[named].mean(0), dim=0)).numpy()
+        geometry["visual_norm"].append(v.norm(dim=-1).mean().item())
+        geometry["pairwise_cos"].append((v_n @ v_n.T).mean().item())
+        geometry["named_on_target"].append(float(named_cos[on_shape & tile].mean()))
+        geometry["named_elsewhere"].append(float(named_cos[on_shape & ~tile].mean()))
 
     tiles = len(composites[0].tiles)
+    geometry = {k: float(np.nanmean(g)) for k, g in geometry.items()}
+    geometry["word_norm"] = scores.embed.norm(dim=-1).mean().item()
     rows = [{"score": name, "top1_on_tile": float(np.mean([h[0] for h in rows])),
              f"top{args.top}_on_tile": float(np.mean([h[1] for h in rows]))} for name, rows in hits.items()]
     lines = [f"relevance probe: {len(composites)} composite easy-VQA test questions, {tiles} tiles "
              f"(chance on tile: {1 / tiles:.3f}); model: {model_words(model_about(args.model), args.model)}",
              f"alignment (nearest of the 11 attribute words is the patch's own colour or shape; chance "
-             f"{2 / 11:.3f}): {aligned / shown:.3f}", "",
+             f"{2 / 11:.3f}): {aligned / shown:.3f}",
+             f"norms: visual tokens {geometry['visual_norm']:.2f}, word embeddings {geometry['word_norm']:.2f}; "
+             f"mean cosine between two visual tokens of an image {geometry['pairwise_cos']:.3f}",
+             f"cosine of the named word to the queried tile's shape patches {geometry['named_on_target']:.4f}, "
+             f"to other tiles' shape patches {geometry['named_elsewhere']:.4f}", "",
              f"{'score':<12}{'top-1 on tile':>15}{f'top-{args.top} on tile':>15}"]
     lines += [f"{r['score']:<12}{r['top1_on_tile']:>15.3f}{r[f'top{args.top}_on_tile']:>15.3f}" for r in rows]
     text = "\n".join(lines) + "\n"
     print(text)
     write_results(args.out / f"relevance-probe-{args.name}", text, {
         "model": str(args.model), "count": len(composites), "seed": args.seed, "chance": 1 / tiles,
-        "alignment": aligned / shown, "rows": rows})
+        "alignment": aligned / shown, "geometry": geometry, "rows": rows})
     return 0
 
 

