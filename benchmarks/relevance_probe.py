@@ -18,6 +18,9 @@ embedding table is the wrong ruler":
                for this token, so tokens close to every word do not win
   named_word   cos to the pieces of the one attribute word that names the tile (an
                oracle: what a perfect prompt rewrite would give cosine)
+  named_object named_word averaged over each shape's patches (oracle segmentation;
+               background scores lowest): can the word pick the object when per-token
+               noise is averaged away?
   centered     the same after removing the image's mean token and the table's mean word
   attention0   the language model's own first-layer attention: max_j mean over heads of
                cos(W_k norm(v_i), W_q norm(q_j)) (no rotary term)
@@ -49,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
 from accuracy import model_about, model_words, write_results  # noqa: E402
-from composite_vqa import COLORS, SHAPES, TILE_PX, make_composites  # noqa: E402
+from composite_vqa import COLORS, SHAPES, TILE_PX, Composite, make_composites  # noqa: E402
 
 from par_vllm.explain import Explainer  # noqa: E402
 
@@ -88,6 +91,18 @@ class Scores:
                 "lens": lens.amax(-1)}
 
 
+def object_mean(score: torch.Tensor, on_shape: np.ndarray, composite, side: int) -> torch.Tensor:
+    """Each shape patch gets the mean score of its tile's shape patches; background -1e9
+    (it comes last, in index order, so top-k stays well defined)."""
+    out = torch.full_like(score, -1e9)
+    for t in range(len(composite.tiles)):
+        mask = torch.from_numpy(on_shape & Composite(composite.tiles, composite.grid, t, "", "", "")
+                                .patch_mask(side))
+        if mask.any():
+            out[mask] = score[mask].mean()
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=Path(".models/vqa"))
@@ -118,12 +133,14 @@ def main(argv=None) -> int:
         tile = c.patch_mask(side)
         word = c.tiles[c.target].shape if c.asks == "color" else c.tiles[c.target].color
         named = torch.tensor(tokenizer.encode(" " + word, add_special_tokens=False), dtype=torch.long)
-        for name, score in scores(v, scores.embed[q_ids], q_ids, named).items():
+        color, shape = c.patch_labels(patch)
+        on_shape = color < len(COLORS)
+        by_tile = scores(v, scores.embed[q_ids], q_ids, named)
+        by_tile["named_object"] = object_mean(by_tile["named_word"], on_shape, c, side)
+        for name, score in by_tile.items():
             top = score.topk(args.top).indices.numpy()
             hits.setdefault(name, []).append((float(tile[top[0]]), float(tile[top].mean())))
-        color, shape = c.patch_labels(patch)
         nearest = (F.normalize(v, dim=-1) @ words.T).argmax(-1).numpy()
-        on_shape = color < len(COLORS)
         aligned += int(((nearest == color) | (nearest == len(COLORS) + shape))[on_shape].sum())
         shown += int(on_shape.sum())
         v_n = F.normalize(v, dim=-1)
