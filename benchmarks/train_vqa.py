@@ -28,6 +28,10 @@ LLaVA's own recipe, in three stages:
     # stage 2 alone, captioning single on-shape tokens, on a saved model's vision tower:
     .venv/bin/python benchmarks/train_vqa.py --vision-from .models/vqa --align-unit patch \
         --tiles-per-image 9 --align-minutes 8 --tune-minutes 0 --out .models/align-patch
+    # the same, asking the language model to repeat the token as words:
+    .venv/bin/python benchmarks/train_vqa.py --vision-from .models/vqa --align-unit patch \
+        --caption-prompt "Repeat these words." --tiles-per-image 9 --align-minutes 8 \
+        --tune-minutes 0 --out .models/align-repeat
 
 Saves the Hugging Face layout `vllm serve` loads, plus train_log.jsonl and the settings
 (seed included) in par_model.json. Runs on a CPU; each stage has a wall-clock budget.
@@ -140,12 +144,13 @@ class TileCaptions:
     shape: the finest caption there is, so that every token (not the tile's 16 together)
     must say its colour and shape to the frozen language model."""
 
-    def __init__(self, model, processor, patch: int, per_image: int, unit: str = "tile"):
+    def __init__(self, model, processor, patch: int, per_image: int, unit: str = "tile",
+                 prompt: str = CAPTION_PROMPT):
         self.model, self.processor, self.per_image, self.unit = model, processor, per_image, unit
         tokenizer = processor.tokenizer
         self.embed = model.get_input_embeddings()
         self.prefix = tokenizer("<|im_start|>user\n", add_special_tokens=False)["input_ids"]
-        self.suffix = tokenizer(f"\n{CAPTION_PROMPT}<|im_end|>\n<|im_start|>assistant\n",
+        self.suffix = tokenizer(f"\n{prompt}<|im_end|>\n<|im_start|>assistant\n",
                                 add_special_tokens=False)["input_ids"]
         self.tokenizer = tokenizer
         self.patch = patch
@@ -343,6 +348,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tiles-per-image", type=int, default=4, help="tile captions per image in stage 2")
     parser.add_argument("--align-unit", choices=("tile", "patch"), default="tile",
                         help="what one stage-2 caption reads: a tile's 16 visual tokens, or one on-shape token")
+    parser.add_argument("--caption-prompt", default=CAPTION_PROMPT, help="the user turn of every stage-2 caption")
     parser.add_argument("--vision-from", type=Path, default=None,
                         help="a model this script saved: reuse its stage-1 vision tower instead of training one")
     parser.add_argument("--turns", type=int, default=4, help="most questions per training chat in stage 3")
@@ -406,7 +412,8 @@ def main(argv=None) -> int:
     def batch_of(step: int, stage_seed: int):
         return make_composites("train", args.batch, grid=args.grid, seed=(args.seed + 1) * stage_seed + step)
 
-    captions = TileCaptions(model, processor, args.patch, args.tiles_per_image, args.align_unit)
+    captions = TileCaptions(model, processor, args.patch, args.tiles_per_image, args.align_unit,
+                            args.caption_prompt)
 
     def caption_loss(step):
         return captions.loss(batch_of(step, 1_000_003), random.Random(args.seed * 1_000_037 + step))

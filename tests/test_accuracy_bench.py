@@ -216,7 +216,9 @@ def test_stage2_captions_read_the_tokens_they_describe(tmp_path, unit, tokens_pe
     path = make_demo_model(tmp_path / "tiny", image_size=3 * TILE_PX, patch_size=16)
     model = LlavaForConditionalGeneration.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    captions = train_vqa.TileCaptions(model, llava_processor(tokenizer, 3 * TILE_PX, 16), 16, per_image=3, unit=unit)
+    captions = train_vqa.TileCaptions(model, llava_processor(tokenizer, 3 * TILE_PX, 16), 16, per_image=3, unit=unit,
+                                      prompt="Repeat these words.")
+    assert "Repeat these words." in tokenizer.decode(captions.suffix)
     composites = make_composites("train", 4, grid=3, seed=3)
     # Token i of image b is the constant 1000 * b + i in every dimension: each row shows what it read.
     codes = 1000 * torch.arange(4)[:, None] + torch.arange(144)[None]
