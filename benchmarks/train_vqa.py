@@ -330,6 +330,22 @@ def load_saved(path: Path):
     return model, tokenizer, gguf, about
 
 
+def tune_stage(earlier_results: dict | None) -> tuple[str, int]:
+    """Stage-3 name and chat-stream offset. Each continuation draws other chats than every
+    run it continues (same seed, its own stream) and logs under its own name, so the saved
+    results keep the whole chain."""
+    if earlier_results is None:
+        return "tune", 0
+    n = sum(name.startswith("tune_more") for name in earlier_results) + 1
+    return ("tune_more" if n == 1 else f"tune_more_{n}"), 10_000_000 * n
+
+
+def earlier_chain(earlier: dict) -> list:
+    """The training arguments of every run a continuation builds on, oldest first."""
+    before = earlier.get("earlier_training") or []
+    return [*(before if isinstance(before, list) else [before]), earlier.get("training")]
+
+
 def saved_results(path: Path) -> dict:
     return json.loads((path / "par_model.json").read_text()).get("results", {})
 
@@ -431,9 +447,8 @@ def main(argv=None) -> int:
     layers = [p for name, p in lm.named_parameters() if not name.startswith("embed_tokens")]
     for p in layers:
         p.requires_grad_(True)
-    # A continuation draws other chats than the run it continues (same seed, other stream).
-    chats = (lambda step: chat_loss(step + 10_000_000)) if args.init else chat_loss
-    stage = "tune_more" if args.init else "tune"
+    stage, chat_offset = tune_stage(results if args.init else None)
+    chats = lambda step: chat_loss(step + chat_offset)  # noqa: E731
     results[stage] = train_stage(stage, model, [(projector, args.tune_lr), (layers, args.lm_lr)],
                                  chats, args.tune_minutes, args, log, validate)
     model.eval()
@@ -446,7 +461,7 @@ def main(argv=None) -> int:
             if args.init or args.tune_minutes > 0 else "all weights as shipped (no instruction tuning)"),
         "vision_tower_and_projector": "trained locally on composite easy-VQA (train split)",
         "training": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        **({"earlier_training": earlier.get("training")} if args.init else {}),
+        **({"earlier_training": earlier_chain(earlier)} if args.init else {}),
         "results": results,
         "grid": args.grid,
     })

@@ -164,6 +164,23 @@ def test_training_chats_ask_only_answerable_questions():
     assert max(len(train_vqa.conversation(c, random.Random(2), 4)) for c in make_composites("train", 20, seed=6)) == 4
 
 
+def test_training_continuations_draw_new_chats_and_keep_their_lineage():
+    import train_vqa
+
+    first = {"vision": {}, "align": {}, "tune": {}}
+    assert train_vqa.tune_stage(None) == ("tune", 0)
+    assert train_vqa.tune_stage(first) == ("tune_more", 10_000_000)
+    second = train_vqa.tune_stage({**first, "init": "a", "tune_more": {}})
+    assert second == ("tune_more_2", 20_000_000)
+    assert train_vqa.tune_stage({**first, "tune_more": {}, "tune_more_2": {}})[0] == "tune_more_3"
+    # Saved by the first continuation (one dict), then by a second (a list), oldest first.
+    assert train_vqa.earlier_chain({"training": {"out": "v1"}}) == [{"out": "v1"}]
+    assert train_vqa.earlier_chain({"earlier_training": {"out": "v1"}, "training": {"out": "v2"}}) == [
+        {"out": "v1"}, {"out": "v2"}]
+    assert train_vqa.earlier_chain({"earlier_training": [{"out": "v1"}, {"out": "v2"}],
+                                    "training": {"out": "v3"}})[-1] == {"out": "v3"}
+
+
 def test_training_loss_sees_only_the_replies():
     import train_vqa
 
