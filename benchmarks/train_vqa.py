@@ -32,6 +32,11 @@ LLaVA's own recipe, in three stages:
     .venv/bin/python benchmarks/train_vqa.py --vision-from .models/vqa --align-unit patch \
         --caption-prompt "Repeat these words." --tiles-per-image 9 --align-minutes 8 \
         --tune-minutes 0 --out .models/align-repeat
+    # v3, the accuracy benchmark's current model: stage 3 twice on top of align-repeat
+    .venv/bin/python benchmarks/train_vqa.py --init .models/align-repeat --tune-minutes 33 \
+        --val-every 40 --out .models/vqa3
+    .venv/bin/python benchmarks/train_vqa.py --init .models/vqa3 --tune-minutes 30 --val 128 \
+        --val-every 40 --out .models/vqa3b
 
 Saves the Hugging Face layout `vllm serve` loads, plus train_log.jsonl and the settings
 (seed included) in par_model.json. Runs on a CPU; each stage has a wall-clock budget.

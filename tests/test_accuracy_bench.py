@@ -192,6 +192,24 @@ def test_training_loss_sees_only_the_replies():
     assert targets[1].tolist() == [-100] * 4 + [50, 2] + [-100] * 12
 
 
+def test_centred_relevance_ignores_the_direction_all_visual_tokens_share():
+    import par_ablation
+
+    from par_vllm.reduction import relevance
+
+    torch.manual_seed(0)
+    visual, query, mean_word = torch.randn(1, 144, 32), torch.randn(1, 3, 32), torch.randn(32)
+    shifted = visual + 40 * torch.randn(32)  # one large shared component, as on the trained models
+    centred, aware = par_ablation.centred_relevance(visual, query, mean_word, "max")
+    assert aware.all() and centred.shape == (1, 144)
+    assert torch.allclose(centred, par_ablation.centred_relevance(shifted, query, mean_word, "max")[0], atol=1e-5)
+    # Plain cosine is dominated by the shared component: its ranking changes.
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    normalize = torch.nn.functional.normalize
+    plain = [relevance(normalize(v, dim=-1), normalize(query, dim=-1), mask, "max")[0] for v in (visual, shifted)]
+    assert not torch.equal(plain[0].argsort(), plain[1].argsort())
+
+
 def test_diagnostics_run_on_a_tiny_model(tmp_path):
     """The relevance probe and the oracle ablation (benchmarks that explain the accuracy
     table) run end to end; on a random-weight model their numbers mean nothing."""
@@ -199,7 +217,10 @@ def test_diagnostics_run_on_a_tiny_model(tmp_path):
 
     model = make_demo_model(tmp_path / "tiny", image_size=3 * TILE_PX, patch_size=16)
     out = tmp_path / "results"
-    for script, extra in (("relevance_probe.py", []), ("par_ablation.py", ["--budgets", "0.111"])):
+    import par_ablation
+
+    ablation_args = ["--budgets", "0.111", "--sources", *par_ablation.SOURCES]
+    for script, extra in (("relevance_probe.py", []), ("par_ablation.py", ablation_args)):
         result = subprocess.run([sys.executable, f"benchmarks/{script}", "--model", str(model), "--count", "3",
                                  "--name", "tiny", "--out", str(out), *extra],
                                 cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -211,7 +232,8 @@ def test_diagnostics_run_on_a_tiny_model(tmp_path):
     assert -1.0 <= geometry["pairwise_cos"] <= 1.0 and geometry["visual_norm"] > 0 and geometry["word_norm"] > 0
     ablation = {(r["relevance"], r["budget"]): r for r in json.loads((out / "par-ablation-tiny.json").read_text())["rows"]}
     assert set(ablation) == {("full", 1.0)} | {(s, 0.111) for s in
-                                               ("prompt", "oracle_tile", "oracle_object", "topk_oracle_tile")}
+                                               ("prompt", "oracle_tile", "oracle_object", "topk_oracle_tile",
+                                                "prompt_centered")}
     # Keeping the K highest oracle scores at 16 of 144 tokens keeps exactly the queried tile.
     assert ablation["topk_oracle_tile", 0.111]["on_target"] == 1.0
     assert ablation["oracle_tile", 0.111]["recall"] > ablation["full", 1.0]["on_target"]
