@@ -19,6 +19,16 @@ not, the failing step is relevance; if the oracles fail too, it is retrieval or 
 `topk_oracle_tile` (keep the K highest oracle scores, no merging) separates routing
 from retrieval.
 
+Routing's merge (step 4) is varied on the prompt relevance, with PAR's kept tokens fixed:
+
+  prompt_prune         PAR's kept tokens as they are, the others dropped (no merging)
+  prompt_merge_close   merge only tokens with cosine > 0.95 to their kept token (drop the rest)
+  prompt_merge_sharp   merge weights exp(relevance / 0.1) instead of exp(relevance)
+  prompt_merge_anchor  the kept token weighs as much as all the tokens routed into it
+
+and `--variant NAME:key=value,...` measures PAR with other settings (as in accuracy.py),
+e.g. `--variant par-fps:centres=farthest_point`.
+
 The language model runs in transformers (float32, greedy, the same weights vLLM serves),
 fed the reduced visual tokens in place of the image placeholder, because vLLM cannot take
 an externally chosen relevance. `prompt` here should match accuracy.py's PAR rows; the
@@ -37,16 +47,18 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
-from accuracy import is_correct, model_about, model_words, object_patches, placement, write_results  # noqa: E402
+from accuracy import (_variant_arg, is_correct, model_about, model_words, object_patches, placement,  # noqa: E402
+                      write_results)
 from composite_vqa import TILE_PX, chat_prompt, make_composites  # noqa: E402
 
 from par_vllm.config import ParSettings  # noqa: E402
 from par_vllm.baselines import pruned  # noqa: E402
 from par_vllm.explain import Explainer  # noqa: E402
-from par_vllm.reduction import Reduction, reduce_by_relevance, relevance  # noqa: E402
+from par_vllm.reduction import Reduction, reduce_by_relevance, relevance, route_merge  # noqa: E402
 
 SOURCES = ("prompt", "oracle_tile", "oracle_object", "topk_oracle_tile", "prompt_centered")
 DEFAULT_SOURCES = SOURCES[:4]
+MERGES = ("prompt_prune", "prompt_merge_close", "prompt_merge_sharp", "prompt_merge_anchor")
 
 
 @torch.no_grad()
@@ -82,6 +94,30 @@ def centred_relevance(visual: torch.Tensor, query: torch.Tensor, mean_word: torc
     return relevance(centred_n, query_n, torch.ones(1, query.shape[1], dtype=torch.bool), reduce)
 
 
+def remerge(mode: str, visual: torch.Tensor, visual_n: torch.Tensor, rel: torch.Tensor,
+            par: Reduction) -> Reduction:
+    """PAR's kept tokens and routing, merged another way (one image)."""
+    kept, assignment = par.kept_indices, par.assignment
+    if mode == "prompt_prune":
+        return pruned(visual, kept, par.prompt_aware)
+    weight = torch.exp(rel)
+    if mode == "prompt_merge_close":
+        representative = kept.gather(1, assignment)
+        to_representative = (visual_n * visual_n.gather(1, representative[..., None].expand_as(visual_n))).sum(-1)
+        close = (to_representative > 0.95) | (representative == torch.arange(visual.shape[1]))
+        # Zero weight: a token that is not close adds nothing to its kept token (dropped).
+        tokens = route_merge(visual, weight * close, kept, assignment)
+        return Reduction(tokens, kept, assignment.masked_fill(~close, -1), par.retrieved, par.prompt_aware)
+    if mode == "prompt_merge_sharp":
+        weight = torch.exp(rel / 0.1)
+    elif mode == "prompt_merge_anchor":
+        group = torch.zeros(kept.shape, dtype=weight.dtype).scatter_add_(1, assignment, weight)
+        weight = weight.scatter(1, kept, (group - weight.gather(1, kept)).clamp(min=1e-6))
+    else:
+        raise ValueError(f"unknown merge variant {mode!r}")
+    return Reduction(route_merge(visual, weight, kept, assignment), kept, assignment, par.retrieved, par.prompt_aware)
+
+
 def reduce(source: str, visual: torch.Tensor, query: torch.Tensor, tile, obj, num_kept: int,
            settings: ParSettings, mean_word: torch.Tensor | None = None) -> Reduction:
     normalize = torch.nn.functional.normalize
@@ -89,7 +125,7 @@ def reduce(source: str, visual: torch.Tensor, query: torch.Tensor, tile, obj, nu
     aware = torch.ones(1, dtype=torch.bool)
     if source == "prompt_centered":
         rel, aware = centred_relevance(visual, query, mean_word, settings.relevance)
-    elif source == "prompt":
+    elif source == "prompt" or source in MERGES:
         query_n = normalize(query.float(), dim=-1)
         rel, aware = relevance(visual_n, query_n, torch.ones(1, query.shape[1], dtype=torch.bool),
                                settings.relevance)
@@ -97,7 +133,10 @@ def reduce(source: str, visual: torch.Tensor, query: torch.Tensor, tile, obj, nu
         rel = torch.as_tensor(obj if source == "oracle_object" else tile, dtype=torch.float32)[None]
     if source.startswith("topk_"):
         return pruned(visual, torch.argsort(rel, dim=-1, descending=True, stable=True)[:, :num_kept], aware)
-    return reduce_by_relevance(visual, visual_n, rel, aware, num_kept, settings)
+    reduction = reduce_by_relevance(visual, visual_n, rel, aware, num_kept, settings)
+    if source in MERGES:
+        return remerge(source, visual, visual_n, rel, reduction)
+    return reduction
 
 
 def main(argv=None) -> int:
@@ -105,7 +144,10 @@ def main(argv=None) -> int:
     parser.add_argument("--model", type=Path, default=Path(".models/vqa"))
     parser.add_argument("--count", type=int, default=200, help="test composites")
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.25, 0.111, 0.06])
-    parser.add_argument("--sources", nargs="+", default=list(DEFAULT_SOURCES), choices=SOURCES)
+    parser.add_argument("--sources", nargs="+", default=list(DEFAULT_SOURCES), choices=SOURCES + MERGES)
+    parser.add_argument("--variant", action="append", default=[], type=_variant_arg,
+                        help="PAR with other settings on the prompt relevance: NAME:key=value,... "
+                             "(e.g. par-fps:centres=farthest_point)")
     parser.add_argument("--split", default="test", choices=["test", "train"],
                         help="easy-VQA split the composites come from (train: seen images, new composites)")
     parser.add_argument("--seed", type=int, default=0)
@@ -119,7 +161,8 @@ def main(argv=None) -> int:
     vision = explainer.config.vision_config
     mean_word = explainer.model.get_input_embeddings().weight.detach().mean(0)
     composites = make_composites(args.split, args.count, grid=vision.image_size // TILE_PX, seed=args.seed)
-    configs = [("full", None, 1.0)] + [(s, s, b) for b in args.budgets for s in args.sources]
+    variants = dict(args.variant)
+    configs = [("full", None, 1.0)] + [(s, s, b) for b in args.budgets for s in [*args.sources, *variants]]
     tallies = {(name, budget): [] for name, _, budget in configs}
     for c in tqdm(composites, desc="ablation"):
         visual = explainer.visual_tokens(c.image())
@@ -131,8 +174,8 @@ def main(argv=None) -> int:
             if source is None:
                 tokens, place = visual[0], {"recall": 1.0, "object_recall": 1.0, "on_target": float(tile.mean())}
             else:
-                settings = ParSettings(keep_ratio=budget)
-                reduction = reduce(source, visual, query, tile, obj, settings.num_kept(visual.shape[1]), settings,
+                settings = ParSettings.from_keys({**variants.get(source, {}), "par_keep_ratio": budget})
+                reduction = reduce("prompt" if source in variants else source, visual, query, tile, obj, settings.num_kept(visual.shape[1]), settings,
                                    mean_word)
                 tokens, place = reduction.tokens[0], placement(reduction, tile, obj)
             ok = is_correct(answer(explainer, prompt_ids, tokens), c.answer)
@@ -146,10 +189,11 @@ def main(argv=None) -> int:
                      "pct_of_full": 100 * mean["correct"] / full if full else float("nan"),
                      "recall": mean["recall"], "object_recall": mean["object_recall"],
                      "on_target": mean["on_target"]})
-    header = f"{'relevance':<18}{'budget':>7}{'accuracy':>9}{'% full':>8}{'recall':>8}{'obj rec':>8}{'on tile':>8}"
+    width = max(18, *(len(r["relevance"]) + 2 for r in rows))
+    header = f"{'relevance':<{width}}{'budget':>7}{'accuracy':>9}{'% full':>8}{'recall':>8}{'obj rec':>8}{'on tile':>8}"
     lines = [f"PAR ablation (transformers, greedy): {len(composites)} composite easy-VQA {args.split}-split questions; "
              f"model: {model_words(model_about(args.model), args.model)}", "", header, "-" * len(header)]
-    lines += [f"{r['relevance']:<18}{r['budget']:>7.1%}{r['accuracy']:>9.3f}{r['pct_of_full']:>7.1f}%"
+    lines += [f"{r['relevance']:<{width}}{r['budget']:>7.1%}{r['accuracy']:>9.3f}{r['pct_of_full']:>7.1f}%"
               f"{r['recall']:>8.3f}{r['object_recall']:>8.3f}{r['on_target']:>8.3f}" for r in rows]
     text = "\n".join(lines) + "\n"
     print(text)

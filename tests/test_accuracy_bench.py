@@ -210,6 +210,50 @@ def test_centred_relevance_ignores_the_direction_all_visual_tokens_share():
     assert not torch.equal(plain[0].argsort(), plain[1].argsort())
 
 
+def test_merge_variants_keep_pars_tokens_and_change_only_the_merge():
+    import par_ablation
+
+    from par_vllm.config import ParSettings
+    from par_vllm.reduction import reduce_by_relevance
+
+    torch.manual_seed(0)
+    # Pairs of near-copies, so some routed tokens are close (> 0.95) to their kept token.
+    base = torch.randn(1, 72, 32)
+    visual = torch.cat([base, base + 0.05 * torch.randn(1, 72, 32)], dim=1)
+    visual[:, 72:100] = torch.randn(1, 28, 32)
+    visual_n = torch.nn.functional.normalize(visual, dim=-1)
+    rel = torch.rand(1, 144) * 0.3
+    aware = torch.ones(1, dtype=torch.bool)
+    par = reduce_by_relevance(visual, visual_n, rel, aware, 16, ParSettings(keep_ratio=0.111))
+    kept_visual = visual[0, par.kept_indices[0]]
+
+    prune = par_ablation.remerge("prompt_prune", visual, visual_n, rel, par)
+    assert torch.equal(prune.kept_indices, par.kept_indices) and torch.equal(prune.tokens[0], kept_visual)
+    assert (prune.assignment >= 0).sum() == 16
+
+    close = par_ablation.remerge("prompt_merge_close", visual, visual_n, rel, par)
+    representative = par.kept_indices[0][par.assignment[0]]
+    cosine = (visual_n[0] * visual_n[0, representative]).sum(-1)
+    dropped = close.assignment[0] < 0
+    assert dropped.any() and (~dropped & (representative != torch.arange(144))).any()
+    assert torch.equal(dropped, (cosine <= 0.95) & (representative != torch.arange(144)))
+    # Each kept token is the relevance-weighted mean of its close members only.
+    weight = torch.exp(rel[0])
+    for k in range(16):
+        members = close.assignment[0] == k
+        expected = (visual[0, members] * weight[members, None]).sum(0) / weight[members].sum()
+        assert torch.allclose(close.tokens[0, k], expected, atol=1e-5)
+
+    anchored = par_ablation.remerge("prompt_merge_anchor", visual, visual_n, rel, par)
+    sharp = par_ablation.remerge("prompt_merge_sharp", visual, visual_n, rel, par)
+    for variant in (anchored, sharp):
+        assert torch.equal(variant.assignment, par.assignment) and not torch.allclose(variant.tokens, par.tokens)
+    # Anchoring halves what the members move the kept token, compared with plain PAR.
+    moved = (par.tokens[0] - kept_visual).norm(dim=-1)
+    anchored_moved = (anchored.tokens[0] - kept_visual).norm(dim=-1)
+    assert (anchored_moved <= moved + 1e-5).all() and (anchored_moved < moved).any()
+
+
 def test_diagnostics_run_on_a_tiny_model(tmp_path):
     """The relevance probe and the oracle ablation (benchmarks that explain the accuracy
     table) run end to end; on a random-weight model their numbers mean nothing."""
@@ -219,7 +263,8 @@ def test_diagnostics_run_on_a_tiny_model(tmp_path):
     out = tmp_path / "results"
     import par_ablation
 
-    ablation_args = ["--budgets", "0.111", "--sources", *par_ablation.SOURCES]
+    ablation_args = ["--budgets", "0.111", "--sources", *par_ablation.SOURCES, *par_ablation.MERGES,
+                     "--variant", "par-fps:centres=farthest_point"]
     for script, extra in (("relevance_probe.py", []), ("par_ablation.py", ablation_args)):
         result = subprocess.run([sys.executable, f"benchmarks/{script}", "--model", str(model), "--count", "3",
                                  "--name", "tiny", "--out", str(out), *extra],
@@ -233,7 +278,7 @@ def test_diagnostics_run_on_a_tiny_model(tmp_path):
     ablation = {(r["relevance"], r["budget"]): r for r in json.loads((out / "par-ablation-tiny.json").read_text())["rows"]}
     assert set(ablation) == {("full", 1.0)} | {(s, 0.111) for s in
                                                ("prompt", "oracle_tile", "oracle_object", "topk_oracle_tile",
-                                                "prompt_centered")}
+                                                "prompt_centered", *par_ablation.MERGES, "par-fps")}
     # Keeping the K highest oracle scores at 16 of 144 tokens keeps exactly the queried tile.
     assert ablation["topk_oracle_tile", 0.111]["on_target"] == 1.0
     assert ablation["oracle_tile", 0.111]["recall"] > ablation["full", 1.0]["on_target"]
