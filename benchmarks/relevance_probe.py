@@ -22,6 +22,13 @@ embedding table is the wrong ruler":
                background scores lowest): can the word pick the object when per-token
                noise is averaged away?
   centered     the same after removing the image's mean token and the table's mean word
+  peak_word    cos to the one prompt word whose z-scored cosine peaks highest in the
+               image (a training-free guess at named_word: the word that singles
+               tokens out)
+  knn_soft     cos averaged over visually similar tokens of the image (weights
+               softmax((cos(v_i, v_k) - 1) / 0.05)): feature-space smoothing, so an
+               object's patches share their relevance where grid smoothing mixes in
+               the tile's background
   attention0   the language model's own first-layer attention: max_j mean over heads of
                cos(W_k norm(v_i), W_q norm(q_j)) (no rotary term)
   lens         log p(q_j | v_i) when the tied output head reads v_i (a "logit lens" on
@@ -86,8 +93,12 @@ class Scores:
         side = int(v.shape[0] ** 0.5)
         grid = cos.amax(-1).view(1, 1, side, side)
         smooth = F.avg_pool2d(grid, 3, stride=1, padding=1, count_include_pad=False).flatten()
+        peak_word = cos[:, zscore.amax(0).argmax()]
+        v_n = F.normalize(v, dim=-1)
+        knn_soft = torch.softmax((v_n @ v_n.T - 1) / 0.05, dim=-1) @ cos.amax(-1)
         return {"cos": cos.amax(-1), "cos_3x3": smooth, "mean": cos.mean(-1), "zscore": zscore.amax(-1), "vocab": vocab.amax(-1),
-                "named_word": named_cos.amax(-1), "centered": centered.amax(-1), "attention0": attention.amax(-1),
+                "named_word": named_cos.amax(-1), "centered": centered.amax(-1), "peak_word": peak_word,
+                "knn_soft": knn_soft, "attention0": attention.amax(-1),
                 "lens": lens.amax(-1)}
 
 
