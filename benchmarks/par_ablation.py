@@ -162,6 +162,9 @@ def main(argv=None) -> int:
     mean_word = explainer.model.get_input_embeddings().weight.detach().mean(0)
     composites = make_composites(args.split, args.count, grid=vision.image_size // TILE_PX, seed=args.seed)
     variants = dict(args.variant)
+    taken = set(variants) & {"full", *SOURCES, *MERGES}
+    if taken:
+        parser.error(f"--variant {sorted(taken)[0]!r}: that name is a relevance source; pick a new NAME")
     configs = [("full", None, 1.0)] + [(s, s, b) for b in args.budgets for s in [*args.sources, *variants]]
     tallies = {(name, budget): [] for name, _, budget in configs}
     for c in tqdm(composites, desc="ablation"):
