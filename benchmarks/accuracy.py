@@ -159,7 +159,7 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return name, keys
 
 
-def _variant_arg(text: str) -> tuple[str, dict]:
+def variant_arg(text: str) -> tuple[str, dict]:
     # argparse replaces a type function's ValueError by a generic message; keep ours.
     try:
         return parse_variant(text)
@@ -276,7 +276,7 @@ def main(argv=None) -> int:
     parser.add_argument("--count", type=int, default=400, help="test composites")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
-    parser.add_argument("--variant", action="append", default=[], type=_variant_arg,
+    parser.add_argument("--variant", action="append", default=[], type=variant_arg,
                         help="a PAR variant measured beside the methods: NAME:key=value,... "
                              "(par_ keys without the prefix), e.g. par-fps:centres=farthest_point")
     parser.add_argument("--seed", type=int, default=0)

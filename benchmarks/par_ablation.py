@@ -47,7 +47,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
-from accuracy import (_variant_arg, is_correct, model_about, model_words, object_patches, placement,  # noqa: E402
+from accuracy import (is_correct, model_about, model_words, object_patches, placement, variant_arg,  # noqa: E402
                       write_results)
 from composite_vqa import TILE_PX, chat_prompt, make_composites  # noqa: E402
 
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
     parser.add_argument("--count", type=int, default=200, help="test composites")
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.25, 0.111, 0.06])
     parser.add_argument("--sources", nargs="+", default=list(DEFAULT_SOURCES), choices=SOURCES + MERGES)
-    parser.add_argument("--variant", action="append", default=[], type=_variant_arg,
+    parser.add_argument("--variant", action="append", default=[], type=variant_arg,
                         help="PAR with other settings on the prompt relevance: NAME:key=value,... "
                              "(e.g. par-fps:centres=farthest_point)")
     parser.add_argument("--split", default="test", choices=["test", "train"],
@@ -177,9 +177,11 @@ def main(argv=None) -> int:
             if source is None:
                 tokens, place = visual[0], {"recall": 1.0, "object_recall": 1.0, "on_target": float(tile.mean())}
             else:
+                # A --variant is PAR's prompt relevance with its own settings.
                 settings = ParSettings.from_keys({**variants.get(source, {}), "par_keep_ratio": budget})
-                reduction = reduce("prompt" if source in variants else source, visual, query, tile, obj, settings.num_kept(visual.shape[1]), settings,
-                                   mean_word)
+                relevance_source = "prompt" if source in variants else source
+                reduction = reduce(relevance_source, visual, query, tile, obj, settings.num_kept(visual.shape[1]),
+                                   settings, mean_word)
                 tokens, place = reduction.tokens[0], placement(reduction, tile, obj)
             ok = is_correct(answer(explainer, prompt_ids, tokens), c.answer)
             tallies[(name, budget)].append({"correct": float(ok), **place})

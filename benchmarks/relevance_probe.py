@@ -79,11 +79,12 @@ class Scores:
     @torch.no_grad()
     def __call__(self, v: torch.Tensor, q: torch.Tensor, q_ids: torch.Tensor,
                  named: torch.Tensor) -> dict[str, torch.Tensor]:
-        cos = F.normalize(v, dim=-1) @ F.normalize(q, dim=-1).T
+        v_n = F.normalize(v, dim=-1)
+        cos = v_n @ F.normalize(q, dim=-1).T
         zscore = (cos - cos.mean(0)) / cos.std(0).clamp(min=1e-6)
-        to_vocab = F.normalize(v, dim=-1) @ self.embed_n.T
+        to_vocab = v_n @ self.embed_n.T
         vocab = cos - 0.05 * torch.logsumexp(to_vocab / 0.05, dim=-1, keepdim=True)
-        named_cos = F.normalize(v, dim=-1) @ F.normalize(self.embed[named], dim=-1).T
+        named_cos = v_n @ F.normalize(self.embed[named], dim=-1).T
         centered = F.normalize(v - v.mean(0), dim=-1) @ F.normalize(q - self.mean_word, dim=-1).T
         keys = self.attn.k_proj(self.norm(v)).view(-1, self.kv_heads, self.head_dim)
         keys = keys.repeat_interleave(self.heads // self.kv_heads, dim=1)
@@ -94,7 +95,6 @@ class Scores:
         grid = cos.amax(-1).view(1, 1, side, side)
         smooth = F.avg_pool2d(grid, 3, stride=1, padding=1, count_include_pad=False).flatten()
         peak_word = cos[:, zscore.amax(0).argmax()]
-        v_n = F.normalize(v, dim=-1)
         knn_soft = torch.softmax((v_n @ v_n.T - 1) / 0.05, dim=-1) @ cos.amax(-1)
         return {"cos": cos.amax(-1), "cos_3x3": smooth, "mean": cos.mean(-1), "zscore": zscore.amax(-1), "vocab": vocab.amax(-1),
                 "named_word": named_cos.amax(-1), "centered": centered.amax(-1), "peak_word": peak_word,

@@ -248,7 +248,13 @@ def test_merge_variants_keep_pars_tokens_and_change_only_the_merge():
     sharp = par_ablation.remerge("prompt_merge_sharp", visual, visual_n, rel, par)
     for variant in (anchored, sharp):
         assert torch.equal(variant.assignment, par.assignment) and not torch.allclose(variant.tokens, par.tokens)
-    # Anchoring halves what the members move the kept token, compared with plain PAR.
+    # Anchored, the kept token counts as much as all its members together: it lands halfway
+    # between itself and their relevance-weighted mean (and here moves no further than in PAR).
+    for k in range(16):
+        others = (par.assignment[0] == k) & (torch.arange(144) != par.kept_indices[0, k])
+        if others.any():
+            members_mean = (visual[0, others] * weight[others, None]).sum(0) / weight[others].sum()
+            assert torch.allclose(anchored.tokens[0, k], (kept_visual[k] + members_mean) / 2, atol=1e-5)
     moved = (par.tokens[0] - kept_visual).norm(dim=-1)
     anchored_moved = (anchored.tokens[0] - kept_visual).norm(dim=-1)
     assert (anchored_moved <= moved + 1e-5).all() and (anchored_moved < moved).any()
