@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     tallies = {(name, budget): [] for name, _, budget in configs}
     for c in tqdm(composites, desc="ablation"):
         visual = explainer.visual_tokens(c.image())
-        query = explainer.query(c.question)
+        queries = {drop: explainer.query(c.question, drop) for drop in (True, False)}
         prompt_ids = tokenizer.encode(chat_prompt(tokenizer, c.question), add_special_tokens=False)
         side = int(visual.shape[1] ** 0.5)
         tile, obj = c.patch_mask(side), object_patches(c, vision.patch_size)
@@ -180,8 +180,8 @@ def main(argv=None) -> int:
                 # A --variant is PAR's prompt relevance with its own settings.
                 settings = ParSettings.from_keys({**variants.get(source, {}), "par_keep_ratio": budget})
                 relevance_source = "prompt" if source in variants else source
-                reduction = reduce(relevance_source, visual, query, tile, obj, settings.num_kept(visual.shape[1]),
-                                   settings, mean_word)
+                reduction = reduce(relevance_source, visual, queries[settings.drop_question_type_words], tile, obj,
+                                   settings.num_kept(visual.shape[1]), settings, mean_word)
                 tokens, place = reduction.tokens[0], placement(reduction, tile, obj)
             ok = is_correct(answer(explainer, prompt_ids, tokens), c.answer)
             tallies[(name, budget)].append({"correct": float(ok), **place})

@@ -7,7 +7,8 @@ cosine to the prompt's word embeddings), it scores the same tokens in other trai
 ways, to tell apart "the visual tokens say nothing about words" from "cosine in the
 embedding table is the wrong ruler":
 
-  cos          PAR: max_j cos(v_i, q_j) in the input embedding table
+  cos          max_j cos(v_i, q_j) in the input embedding table over every content word
+               of the prompt: PAR's relevance with par_drop_question_type_words=false
   cos_3x3      cos averaged over each token's 3x3 neighbourhood on the patch grid
   mean         mean_j cos(v_i, q_j)
   zscore       max_j of cos(v_i, q_j) standardised over the image's tokens, so a prompt
@@ -29,6 +30,8 @@ embedding table is the wrong ruler":
                softmax((cos(v_i, v_k) - 1) / 0.05)): feature-space smoothing, so an
                object's patches share their relevance where grid smoothing mixes in
                the tile's background
+  cos_subject  PAR's relevance as it runs by default: cos with the question-type words
+               ("color", "shape") dropped from the prompt (par_vllm.prompt)
   attention0   the language model's own first-layer attention: max_j mean over heads of
                cos(W_k norm(v_i), W_q norm(q_j)) (no rotary term)
   lens         log p(q_j | v_i) when the tied output head reads v_i (a "logit lens" on
@@ -138,7 +141,11 @@ def main(argv=None) -> int:
                                                          "named_elsewhere")}
     for c in tqdm(composites, desc="relevance probe"):
         v = explainer.visual_tokens(c.image())[0]
-        ids = explainer.rewriter(tokenizer.encode(f"{explainer.processor.image_token}\n{c.question}"))
+        # Every rescoring reads all the prompt's content words ("color" too): they are ways
+        # to cope with such words without knowing which they are.
+        prompt_ids = tokenizer.encode(f"{explainer.processor.image_token}\n{c.question}")
+        ids = explainer.rewriter(prompt_ids, drop_question_type=False)
+        subject_ids = torch.tensor(explainer.rewriter(prompt_ids), dtype=torch.long)
         q_ids = torch.tensor(ids, dtype=torch.long)
         side = int(v.shape[0] ** 0.5)
         tile = c.patch_mask(side)
@@ -148,6 +155,7 @@ def main(argv=None) -> int:
         on_shape = color < len(COLORS)
         by_tile = scores(v, scores.embed[q_ids], q_ids, named)
         by_tile["named_object"] = object_mean(by_tile["named_word"], on_shape, c, side)
+        by_tile["cos_subject"] = (F.normalize(v, dim=-1) @ F.normalize(scores.embed[subject_ids], dim=-1).T).amax(-1)
         for name, score in by_tile.items():
             top = score.topk(args.top).indices.numpy()
             hits.setdefault(name, []).append((float(tile[top[0]]), float(tile[top].mean())))

@@ -225,7 +225,9 @@ class Probe:
             [embed[tokenizer.encode(" " + w, add_special_tokens=False)].mean(0) for w in words]), dim=-1)
         self.pixels = processor.image_processor([c.image() for c in composites], return_tensors="pt")["pixel_values"]
         rewriter = QueryRewriter(tokenizer, IMAGE_TOKEN)
-        self.queries = [F.normalize(embed[rewriter(tokenizer.encode(f"{IMAGE_TOKEN}\n{c.question}"))], dim=-1)
+        # The prompt rewriting the v1-v3 logs were measured with (question-type words kept).
+        self.queries = [F.normalize(embed[rewriter(tokenizer.encode(f"{IMAGE_TOKEN}\n{c.question}"),
+                                                   drop_question_type=False)], dim=-1)
                         for c in composites]
         self.labels = [c.patch_labels(patch) for c in composites]
 

@@ -34,6 +34,10 @@ SETTING_FLAGS = {
 def add_setting_flags(parser: argparse.ArgumentParser) -> None:
     for name, (kind, text) in SETTING_FLAGS.items():
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, help=text)
+    parser.add_argument("--keep-question-type-words", action="store_true",
+                        help="score the image against every content word of the prompt, 'color' "
+                             "and 'shape' in 'what color is the shape?' included "
+                             "(par_drop_question_type_words=false)")
 
 
 def setting_keys(args: argparse.Namespace) -> tuple[dict[str, object], ParSettings]:
@@ -44,6 +48,8 @@ def setting_keys(args: argparse.Namespace) -> tuple[dict[str, object], ParSettin
             if getattr(args, name, None) is not None}
     if getattr(args, "disable", False):
         keys["par_enabled"] = False
+    if getattr(args, "keep_question_type_words", False):
+        keys["par_drop_question_type_words"] = False
     return keys, ParSettings.from_keys(keys)
 
 

@@ -18,7 +18,8 @@ PREFIX = "par_"
 # The model sees settings only as per-image tensors (mm fields), so they travel packed
 # in this order.
 PACKED_FIELDS = ("enabled", "keep_ratio", "num_tokens", "outlier_factor", "retrieval_share",
-                 "duplicate_threshold", "relevance", "knn_k", "backend", "method", "centres")
+                 "duplicate_threshold", "relevance", "knn_k", "backend", "method", "centres",
+                 "drop_question_type_words")
 CHOICES = {"relevance": ("max", "mean"), "backend": ("auto", "torch", "triton"),
            "method": ("par", "pool", "random", "topk", "diverse"),
            "centres": ("density_peaks", "farthest_point")}
@@ -53,6 +54,10 @@ class ParSettings(BaseModel):
     duplicate_threshold: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 0.9
     # How a visual token's similarities to the prompt's tokens reduce to one relevance.
     relevance: Literal["max", "mean"] = "max"
+    # Prompt rewriting also drops the words that name the kind of answer asked for
+    # ("color", "shape", "kind", "type": par_vllm.prompt.QUESTION_TYPE_WORDS), which match
+    # every patch that has a colour or a shape, so that the words naming the object decide.
+    drop_question_type_words: bool = True
     # Neighbours in the cosine kNN graph that estimates density for cluster centres.
     knn_k: Annotated[int, Field(ge=1, le=64)] = 5
     # How the tokens retrieval left are covered: "density_peaks" (DPC-KNN centres, the
@@ -107,6 +112,7 @@ class ParSettings(BaseModel):
             backend=CHOICES["backend"][int(values["backend"])],
             method=CHOICES["method"][int(values["method"])],
             centres=CHOICES["centres"][int(values["centres"])],
+            drop_question_type_words=bool(values["drop_question_type_words"]),
         )
 
     @classmethod

@@ -46,14 +46,14 @@ class Explainer:
         return features
 
     @torch.no_grad()
-    def query(self, prompt: str) -> torch.Tensor:
+    def query(self, prompt: str, drop_question_type: bool = True) -> torch.Tensor:
         """1 x T x D: the prompt's content words in the LLM's input embedding space."""
-        ids = self.rewriter(self.tokenizer.encode(f"{self.processor.image_token}\n{prompt}"))
+        ids = self.rewriter(self.tokenizer.encode(f"{self.processor.image_token}\n{prompt}"), drop_question_type)
         return self.model.get_input_embeddings()(torch.tensor(ids, dtype=torch.long))[None]
 
     def reduce(self, image: Image.Image, prompt: str, settings: ParSettings) -> Reduction:
         visual = self.visual_tokens(image)
-        query = self.query(prompt)
+        query = self.query(prompt, settings.drop_question_type_words)
         mask = torch.ones(1, query.shape[1], dtype=torch.bool)
         return par_reduce(visual, query, mask, settings.num_kept(visual.shape[1]), settings)
 

@@ -61,7 +61,8 @@ def test_num_kept(settings, n, k):
 def test_settings_survive_packing_into_a_tensor():
     for settings in [ParSettings(), ParSettings(enabled=False, num_tokens=7, relevance="mean",
                                                keep_ratio=0.3, outlier_factor=0.25, knn_k=11,
-                                               backend="triton", centres="farthest_point")]:
+                                               backend="triton", centres="farthest_point",
+                                               drop_question_type_words=False)]:
         packed = settings.to_tensor()
         assert packed.dtype == torch.float64
         assert ParSettings.from_tensor(packed) == settings

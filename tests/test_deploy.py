@@ -37,6 +37,11 @@ def test_serve_wrapper_builds_the_hf_overrides(capsys):
     assert command[-2:] == ["--port", "9000"]
 
 
+def test_serve_wrapper_can_keep_question_type_words(capsys):
+    command = dry_run(["serve", "m", "--keep-question-type-words"], capsys)
+    assert hf_overrides(command) == {"architectures": [ARCHITECTURE], "par_drop_question_type_words": False}
+
+
 def test_serve_wrapper_rejects_a_bad_setting_by_name(capsys):
     with pytest.raises(SystemExit) as info:
         main(["serve", "--dry-run", "m", "--retrieval-share", "1.5"])
@@ -49,7 +54,8 @@ def test_serve_help_explains_each_setting(capsys):
         main(["serve", "--help"])
     text = capsys.readouterr().out
     for flag in ["--keep-ratio", "--num-tokens", "--outlier-factor", "--retrieval-share",
-                 "--duplicate-threshold", "--relevance", "--knn-k", "--backend", "--disable"]:
+                 "--duplicate-threshold", "--relevance", "--knn-k", "--backend", "--keep-question-type-words",
+                 "--disable"]:
         assert flag in text
 
 

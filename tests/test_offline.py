@@ -9,6 +9,7 @@ from par_vllm.server import par_overrides
 
 N = 576  # visual tokens per 336 px image at patch 14
 PROMPT = "USER: <image>\nWhat color is the triangle?\nASSISTANT:"
+QUESTION_TYPE_PROMPT = "USER: <image>\nWhat kind of shape is red?\nASSISTANT:"
 TWO_IMAGES = "USER: <image>\n<image>\nWhich shape is larger?\nASSISTANT:"
 
 
@@ -51,6 +52,9 @@ def results(demo_model):
     for method in ("pool", "random", "topk", "diverse"):
         kwargs = {"par_method": method, "par_num_tokens": 30}
         res[tuple(kwargs.items())] = generate(llm, PROMPT, image, kwargs)
+    for drop in (None, True, False):
+        keys = {"par_num_tokens": 10} | ({} if drop is None else {"par_drop_question_type_words": drop})
+        res["question_type", drop] = generate(llm, QUESTION_TYPE_PROMPT, image, keys)
     res["two_images"] = generate(llm, TWO_IMAGES, [image, image.rotate(90)], {"par_num_tokens": 32})
     res["disabled"] = generate(llm, PROMPT, image, {"par_enabled": False})
     res["disabled_two"] = generate(llm, TWO_IMAGES, [image, image.rotate(90)], {"par_enabled": False})
@@ -112,6 +116,26 @@ def test_reduction_changes_what_the_model_sees(results):
     reduced = results[(("par_keep_ratio", 0.111),)].outputs[0].logprobs[0]
     token = next(iter(full))
     assert token not in reduced or abs(full[token].logprob - reduced[token].logprob) > 1e-6
+
+
+def test_question_type_words_reach_the_engine(results, demo_model):
+    """par_drop_question_type_words changes the prompt the engine scores the image against:
+    where the two rewrites keep different tokens (checked first, in transformers), the
+    model's next-token distribution differs too; dropping is the default."""
+    from par_vllm.config import ParSettings
+    from par_vllm.explain import Explainer
+
+    explainer = Explainer(demo_model)
+    kept = [explainer.reduce(demo_image(), "What kind of shape is red?",
+                             ParSettings(num_tokens=10, drop_question_type_words=drop)).kept_indices.tolist()
+            for drop in (True, False)]
+    assert kept[0] != kept[1]
+    default, dropped, kept_words = (results["question_type", drop].outputs[0].logprobs[0]
+                                    for drop in (None, True, False))
+    token = next(iter(dropped))
+    assert token not in kept_words or abs(dropped[token].logprob - kept_words[token].logprob) > 1e-6
+    assert default.keys() == dropped.keys()
+    assert all(abs(default[t].logprob - dropped[t].logprob) < 1e-5 for t in default)
 
 
 def test_plugin_loads_in_every_tensor_parallel_worker(results, demo_model, tokenizer, monkeypatch):

@@ -73,7 +73,8 @@ class ParLlavaMultiModalProcessor(LlavaMultiModalProcessor):
     def apply(self, inputs, timing_ctx):
         request_kwargs = inputs.hf_processor_mm_kwargs
         settings = self.info.resolve_settings(request_kwargs)
-        query = () if settings.reduces_nothing else tuple(self.info.query_rewriter(inputs.prompt))
+        query = () if settings.reduces_nothing else tuple(
+            self.info.query_rewriter(inputs.prompt, settings.drop_question_type_words))
         kwargs = {k: v for k, v in request_kwargs.items() if not k.startswith("par_")}
         kwargs[SETTINGS_KEY] = settings.model_dump(exclude_none=True)
         kwargs[QUERY_KEY] = query
