@@ -22,7 +22,8 @@ kept_share = Histogram(
     buckets=(0.02, 0.05, 0.08, 0.12, 0.2, 0.3, 0.5, 0.75, 0.99, 1.0))
 prompt_agnostic_requests = Counter(
     "par_prompt_agnostic_requests",
-    "Requests with images but no prompt text: PAR fell back to a prompt-agnostic score.", LABELS)
+    "Requests with images but no content words left after prompt rewriting (an image alone, "
+    "or 'what color is it?'): PAR fell back to a prompt-agnostic score.", LABELS)
 disabled_requests = Counter(
     "par_disabled_requests", "Requests with images served whole (par_enabled=false or ratio 1).", LABELS)
 

@@ -28,6 +28,12 @@ def test_chatml_role_lines_go():
     assert query_words(text) == ["helpful", "assistant", "many", "dogs"]
 
 
+def test_a_question_of_question_type_words_only_has_no_query():
+    # Nothing names a region: PAR falls back to its prompt-agnostic score and counts it.
+    assert query_words("What color is it?") == []
+    assert query_words("What color is it?", drop_question_type=False) == ["color"]
+
+
 def test_image_only_prompt_has_no_query(tokenizer):
     rewriter = QueryRewriter(tokenizer, "<image>")
     ids = tokenizer.encode("USER: <image>\n\nASSISTANT:", add_special_tokens=False)
