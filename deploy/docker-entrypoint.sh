@@ -10,6 +10,8 @@ args=(serve "${MODEL}" --par-api --host 0.0.0.0 --port "${PORT:-8000}")
 [ -n "${PAR_DUPLICATE_THRESHOLD:-}" ] && args+=(--duplicate-threshold "${PAR_DUPLICATE_THRESHOLD}")
 [ -n "${PAR_RELEVANCE:-}" ] && args+=(--relevance "${PAR_RELEVANCE}")
 [ -n "${PAR_KNN_K:-}" ] && args+=(--knn-k "${PAR_KNN_K}")
+[ -n "${PAR_CENTRES:-}" ] && args+=(--centres "${PAR_CENTRES}")
+[ "${PAR_DROP_QUESTION_TYPE_WORDS:-1}" = "0" ] && args+=(--keep-question-type-words)
 [ "${PAR_ENABLED:-1}" = "0" ] && args+=(--disable)
 [ "${PAR_TRUST_REQUEST_SETTINGS:-0}" = "1" ] && args+=(--trust-request-mm-kwargs)
 

@@ -79,12 +79,14 @@ def test_kubernetes_deployment_runs_the_wrapper_with_health_probes(capsys):
 def test_docker_entrypoint_turns_env_into_flags():
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "MODEL": "some/llava", "PAR_KEEP_RATIO": "0.25", "PAR_KNN_K": "8",
+           "PAR_CENTRES": "farthest_point", "PAR_DROP_QUESTION_TYPE_WORDS": "0",
            "PAR_TRUST_REQUEST_SETTINGS": "1"}
     out = subprocess.run(["bash", str(DEPLOY / "docker-entrypoint.sh"), "--dry-run"], env=env,
                          capture_output=True, text=True, check=True).stdout
     command = shlex.split(out)
     assert hf_overrides(command) == {"architectures": [ARCHITECTURE], "par_keep_ratio": 0.25,
-                                     "par_knn_k": 8}
+                                     "par_knn_k": 8, "par_centres": "farthest_point",
+                                     "par_drop_question_type_words": False}
     assert "--trust-request-mm-kwargs" in command and command[command.index("--port") + 1] == "8000"
 
 
