@@ -81,13 +81,14 @@ class Scores:
 
     @torch.no_grad()
     def __call__(self, v: torch.Tensor, q: torch.Tensor, q_ids: torch.Tensor,
-                 named: torch.Tensor) -> dict[str, torch.Tensor]:
+                 named: torch.Tensor, subject: torch.Tensor) -> dict[str, torch.Tensor]:
         v_n = F.normalize(v, dim=-1)
         cos = v_n @ F.normalize(q, dim=-1).T
         zscore = (cos - cos.mean(0)) / cos.std(0).clamp(min=1e-6)
         to_vocab = v_n @ self.embed_n.T
         vocab = cos - 0.05 * torch.logsumexp(to_vocab / 0.05, dim=-1, keepdim=True)
         named_cos = v_n @ F.normalize(self.embed[named], dim=-1).T
+        subject_cos = v_n @ F.normalize(self.embed[subject], dim=-1).T
         centered = F.normalize(v - v.mean(0), dim=-1) @ F.normalize(q - self.mean_word, dim=-1).T
         keys = self.attn.k_proj(self.norm(v)).view(-1, self.kv_heads, self.head_dim)
         keys = keys.repeat_interleave(self.heads // self.kv_heads, dim=1)
@@ -101,7 +102,7 @@ class Scores:
         knn_soft = torch.softmax((v_n @ v_n.T - 1) / 0.05, dim=-1) @ cos.amax(-1)
         return {"cos": cos.amax(-1), "cos_3x3": smooth, "mean": cos.mean(-1), "zscore": zscore.amax(-1), "vocab": vocab.amax(-1),
                 "named_word": named_cos.amax(-1), "centered": centered.amax(-1), "peak_word": peak_word,
-                "knn_soft": knn_soft, "attention0": attention.amax(-1),
+                "knn_soft": knn_soft, "cos_subject": subject_cos.amax(-1), "attention0": attention.amax(-1),
                 "lens": lens.amax(-1)}
 
 
@@ -153,9 +154,8 @@ def main(argv=None) -> int:
         named = torch.tensor(tokenizer.encode(" " + word, add_special_tokens=False), dtype=torch.long)
         color, shape = c.patch_labels(patch)
         on_shape = color < len(COLORS)
-        by_tile = scores(v, scores.embed[q_ids], q_ids, named)
+        by_tile = scores(v, scores.embed[q_ids], q_ids, named, subject_ids)
         by_tile["named_object"] = object_mean(by_tile["named_word"], on_shape, c, side)
-        by_tile["cos_subject"] = (F.normalize(v, dim=-1) @ F.normalize(scores.embed[subject_ids], dim=-1).T).amax(-1)
         for name, score in by_tile.items():
             top = score.topk(args.top).indices.numpy()
             hits.setdefault(name, []).append((float(tile[top[0]]), float(tile[top].mean())))

@@ -277,7 +277,8 @@ def test_diagnostics_run_on_a_tiny_model(tmp_path):
                                 cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-4000:]
     probe = json.loads((out / "relevance-probe-tiny.json").read_text())
-    assert {r["score"] for r in probe["rows"]} >= {"cos", "named_word", "named_object", "lens", "peak_word", "knn_soft"}
+    assert {r["score"] for r in probe["rows"]} >= {"cos", "named_word", "named_object", "lens", "peak_word", "knn_soft",
+                                                   "cos_subject"}
     assert all(0.0 <= r["top1_on_tile"] <= 1.0 for r in probe["rows"])
     geometry = probe["geometry"]
     assert -1.0 <= geometry["pairwise_cos"] <= 1.0 and geometry["visual_norm"] > 0 and geometry["word_norm"] > 0
