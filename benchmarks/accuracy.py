@@ -1,6 +1,6 @@
 """Accuracy of PAR and the baselines at the same budget, served by the real vLLM engine.
 
-    .venv/bin/python benchmarks/accuracy.py --model .models/vqa
+    .venv/bin/python benchmarks/accuracy.py --model .models/vqa4
 
 The model answers composite easy-VQA questions (composite_vqa.py) from the test split.
 Every method runs inside the plugin (`par_method` per request) at every budget, so the
@@ -272,7 +272,7 @@ def explain_panels(explainer, composite, budget: float, methods, path: Path) -> 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=Path(".models/vqa"))
+    parser.add_argument("--model", type=Path, default=Path(".models/vqa4"))
     parser.add_argument("--count", type=int, default=400, help="test composites")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
@@ -296,8 +296,9 @@ def main(argv=None) -> int:
     composites = make_composites("test", args.count, grid=grid, seed=args.seed)
     configs = configs_for(args.methods, args.budgets, args.variant)
 
-    answers = run_vllm(args.model, composites, configs, args.max_num_seqs)
-    explainer, placements = run_placement(args.model, composites, configs, patch_px)
+    # Hugging Face reads a relative path as a hub id, so the engines get an absolute one.
+    answers = run_vllm(args.model.resolve(), composites, configs, args.max_num_seqs)
+    explainer, placements = run_placement(args.model.resolve(), composites, configs, patch_px)
     rows = summarize(composites, configs, answers, placements, visual_tokens)
 
     about = model_about(args.model)

@@ -44,7 +44,7 @@ embeddings, the mean cosine between two visual tokens of one image (near 1: the 
 share one direction and differ only in a small remainder), and the named word's mean
 cosine to the queried tile's shape patches against the other tiles' shape patches.
 
-    .venv/bin/python benchmarks/relevance_probe.py --model .models/vqa
+    .venv/bin/python benchmarks/relevance_probe.py --model .models/vqa4
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def object_mean(score: torch.Tensor, on_shape: np.ndarray, composite, side: int)
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=Path(".models/vqa"))
+    parser.add_argument("--model", type=Path, default=Path(".models/vqa4"))
     parser.add_argument("--count", type=int, default=200, help="test composites")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--top", type=int, default=8, help="also count the share of the top-k on the tile")
