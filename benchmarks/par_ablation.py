@@ -1,6 +1,6 @@
 """Which step of PAR loses the answer? Swap one input of the reduction and measure.
 
-    .venv/bin/python benchmarks/par_ablation.py --model .models/vqa
+    .venv/bin/python benchmarks/par_ablation.py --model .models/vqa4
 
 PAR is relevance (step 1) followed by retrieval, clustering and routing (steps 2-4). To
 tell a relevance failure from a retrieval or routing failure, this runs steps 2-4
@@ -17,7 +17,8 @@ scores and measures accuracy and placement on the same composite easy-VQA questi
 If the oracles keep the full model's accuracy at a budget and the prompt relevance does
 not, the failing step is relevance; if the oracles fail too, it is retrieval or routing.
 `topk_oracle_tile` (keep the K highest oracle scores, no merging) separates routing
-from retrieval.
+from retrieval; `topk_prompt` is the same on PAR's own relevance (the top-k baseline), so
+PAR and top-k are compared on the same questions.
 
 Routing's merge (step 4) is varied on the prompt relevance, with PAR's kept tokens fixed:
 
@@ -25,6 +26,8 @@ Routing's merge (step 4) is varied on the prompt relevance, with PAR's kept toke
   prompt_merge_close   merge only tokens with cosine > 0.95 to their kept token (drop the rest)
   prompt_merge_sharp   merge weights exp(relevance / 0.1) instead of exp(relevance)
   prompt_merge_anchor  the kept token weighs as much as all the tokens routed into it
+  prompt_merge_protect a retrieved token takes in only its near-duplicates (PAR's duplicate
+                       threshold); other tokens routed to it are dropped, centres merge as usual
 
 and `--variant NAME:key=value,...` measures PAR with other settings (as in accuracy.py),
 e.g. `--variant par-fps:centres=farthest_point`.
@@ -54,11 +57,11 @@ from composite_vqa import TILE_PX, chat_prompt, make_composites  # noqa: E402
 from par_vllm.config import ParSettings  # noqa: E402
 from par_vllm.baselines import pruned  # noqa: E402
 from par_vllm.explain import Explainer  # noqa: E402
-from par_vllm.reduction import Reduction, reduce_by_relevance, relevance, route_merge  # noqa: E402
+from par_vllm.reduction import Reduction, near_duplicates, reduce_by_relevance, relevance, route_merge  # noqa: E402
 
-SOURCES = ("prompt", "oracle_tile", "oracle_object", "topk_oracle_tile", "prompt_centered")
+SOURCES = ("prompt", "oracle_tile", "oracle_object", "topk_oracle_tile", "prompt_centered", "topk_prompt")
 DEFAULT_SOURCES = SOURCES[:4]
-MERGES = ("prompt_prune", "prompt_merge_close", "prompt_merge_sharp", "prompt_merge_anchor")
+MERGES = ("prompt_prune", "prompt_merge_close", "prompt_merge_sharp", "prompt_merge_anchor", "prompt_merge_protect")
 
 
 @torch.no_grad()
@@ -108,6 +111,14 @@ def remerge(mode: str, visual: torch.Tensor, visual_n: torch.Tensor, rel: torch.
         # Zero weight: a token that is not close adds nothing to its kept token (dropped).
         tokens = route_merge(visual, weight * close, kept, assignment)
         return Reduction(tokens, kept, assignment.masked_fill(~close, -1), par.retrieved, par.prompt_aware)
+    if mode == "prompt_merge_protect":
+        sim = visual_n @ visual_n.transpose(1, 2)
+        duplicates = near_duplicates(sim, par.retrieved, ParSettings().duplicate_threshold)
+        into_retrieved = par.retrieved.gather(1, kept.gather(1, assignment))
+        own = kept.gather(1, assignment) == torch.arange(visual.shape[1])
+        keep = ~into_retrieved | duplicates | own
+        tokens = route_merge(visual, weight * keep, kept, assignment)
+        return Reduction(tokens, kept, assignment.masked_fill(~keep, -1), par.retrieved, par.prompt_aware)
     if mode == "prompt_merge_sharp":
         weight = torch.exp(rel / 0.1)
     elif mode == "prompt_merge_anchor":
@@ -125,7 +136,7 @@ def reduce(source: str, visual: torch.Tensor, query: torch.Tensor, tile, obj, nu
     aware = torch.ones(1, dtype=torch.bool)
     if source == "prompt_centered":
         rel, aware = centred_relevance(visual, query, mean_word, settings.relevance)
-    elif source == "prompt" or source in MERGES:
+    elif source in ("prompt", "topk_prompt") or source in MERGES:
         query_n = normalize(query.float(), dim=-1)
         rel, aware = relevance(visual_n, query_n, torch.ones(1, query.shape[1], dtype=torch.bool),
                                settings.relevance)
@@ -141,7 +152,7 @@ def reduce(source: str, visual: torch.Tensor, query: torch.Tensor, tile, obj, nu
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=Path(".models/vqa"))
+    parser.add_argument("--model", type=Path, default=Path(".models/vqa4"))
     parser.add_argument("--count", type=int, default=200, help="test composites")
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.25, 0.111, 0.06])
     parser.add_argument("--sources", nargs="+", default=list(DEFAULT_SOURCES), choices=SOURCES + MERGES)

@@ -210,6 +210,79 @@ def test_centred_relevance_ignores_the_direction_all_visual_tokens_share():
     assert not torch.equal(plain[0].argsort(), plain[1].argsort())
 
 
+def test_ablation_topk_prompt_is_the_plugins_topk_baseline():
+    """The ablation compares PAR with top-k on the same questions only if its `topk_prompt`
+    keeps exactly what the plugin's top-k baseline keeps."""
+    import par_ablation
+
+    from par_vllm.config import ParSettings
+    from par_vllm.reduction import par_reduce
+
+    torch.manual_seed(0)
+    visual, query = torch.randn(1, 144, 32), torch.randn(1, 3, 32)
+    tile = obj = np.zeros(144, dtype=np.float32)
+    for budget in (0.25, 0.111, 0.06):
+        settings = ParSettings(keep_ratio=budget)
+        num_kept = settings.num_kept(144)
+        ours = par_ablation.reduce("topk_prompt", visual, query, tile, obj, num_kept, settings)
+        plugin = par_reduce(visual, query, torch.ones(1, 3, dtype=torch.bool), num_kept,
+                            ParSettings(keep_ratio=budget, method="topk"))
+        assert torch.equal(ours.kept_indices, plugin.kept_indices) and torch.equal(ours.tokens, plugin.tokens)
+        # and not PAR's selection, which would make the comparison empty
+        par = par_ablation.reduce("prompt", visual, query, tile, obj, num_kept, settings)
+        assert not torch.equal(par.tokens, ours.tokens)
+
+
+def test_protected_merge_keeps_retrieved_tokens_to_their_near_duplicates():
+    import par_ablation
+
+    from par_vllm.config import ParSettings
+    from par_vllm.reduction import reduce_by_relevance
+
+    torch.manual_seed(0)
+    base = torch.randn(1, 72, 32)
+    visual = torch.cat([base, base + 0.05 * torch.randn(1, 72, 32)], dim=1)  # near-copies: duplicates
+    visual_n = torch.nn.functional.normalize(visual, dim=-1)
+    rel = torch.rand(1, 144) * 0.3
+    rel[0, :5] = 1.0  # five outliers: retrieved
+    par = reduce_by_relevance(visual, visual_n, rel, torch.ones(1, dtype=torch.bool), 16, ParSettings(keep_ratio=0.111))
+    protect = par_ablation.remerge("prompt_merge_protect", visual, visual_n, rel, par)
+
+    representative = par.kept_indices[0][par.assignment[0]]
+    retrieved = par.retrieved[0]
+    duplicate = (visual_n[0] @ visual_n[0, retrieved].T).amax(-1) > 0.9
+    expected_drop = retrieved[representative] & ~duplicate & ~retrieved
+    assert retrieved.sum() == 5 and expected_drop.any() and (retrieved[representative] & duplicate & ~retrieved).any()
+    assert torch.equal(protect.kept_indices, par.kept_indices)
+    assert torch.equal(protect.assignment[0] < 0, expected_drop)
+    centre = ~retrieved[par.kept_indices[0]]
+    assert torch.allclose(protect.tokens[0, centre], par.tokens[0, centre])
+    assert not torch.allclose(protect.tokens[0, ~centre], par.tokens[0, ~centre])
+
+
+def test_routing_counts_account_for_every_token():
+    import routing_counts
+
+    from par_vllm.config import ParSettings
+
+    torch.manual_seed(0)
+    visual = torch.randn(1, 144, 32)
+    # Twelve near-copies of token 0, the token the one-word query names: more outliers than
+    # retrieval's cap (half of 16), so the copies it leaves out are merged as near-duplicates.
+    visual[:, 1:13] = visual[:, :1] + 0.1 * torch.randn(1, 12, 32)
+    query = visual[:, :1].clone()
+    for threshold in (0.9, 0.999):
+        settings = ParSettings(keep_ratio=0.111, duplicate_threshold=threshold)
+        c = routing_counts.counts(visual, query, settings)
+        # PAR drops nothing: every token is kept (16) or merged into a retrieved token or a centre.
+        assert c["retrieved"] >= 1 and c["into_retrieved"] + c["into_centres"] + 16 == 144
+        assert 0 <= c["into_retrieved_duplicates"] <= c["into_retrieved"]
+    # The copies left out are near-duplicates at 0.9, not at 0.999.
+    assert routing_counts.counts(visual, query, ParSettings(keep_ratio=0.111))["into_retrieved_duplicates"] >= 1
+    strict = routing_counts.counts(visual, query, ParSettings(keep_ratio=0.111, duplicate_threshold=0.999))
+    assert strict["into_retrieved_duplicates"] == 0
+
+
 def test_merge_variants_keep_pars_tokens_and_change_only_the_merge():
     import par_ablation
 
@@ -271,7 +344,8 @@ def test_diagnostics_run_on_a_tiny_model(tmp_path):
 
     ablation_args = ["--budgets", "0.111", "--sources", *par_ablation.SOURCES, *par_ablation.MERGES,
                      "--variant", "par-fps:centres=farthest_point"]
-    for script, extra in (("relevance_probe.py", []), ("par_ablation.py", ablation_args)):
+    for script, extra in (("relevance_probe.py", []), ("par_ablation.py", ablation_args),
+                          ("routing_counts.py", ["--budgets", "0.111", "--variant", "par-dup98:duplicate_threshold=0.98"])):
         result = subprocess.run([sys.executable, f"benchmarks/{script}", "--model", str(model), "--count", "3",
                                  "--name", "tiny", "--out", str(out), *extra],
                                 cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -285,11 +359,15 @@ def test_diagnostics_run_on_a_tiny_model(tmp_path):
     ablation = {(r["relevance"], r["budget"]): r for r in json.loads((out / "par-ablation-tiny.json").read_text())["rows"]}
     assert set(ablation) == {("full", 1.0)} | {(s, 0.111) for s in
                                                ("prompt", "oracle_tile", "oracle_object", "topk_oracle_tile",
-                                                "prompt_centered", *par_ablation.MERGES, "par-fps")}
+                                                "prompt_centered", "topk_prompt", *par_ablation.MERGES,
+                                                "par-fps")}
     # Keeping the K highest oracle scores at 16 of 144 tokens keeps exactly the queried tile.
     assert ablation["topk_oracle_tile", 0.111]["on_target"] == 1.0
     assert ablation["oracle_tile", 0.111]["recall"] > ablation["full", 1.0]["on_target"]
-    for name in ("relevance-probe-tiny.txt", "par-ablation-tiny.txt"):
+    routing = json.loads((out / "routing-counts-tiny.json").read_text())["rows"]
+    assert [(r["variant"], r["budget"]) for r in routing] == [("par", 0.111), ("par-dup98", 0.111)]
+    assert all(r["into_retrieved"] + r["into_centres"] + 16 == 144 for r in routing)
+    for name in ("relevance-probe-tiny.txt", "par-ablation-tiny.txt", "routing-counts-tiny.txt"):
         assert "random-weight model" in (out / name).read_text()
 
 
