@@ -104,19 +104,17 @@ def remerge(mode: str, visual: torch.Tensor, visual_n: torch.Tensor, rel: torch.
     if mode == "prompt_prune":
         return pruned(visual, kept, par.prompt_aware)
     weight = torch.exp(rel)
-    if mode == "prompt_merge_close":
+    if mode in ("prompt_merge_close", "prompt_merge_protect"):
         representative = kept.gather(1, assignment)
-        to_representative = (visual_n * visual_n.gather(1, representative[..., None].expand_as(visual_n))).sum(-1)
-        close = (to_representative > 0.95) | (representative == torch.arange(visual.shape[1]))
-        # Zero weight: a token that is not close adds nothing to its kept token (dropped).
-        tokens = route_merge(visual, weight * close, kept, assignment)
-        return Reduction(tokens, kept, assignment.masked_fill(~close, -1), par.retrieved, par.prompt_aware)
-    if mode == "prompt_merge_protect":
-        sim = visual_n @ visual_n.transpose(1, 2)
-        duplicates = near_duplicates(sim, par.retrieved, ParSettings().duplicate_threshold)
-        into_retrieved = par.retrieved.gather(1, kept.gather(1, assignment))
-        own = kept.gather(1, assignment) == torch.arange(visual.shape[1])
-        keep = ~into_retrieved | duplicates | own
+        own = representative == torch.arange(visual.shape[1])
+        if mode == "prompt_merge_close":
+            to_representative = (visual_n * visual_n.gather(1, representative[..., None].expand_as(visual_n))).sum(-1)
+            keep = own | (to_representative > 0.95)
+        else:
+            duplicates = near_duplicates(visual_n @ visual_n.transpose(1, 2), par.retrieved,
+                                         ParSettings().duplicate_threshold)
+            keep = own | duplicates | ~par.retrieved.gather(1, representative)
+        # Zero weight: a token not kept adds nothing to its kept token (dropped).
         tokens = route_merge(visual, weight * keep, kept, assignment)
         return Reduction(tokens, kept, assignment.masked_fill(~keep, -1), par.retrieved, par.prompt_aware)
     if mode == "prompt_merge_sharp":

@@ -37,13 +37,14 @@ def counts(visual: torch.Tensor, query: torch.Tensor, settings: ParSettings) -> 
     retrieved = reduction.retrieved[0]
     representative = reduction.kept_indices[0][reduction.assignment[0].clamp(min=0)]
     routed = (reduction.assignment[0] >= 0) & (representative != torch.arange(visual.shape[1]))
-    into_retrieved = routed & retrieved[representative]
+    to_retrieved = retrieved[representative]
+    into_retrieved = routed & to_retrieved
     visual_n = torch.nn.functional.normalize(visual.float(), dim=-1)
     duplicates = near_duplicates(visual_n @ visual_n.transpose(1, 2), reduction.retrieved,
                                  settings.duplicate_threshold)[0]
     return {"retrieved": float(retrieved.sum()), "into_retrieved": float(into_retrieved.sum()),
             "into_retrieved_duplicates": float((into_retrieved & duplicates).sum()),
-            "into_centres": float((routed & ~retrieved[representative]).sum())}
+            "into_centres": float((routed & ~to_retrieved).sum())}
 
 
 def main(argv=None) -> int:
