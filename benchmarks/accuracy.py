@@ -167,6 +167,11 @@ def variant_arg(text: str) -> tuple[str, dict]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def settings_arg(text: str) -> dict:
+    """"key=value,..." -> {"par_key": value}: the settings a diagnostic's rows start from."""
+    return variant_arg("base:" + text)[1]
+
+
 def configs_for(methods, budgets, variants=()):
     configs = [("full", {"par_enabled": False})]
     for budget in budgets:

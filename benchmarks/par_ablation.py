@@ -30,7 +30,8 @@ Routing's merge (step 4) is varied on the prompt relevance, with PAR's kept toke
                        threshold); other tokens routed to it are dropped, centres merge as usual
 
 and `--variant NAME:key=value,...` measures PAR with other settings (as in accuracy.py),
-e.g. `--variant par-fps:centres=farthest_point`.
+e.g. `--variant par-fps:centres=farthest_point`. `--base key=value,...` sets what every
+row but `full` and the top-k ones starts from (e.g. `--base similarity=centred`).
 
 The language model runs in transformers (float32, greedy, the same weights vLLM serves),
 fed the reduced visual tokens in place of the image placeholder, because vLLM cannot take
@@ -50,14 +51,15 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
-from accuracy import (is_correct, model_about, model_words, object_patches, placement, variant_arg,  # noqa: E402
-                      write_results)
+from accuracy import (is_correct, model_about, model_words, object_patches, placement, settings_arg,  # noqa: E402
+                      variant_arg, write_results)
 from composite_vqa import TILE_PX, chat_prompt, make_composites  # noqa: E402
 
 from par_vllm.config import ParSettings  # noqa: E402
 from par_vllm.baselines import pruned  # noqa: E402
 from par_vllm.explain import Explainer  # noqa: E402
-from par_vllm.reduction import Reduction, near_duplicates, reduce_by_relevance, relevance, route_merge  # noqa: E402
+from par_vllm.reduction import (Reduction, near_duplicates, reduce_by_relevance, relevance, route_merge,  # noqa: E402
+                                token_space)
 
 SOURCES = ("prompt", "oracle_tile", "oracle_object", "topk_oracle_tile", "prompt_centered", "topk_prompt")
 DEFAULT_SOURCES = SOURCES[:4]
@@ -98,7 +100,7 @@ def centred_relevance(visual: torch.Tensor, query: torch.Tensor, mean_word: torc
 
 
 def remerge(mode: str, visual: torch.Tensor, visual_n: torch.Tensor, rel: torch.Tensor,
-            par: Reduction) -> Reduction:
+            par: Reduction, settings: ParSettings) -> Reduction:
     """PAR's kept tokens and routing, merged another way (one image)."""
     kept, assignment = par.kept_indices, par.assignment
     if mode == "prompt_prune":
@@ -111,8 +113,9 @@ def remerge(mode: str, visual: torch.Tensor, visual_n: torch.Tensor, rel: torch.
             to_representative = (visual_n * visual_n.gather(1, representative[..., None].expand_as(visual_n))).sum(-1)
             keep = own | (to_representative > 0.95)
         else:
-            duplicates = near_duplicates(visual_n @ visual_n.transpose(1, 2), par.retrieved,
-                                         ParSettings().duplicate_threshold)
+            space = token_space(visual, visual_n, settings.similarity)
+            duplicates = near_duplicates(space @ space.transpose(1, 2), par.retrieved,
+                                         settings.duplicate_threshold)
             keep = own | duplicates | ~par.retrieved.gather(1, representative)
         # Zero weight: a token not kept adds nothing to its kept token (dropped).
         tokens = route_merge(visual, weight * keep, kept, assignment)
@@ -144,7 +147,7 @@ def reduce(source: str, visual: torch.Tensor, query: torch.Tensor, tile, obj, nu
         return pruned(visual, torch.argsort(rel, dim=-1, descending=True, stable=True)[:, :num_kept], aware)
     reduction = reduce_by_relevance(visual, visual_n, rel, aware, num_kept, settings)
     if source in MERGES:
-        return remerge(source, visual, visual_n, rel, reduction)
+        return remerge(source, visual, visual_n, rel, reduction, settings)
     return reduction
 
 
@@ -157,6 +160,9 @@ def main(argv=None) -> int:
     parser.add_argument("--variant", action="append", default=[], type=variant_arg,
                         help="PAR with other settings on the prompt relevance: NAME:key=value,... "
                              "(e.g. par-fps:centres=farthest_point)")
+    parser.add_argument("--base", default={}, type=settings_arg,
+                        help="key=value,... settings every PAR row starts from (sources, merges and "
+                             "variants), e.g. similarity=centred")
     parser.add_argument("--split", default="test", choices=["test", "train"],
                         help="easy-VQA split the composites come from (train: seen images, new composites)")
     parser.add_argument("--seed", type=int, default=0)
@@ -187,7 +193,7 @@ def main(argv=None) -> int:
                 tokens, place = visual[0], {"recall": 1.0, "object_recall": 1.0, "on_target": float(tile.mean())}
             else:
                 # A --variant is PAR's prompt relevance with its own settings.
-                settings = ParSettings.from_keys({**variants.get(source, {}), "par_keep_ratio": budget})
+                settings = ParSettings.from_keys({**args.base, **variants.get(source, {}), "par_keep_ratio": budget})
                 relevance_source = "prompt" if source in variants else source
                 reduction = reduce(relevance_source, visual, queries[settings.drop_question_type_words], tile, obj,
                                    settings.num_kept(visual.shape[1]), settings, mean_word)
@@ -205,14 +211,16 @@ def main(argv=None) -> int:
                      "on_target": mean["on_target"]})
     width = max(18, *(len(r["relevance"]) + 2 for r in rows))
     header = f"{'relevance':<{width}}{'budget':>7}{'accuracy':>9}{'% full':>8}{'recall':>8}{'obj rec':>8}{'on tile':>8}"
+    base = ", ".join(f"{k}={v}" for k, v in args.base.items()) or "defaults"
     lines = [f"PAR ablation (transformers, greedy): {len(composites)} composite easy-VQA {args.split}-split questions; "
-             f"model: {model_words(model_about(args.model), args.model)}", "", header, "-" * len(header)]
+             f"model: {model_words(model_about(args.model), args.model)}", f"PAR settings: {base}", "",
+             header, "-" * len(header)]
     lines += [f"{r['relevance']:<{width}}{r['budget']:>7.1%}{r['accuracy']:>9.3f}{r['pct_of_full']:>7.1f}%"
               f"{r['recall']:>8.3f}{r['object_recall']:>8.3f}{r['on_target']:>8.3f}" for r in rows]
     text = "\n".join(lines) + "\n"
     print(text)
     stem = args.out / f"par-ablation-{args.name}"
-    write_results(stem, text, {"model": str(args.model), "split": args.split, "count": len(composites),
+    write_results(stem, text, {"model": str(args.model), "split": args.split, "count": len(composites), "base": args.base,
                                "seed": args.seed, "rows": rows})
     print(f"wrote {stem}.txt/.json")
     return 0

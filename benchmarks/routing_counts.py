@@ -2,10 +2,10 @@
 
     .venv/bin/python benchmarks/routing_counts.py --model .models/vqa4 --name vqa-v4
 
-On composite easy-VQA test questions, per budget and PAR variant (`--variant`, as in
-accuracy.py), the mean per image of: tokens retrieved (step 2), tokens merged into a
-retrieved token, of those the near-duplicates (cosine to a retrieved token above
-`duplicate_threshold`), and tokens merged into a cluster centre. Only the vision side
+On composite easy-VQA questions (`--split`), per budget and PAR variant (`--variant`, as
+in accuracy.py, on top of `--base`), the mean per image of: tokens retrieved (step 2),
+tokens merged into a retrieved token, of those the near-duplicates (similarity to a
+retrieved token above `duplicate_threshold`), and tokens merged into a cluster centre. Only the vision side
 runs (no language model), so it is quick. It explains the ablation: a retrieved token
 that takes in much of the image stops reading as the thing the prompt asked about.
 """
@@ -22,12 +22,12 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
-from accuracy import model_about, model_words, variant_arg, write_results  # noqa: E402
+from accuracy import model_about, model_words, settings_arg, variant_arg, write_results  # noqa: E402
 from composite_vqa import TILE_PX, make_composites  # noqa: E402
 
 from par_vllm.config import ParSettings  # noqa: E402
 from par_vllm.explain import Explainer  # noqa: E402
-from par_vllm.reduction import near_duplicates, par_reduce  # noqa: E402
+from par_vllm.reduction import near_duplicates, par_reduce, token_space  # noqa: E402
 
 
 def counts(visual: torch.Tensor, query: torch.Tensor, settings: ParSettings) -> dict:
@@ -39,8 +39,8 @@ def counts(visual: torch.Tensor, query: torch.Tensor, settings: ParSettings) -> 
     routed = (reduction.assignment[0] >= 0) & (representative != torch.arange(visual.shape[1]))
     to_retrieved = retrieved[representative]
     into_retrieved = routed & to_retrieved
-    visual_n = torch.nn.functional.normalize(visual.float(), dim=-1)
-    duplicates = near_duplicates(visual_n @ visual_n.transpose(1, 2), reduction.retrieved,
+    space = token_space(visual, torch.nn.functional.normalize(visual.float(), dim=-1), settings.similarity)
+    duplicates = near_duplicates(space @ space.transpose(1, 2), reduction.retrieved,
                                  settings.duplicate_threshold)[0]
     return {"retrieved": float(retrieved.sum()), "into_retrieved": float(into_retrieved.sum()),
             "into_retrieved_duplicates": float((into_retrieved & duplicates).sum()),
@@ -54,16 +54,20 @@ def main(argv=None) -> int:
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.25, 0.111, 0.06])
     parser.add_argument("--variant", action="append", default=[], type=variant_arg,
                         help="NAME:key=value,... PAR with other settings (as in accuracy.py)")
+    parser.add_argument("--base", default={}, type=settings_arg,
+                        help="key=value,... settings every row starts from, e.g. similarity=cosine")
+    parser.add_argument("--split", default="test", choices=["test", "train"],
+                        help="easy-VQA split the composites come from (train: seen images, new composites)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default="vqa")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
 
     explainer = Explainer(args.model.resolve())
-    composites = make_composites("test", args.count, grid=explainer.config.vision_config.image_size // TILE_PX,
+    composites = make_composites(args.split, args.count, grid=explainer.config.vision_config.image_size // TILE_PX,
                                  seed=args.seed)
     variants = [("par", {})] + list(args.variant)
-    configs = [(name, budget, ParSettings.from_keys({**keys, "par_keep_ratio": budget}))
+    configs = [(name, budget, ParSettings.from_keys({**args.base, **keys, "par_keep_ratio": budget}))
                for budget in args.budgets for name, keys in variants]
     tallies: dict[tuple, list[dict]] = {(name, budget): [] for name, budget, _ in configs}
     for c in tqdm(composites, desc="routing counts"):
@@ -78,16 +82,19 @@ def main(argv=None) -> int:
                      **{k: sum(t[k] for t in tally) / len(tally) for k in tally[0]}})
     header = f"{'variant':<18}{'budget':>7}{'retrieved':>10}{'into retrieved':>15}{'(near-dup)':>11}{'into centres':>13}"
     vision = explainer.config.vision_config
-    lines = [f"PAR routing, mean tokens per image: {len(composites)} composite easy-VQA test questions, "
+    lines = [f"PAR routing, mean tokens per image: {len(composites)} composite easy-VQA {args.split}-split questions, "
              f"{(vision.image_size // vision.patch_size) ** 2} visual tokens; "
-             f"model: {model_words(model_about(args.model), args.model)}", "", header, "-" * len(header)]
+             f"model: {model_words(model_about(args.model), args.model)}",
+             "PAR settings: " + (", ".join(f"{k}={v}" for k, v in args.base.items()) or "defaults"), "",
+             header, "-" * len(header)]
     for r in rows:
         lines.append(f"{r['variant']:<18}{r['budget']:>7.1%}{r['retrieved']:>10.1f}{r['into_retrieved']:>15.1f}"
                      f"{r['into_retrieved_duplicates']:>11.1f}{r['into_centres']:>13.1f}")
     text = "\n".join(lines) + "\n"
     print(text)
     stem = args.out / f"routing-counts-{args.name}"
-    write_results(stem, text, {"model": str(args.model), "count": len(composites), "rows": rows})
+    write_results(stem, text, {"model": str(args.model), "split": args.split, "count": len(composites),
+                               "base": args.base, "rows": rows})
     print(f"wrote {stem}.txt/.json")
     return 0
 

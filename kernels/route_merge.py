@@ -3,7 +3,8 @@ kept token by the weighted mean of itself and the tokens assigned to it.
 
 Two kernels. `_route_kernel` computes token-to-kept cosines block by block and keeps a
 running argmax (ties: the lower kept position, as the reference's argmax); a token marked
-as a near-duplicate may only go to a retrieved kept token. `_merge_kernel` reduces each
+as a near-duplicate may only go to a retrieved kept token, and with separate routing no
+other token may (unless the image has no cluster centre). `_merge_kernel` reduces each
 kept token's members, grouped by a stable sort of the assignment, so every input row is
 read once, without atomics, in a deterministic order.
 """
@@ -17,7 +18,7 @@ import triton.language as tl
 
 @triton.jit
 def _route_kernel(
-    XN, KEPT, KEPT_RETRIEVED, DUPLICATE, OUT,
+    XN, KEPT, KEPT_RETRIEVED, DUPLICATE, RETRIEVED_OPEN, OUT,
     N, K, D,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -26,6 +27,8 @@ def _route_kernel(
     n_mask = offs_n < N
     x_base = XN + b * N * D
     duplicate = tl.load(DUPLICATE + b * N + offs_n, mask=n_mask, other=0) != 0
+    # Whether tokens that are not near-duplicates may go to a retrieved kept token.
+    retrieved_open = tl.load(RETRIEVED_OPEN + b) != 0
 
     best = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     best_pos = tl.zeros([BLOCK_N], dtype=tl.int32)
@@ -43,7 +46,8 @@ def _route_kernel(
             c = tl.load(x_base + kept[:, None] * D + offs_d[None, :],
                         mask=k_mask[:, None] & d_mask[None, :], other=0.0)
             sim += tl.dot(x, tl.trans(c), input_precision="ieee")
-        allowed = k_mask[None, :] & (kept_retrieved[None, :] | ~duplicate[:, None])
+        allowed = (k_mask[None, :] & (kept_retrieved[None, :] | ~duplicate[:, None])
+                   & (~kept_retrieved[None, :] | duplicate[:, None] | retrieved_open))
         sim = tl.where(allowed, sim, float("-inf"))
         block_best = tl.max(sim, axis=1)
         block_pos = tl.argmax(sim, axis=1).to(tl.int32) + k0
@@ -90,21 +94,25 @@ def route(
     kept: torch.Tensor,
     retrieved: torch.Tensor,
     duplicates: torch.Tensor,
+    separate: bool = False,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """visual_n B x N x D unit rows (float32); kept B x K token indices; retrieved and
-    duplicates B x N bool. Returns B x N positions in kept (kept tokens map to their own)."""
+    duplicates B x N bool; separate: only near-duplicates go to retrieved tokens (see
+    par_vllm.reduction.route). Returns B x N positions in kept (kept tokens map to their own)."""
     batch, num_tokens, dim = visual_n.shape
     num_kept = kept.shape[1]
     visual_n = visual_n.to(torch.float32).contiguous()
     kept = kept.contiguous()
-    kept_retrieved = retrieved.gather(1, kept).to(torch.int8).contiguous()
+    kept_retrieved = retrieved.gather(1, kept)
+    retrieved_open = (kept_retrieved.all(dim=1) | (not separate)).to(torch.int8).contiguous()
+    kept_retrieved = kept_retrieved.to(torch.int8).contiguous()
     if out is None:
         out = torch.empty(batch, num_tokens, dtype=torch.int64, device=visual_n.device)
     block_d = min(64, max(16, triton.next_power_of_2(dim)))
     grid = (batch, triton.cdiv(num_tokens, 64))
     _route_kernel[grid](
-        visual_n, kept, kept_retrieved, duplicates.to(torch.int8).contiguous(), out,
+        visual_n, kept, kept_retrieved, duplicates.to(torch.int8).contiguous(), retrieved_open, out,
         num_tokens, num_kept, dim, BLOCK_N=64, BLOCK_K=32, BLOCK_D=block_d,
     )
     own = torch.arange(num_kept, device=kept.device).expand(batch, num_kept)
@@ -144,7 +152,8 @@ def route_merge(
     kept: torch.Tensor,
     retrieved: torch.Tensor,
     duplicates: torch.Tensor,
+    separate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole routing merge: (merged B x K x D, assignment B x N)."""
-    assignment = route(visual_n, kept, retrieved, duplicates)
+    assignment = route(visual_n, kept, retrieved, duplicates, separate)
     return merge(visual, weight, kept, assignment), assignment

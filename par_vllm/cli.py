@@ -21,12 +21,16 @@ SETTING_FLAGS = {
                               "Q3 + factor x IQR (default 1.5)"),
     "retrieval_share": (float, "most of K that retrieved tokens may take; clustering gets the "
                                "rest (default 0.5)"),
-    "duplicate_threshold": (float, "cosine above which a token merges into a retrieved token "
+    "duplicate_threshold": (float, "similarity above which a token merges into a retrieved token "
                                    "instead of competing for a centre (default 0.9)"),
     "relevance": (str, "reduce a token's similarity to the prompt's words by 'max' or 'mean'"),
     "knn_k": (int, "neighbours in the kNN graph that ranks cluster centres (default 5)"),
     "centres": (str, "how non-retrieved tokens are covered: 'density_peaks' (DPC-KNN) or "
                      "'farthest_point' (max-min distance to everything kept)"),
+    "similarity": (str, "how visual tokens are compared with each other: 'centred' (cosine after "
+                        "subtracting the image's mean token; default) or 'cosine'"),
+    "routing": (str, "'separate' (retrieved tokens take in only their near-duplicates, the rest "
+                     "go to cluster centres; default) or 'nearest' (any token to its nearest kept one)"),
     "backend": (str, "'auto' (Triton kernels on GPU, torch elsewhere), 'torch' or 'triton'"),
 }
 

@@ -19,10 +19,11 @@ PREFIX = "par_"
 # in this order.
 PACKED_FIELDS = ("enabled", "keep_ratio", "num_tokens", "outlier_factor", "retrieval_share",
                  "duplicate_threshold", "relevance", "knn_k", "backend", "method", "centres",
-                 "drop_question_type_words")
+                 "drop_question_type_words", "similarity", "routing")
 CHOICES = {"relevance": ("max", "mean"), "backend": ("auto", "torch", "triton"),
            "method": ("par", "pool", "random", "topk", "diverse"),
-           "centres": ("density_peaks", "farthest_point")}
+           "centres": ("density_peaks", "farthest_point"), "similarity": ("cosine", "centred"),
+           "routing": ("nearest", "separate")}
 
 
 class ParSettingError(ValueError):
@@ -49,8 +50,8 @@ class ParSettings(BaseModel):
     outlier_factor: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.5
     # At most this share of the budget goes to retrieved tokens; clustering gets the rest.
     retrieval_share: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 0.5
-    # Tokens this similar (cosine) to a retrieved token merge into it instead of competing
-    # for a cluster centre.
+    # Tokens this similar (by `similarity`) to a retrieved token merge into it instead of
+    # competing for a cluster centre.
     duplicate_threshold: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 0.9
     # How a visual token's similarities to the prompt's tokens reduce to one relevance.
     relevance: Literal["max", "mean"] = "max"
@@ -64,6 +65,17 @@ class ParSettings(BaseModel):
     # densest regions first) or "farthest_point" (each centre the token farthest from
     # every token kept so far, retrieved ones included).
     centres: Literal["density_peaks", "farthest_point"] = "density_peaks"
+    # How visual tokens are compared with each other (near-duplicates, cluster centres,
+    # routing): "cosine", or "centred" (cosine after subtracting the image's mean token).
+    # Projected tokens of one image can share one large direction (a mean pairwise cosine of
+    # 0.89 on the accuracy benchmark's model), so plain cosine calls most of the image a
+    # near-duplicate of anything; centring compares what tells tokens apart.
+    similarity: Literal["cosine", "centred"] = "centred"
+    # Where routing sends a token that is not a near-duplicate of a retrieved token:
+    # "nearest" (its most similar kept token, retrieved or centre) or "separate" (its most
+    # similar cluster centre), so retrieved tokens take in only their near-duplicates and
+    # what the prompt asked about is not averaged with unrelated parts of the image.
+    routing: Literal["nearest", "separate"] = "separate"
     # Which implementation runs: "auto" uses the Triton kernels on CUDA tensors and the
     # torch reference elsewhere; "torch" forces the reference; "triton" forces the kernels
     # (on a CPU only under TRITON_INTERPRET=1).
@@ -113,6 +125,8 @@ class ParSettings(BaseModel):
             method=CHOICES["method"][int(values["method"])],
             centres=CHOICES["centres"][int(values["centres"])],
             drop_question_type_words=bool(values["drop_question_type_words"]),
+            similarity=CHOICES["similarity"][int(values["similarity"])],
+            routing=CHOICES["routing"][int(values["routing"])],
         )
 
     @classmethod

@@ -94,6 +94,17 @@ def retrieve(
     return retrieved.scatter(1, top, outlier.gather(1, top))
 
 
+def token_space(visual: torch.Tensor, visual_n: torch.Tensor, similarity: str) -> torch.Tensor:
+    """Unit rows in which visual tokens are compared with each other: the tokens themselves
+    ("cosine"), or the tokens minus their image's mean token ("centred")."""
+    if similarity == "cosine":
+        return visual_n
+    if similarity == "centred":
+        visual = visual.float()
+        return F.normalize(visual - visual.mean(dim=1, keepdim=True), dim=-1)
+    raise ValueError(f"similarity must be 'cosine' or 'centred', got {similarity!r}")
+
+
 def near_duplicates(sim: torch.Tensor, retrieved: torch.Tensor, threshold: float) -> torch.Tensor:
     """Non-retrieved tokens whose cosine to some retrieved token exceeds the threshold."""
     to_retrieved = sim.masked_fill(~retrieved[:, None, :], -math.inf).amax(dim=-1)
@@ -175,15 +186,22 @@ def select_kept(
 
 
 def route(
-    sim: torch.Tensor, kept: torch.Tensor, retrieved: torch.Tensor, duplicates: torch.Tensor
+    sim: torch.Tensor, kept: torch.Tensor, retrieved: torch.Tensor, duplicates: torch.Tensor,
+    separate: bool = False,
 ) -> torch.Tensor:
-    """Token routing: each token goes to its most similar kept token; near-duplicates of a
-    retrieved token go to their most similar retrieved one. Returns B x N positions in kept."""
+    """Token routing: near-duplicates of a retrieved token go to their most similar retrieved
+    one; every other token to its most similar kept token, or with `separate` to its most
+    similar cluster centre (any kept token where there is no centre). Returns B x N
+    positions in kept."""
     batch, num_tokens = retrieved.shape
     num_kept = kept.shape[1]
     to_kept = sim.gather(2, kept[:, None, :].expand(batch, num_tokens, num_kept))
     kept_is_retrieved = retrieved.gather(1, kept)
-    to_kept = to_kept.masked_fill(duplicates[:, :, None] & ~kept_is_retrieved[:, None, :], -math.inf)
+    closed = duplicates[:, :, None] & ~kept_is_retrieved[:, None, :]
+    if separate:
+        only_retrieved = kept_is_retrieved.all(dim=-1)
+        closed = closed | (~duplicates[:, :, None] & kept_is_retrieved[:, None, :] & ~only_retrieved[:, None, None])
+    to_kept = to_kept.masked_fill(closed, -math.inf)
     assignment = to_kept.argmax(dim=-1)
     own = torch.arange(num_kept, device=kept.device).expand(batch, num_kept)
     return assignment.scatter(1, kept, own)
@@ -264,7 +282,8 @@ def reduce_by_relevance(
     par_reduce feeds it the prompt relevance; diagnostics feed it others (an oracle) to
     tell a relevance failure from a retrieval or routing failure."""
     retrieved = retrieve(rel, num_kept, settings.outlier_factor, settings.retrieval_share)
-    sim = visual_n @ visual_n.transpose(1, 2)
+    compared_n = token_space(visual, visual_n, settings.similarity)
+    sim = compared_n @ compared_n.transpose(1, 2)
     duplicates = near_duplicates(sim, retrieved, settings.duplicate_threshold)
     candidates = ~retrieved & ~duplicates
     if settings.centres == "farthest_point":
@@ -277,9 +296,10 @@ def reduce_by_relevance(
     if kernels:
         from .kernels import route_merge as kernel
 
-        tokens, assignment = kernel.route_merge(visual, visual_n, weight, kept, retrieved, duplicates)
+        tokens, assignment = kernel.route_merge(visual, compared_n, weight, kept, retrieved, duplicates,
+                                               settings.routing == "separate")
     else:
-        assignment = route(sim, kept, retrieved, duplicates)
+        assignment = route(sim, kept, retrieved, duplicates, settings.routing == "separate")
         tokens = route_merge(visual, weight, kept, assignment)
     return Reduction(tokens, kept, assignment, retrieved, prompt_aware)
 

@@ -245,8 +245,11 @@ def test_protected_merge_keeps_retrieved_tokens_to_their_near_duplicates():
     visual_n = torch.nn.functional.normalize(visual, dim=-1)
     rel = torch.rand(1, 144) * 0.3
     rel[0, :5] = 1.0  # five outliers: retrieved
-    par = reduce_by_relevance(visual, visual_n, rel, torch.ones(1, dtype=torch.bool), 16, ParSettings(keep_ratio=0.111))
-    protect = par_ablation.remerge("prompt_merge_protect", visual, visual_n, rel, par)
+    # The paper's routing (every token to its nearest kept one, by plain cosine) is what
+    # sends non-duplicates into retrieved tokens for this merge to drop.
+    settings = ParSettings(keep_ratio=0.111, similarity="cosine", routing="nearest")
+    par = reduce_by_relevance(visual, visual_n, rel, torch.ones(1, dtype=torch.bool), 16, settings)
+    protect = par_ablation.remerge("prompt_merge_protect", visual, visual_n, rel, par, settings)
 
     representative = par.kept_indices[0][par.assignment[0]]
     retrieved = par.retrieved[0]
@@ -297,14 +300,15 @@ def test_merge_variants_keep_pars_tokens_and_change_only_the_merge():
     visual_n = torch.nn.functional.normalize(visual, dim=-1)
     rel = torch.rand(1, 144) * 0.3
     aware = torch.ones(1, dtype=torch.bool)
-    par = reduce_by_relevance(visual, visual_n, rel, aware, 16, ParSettings(keep_ratio=0.111))
+    settings = ParSettings(keep_ratio=0.111)
+    par = reduce_by_relevance(visual, visual_n, rel, aware, 16, settings)
     kept_visual = visual[0, par.kept_indices[0]]
 
-    prune = par_ablation.remerge("prompt_prune", visual, visual_n, rel, par)
+    prune = par_ablation.remerge("prompt_prune", visual, visual_n, rel, par, settings)
     assert torch.equal(prune.kept_indices, par.kept_indices) and torch.equal(prune.tokens[0], kept_visual)
     assert (prune.assignment >= 0).sum() == 16
 
-    close = par_ablation.remerge("prompt_merge_close", visual, visual_n, rel, par)
+    close = par_ablation.remerge("prompt_merge_close", visual, visual_n, rel, par, settings)
     representative = par.kept_indices[0][par.assignment[0]]
     cosine = (visual_n[0] * visual_n[0, representative]).sum(-1)
     dropped = close.assignment[0] < 0
@@ -317,8 +321,8 @@ def test_merge_variants_keep_pars_tokens_and_change_only_the_merge():
         expected = (visual[0, members] * weight[members, None]).sum(0) / weight[members].sum()
         assert torch.allclose(close.tokens[0, k], expected, atol=1e-5)
 
-    anchored = par_ablation.remerge("prompt_merge_anchor", visual, visual_n, rel, par)
-    sharp = par_ablation.remerge("prompt_merge_sharp", visual, visual_n, rel, par)
+    anchored = par_ablation.remerge("prompt_merge_anchor", visual, visual_n, rel, par, settings)
+    sharp = par_ablation.remerge("prompt_merge_sharp", visual, visual_n, rel, par, settings)
     for variant in (anchored, sharp):
         assert torch.equal(variant.assignment, par.assignment) and not torch.allclose(variant.tokens, par.tokens)
     # Anchored, the kept token counts as much as all its members together: it lands halfway
@@ -343,9 +347,10 @@ def test_diagnostics_run_on_a_tiny_model(tmp_path):
     import par_ablation
 
     ablation_args = ["--budgets", "0.111", "--sources", *par_ablation.SOURCES, *par_ablation.MERGES,
-                     "--variant", "par-fps:centres=farthest_point"]
+                     "--variant", "par-fps:centres=farthest_point", "--base", "similarity=cosine,routing=nearest"]
+    routing_args = ["--budgets", "0.111", "--variant", "par-dup98:duplicate_threshold=0.98", "--base", "similarity=cosine"]
     for script, extra in (("relevance_probe.py", []), ("par_ablation.py", ablation_args),
-                          ("routing_counts.py", ["--budgets", "0.111", "--variant", "par-dup98:duplicate_threshold=0.98"])):
+                          ("routing_counts.py", routing_args)):
         result = subprocess.run([sys.executable, f"benchmarks/{script}", "--model", str(model), "--count", "3",
                                  "--name", "tiny", "--out", str(out), *extra],
                                 cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -369,6 +374,9 @@ def test_diagnostics_run_on_a_tiny_model(tmp_path):
     assert all(r["into_retrieved"] + r["into_centres"] + 16 == 144 for r in routing)
     for name in ("relevance-probe-tiny.txt", "par-ablation-tiny.txt", "routing-counts-tiny.txt"):
         assert "random-weight model" in (out / name).read_text()
+    # --base: the settings every PAR row starts from, said in the table's header.
+    assert "PAR settings: par_similarity=cosine, par_routing=nearest" in (out / "par-ablation-tiny.txt").read_text()
+    assert "PAR settings: par_similarity=cosine\n" in (out / "routing-counts-tiny.txt").read_text()
 
 
 @pytest.mark.parametrize("unit, tokens_per_caption", [("tile", 16), ("patch", 1)])

@@ -22,6 +22,7 @@ from par_vllm.config import ParSettingError, ParSettings, settings_from_hf_confi
         ("par_retrieval_share", 2),
         ("par_duplicate_threshold", 0),
         ("par_relevance", "median"),
+        ("par_similarity", "euclidean"),
         ("par_knn_k", 0),
         ("par_enabled", "yes"),
         ("par_typo", 1),
@@ -62,7 +63,7 @@ def test_settings_survive_packing_into_a_tensor():
     for settings in [ParSettings(), ParSettings(enabled=False, num_tokens=7, relevance="mean",
                                                keep_ratio=0.3, outlier_factor=0.25, knn_k=11,
                                                backend="triton", centres="farthest_point",
-                                               drop_question_type_words=False)]:
+                                               drop_question_type_words=False, similarity="centred")]:
         packed = settings.to_tensor()
         assert packed.dtype == torch.float64
         assert ParSettings.from_tensor(packed) == settings

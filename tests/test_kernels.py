@@ -88,14 +88,15 @@ def reference_setup(visual, k, seed=0):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", ROUTE_SHAPES)
-def test_route_matches_reference(shape, dtype):
+@pytest.mark.parametrize("separate", [False, True])
+def test_route_matches_reference(shape, dtype, separate):
     batch, n, d, k = shape
     visual, *_ = inputs(batch, n, d, 0, dtype)
     visual_n, sim, _, kept, retrieved, duplicates = reference_setup(visual, k)
     poisoned = torch.full((batch, n), -7, dtype=torch.long, device=DEVICE)
-    got = route_merge.route(visual_n, kept, retrieved, duplicates, out=poisoned)
+    got = route_merge.route(visual_n, kept, retrieved, duplicates, separate, out=poisoned)
     assert (poisoned >= 0).all() and (poisoned < k).all(), "every element written, in range"
-    expected = route(sim, kept, retrieved, duplicates)
+    expected = route(sim, kept, retrieved, duplicates, separate)
     differ = got != expected
     if differ.any():  # only near-ties may differ
         to_kept = sim.gather(2, kept[:, None, :].expand(batch, n, k))
@@ -106,6 +107,9 @@ def test_route_matches_reference(shape, dtype):
     kept_retrieved = retrieved.gather(1, kept)
     routed = duplicates.scatter(1, kept, False)
     assert kept_retrieved.gather(1, got)[routed].all()
+    if separate:  # ... and, where the image has a centre, nothing else does.
+        others = ~duplicates.scatter(1, kept, True) & ~kept_retrieved.all(dim=1, keepdim=True)
+        assert not kept_retrieved.gather(1, got)[others].any()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -138,12 +142,17 @@ def test_relevance_accepts_padding_anywhere():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(2, 150, 32, 6, 16), (1, 576, 64, 5, 64), (3, 40, 8, 0, 4)])
-def test_whole_reduction_with_kernels_matches_reference(shape, dtype):
+@pytest.mark.parametrize("shape, similarity, routing", [
+    ((2, 150, 32, 6, 16), "cosine", "nearest"), ((1, 576, 64, 5, 64), "cosine", "nearest"),
+    ((3, 40, 8, 0, 4), "cosine", "nearest"), ((2, 150, 32, 6, 16), "centred", "separate"),
+    ((1, 576, 64, 5, 64), "centred", "separate"), ((1, 144, 64, 3, 16), "centred", "nearest"),
+    ((3, 40, 8, 0, 4), "cosine", "separate")])
+def test_whole_reduction_with_kernels_matches_reference(shape, similarity, routing, dtype):
     batch, n, d, t, k = shape
     visual, query_n, _, mask = inputs(batch, n, d, t, dtype, seed=2)
-    ref = par_reduce(visual, query_n, mask, k, ParSettings(backend="torch"))
-    got = par_reduce(visual, query_n, mask, k, ParSettings(backend="triton"))
+    settings = {"similarity": similarity, "routing": routing}
+    ref = par_reduce(visual, query_n, mask, k, ParSettings(backend="torch", **settings))
+    got = par_reduce(visual, query_n, mask, k, ParSettings(backend="triton", **settings))
     assert torch.equal(got.kept_indices, ref.kept_indices)
     agree = (got.assignment == ref.assignment).float().mean()
     assert agree == 1.0

@@ -111,6 +111,59 @@ def test_near_duplicates_of_a_retrieved_token_merge_into_it():
     assert all(out.assignment[0, c] == slot for c in (11, 12, 13))
 
 
+def test_centred_similarity_ignores_a_direction_every_token_shares():
+    # Tokens that share one large direction all look alike by cosine, so a 0.9 threshold
+    # calls every token a near-duplicate of the retrieved one; centred on the image's mean
+    # they are told apart, and only the real copies merge into it.
+    from par_vllm.reduction import near_duplicates, token_space
+
+    torch.manual_seed(5)
+    d = 32
+    shared = F.normalize(torch.randn(d), dim=0) * 40
+    visual = torch.randn(1, 60, d)
+    visual[0, 1:4] = visual[0, 0] + 0.05 * torch.randn(3, d)
+    visual = visual + shared
+    retrieved = torch.zeros(1, 60, dtype=torch.bool)
+    retrieved[0, 0] = True
+    visual_n = F.normalize(visual, dim=-1)
+    for similarity, expected in (("cosine", list(range(1, 60))), ("centred", [1, 2, 3])):
+        space = token_space(visual, visual_n, similarity)
+        duplicates = near_duplicates(space @ space.transpose(1, 2), retrieved, 0.9)
+        assert duplicates[0].nonzero().flatten().tolist() == expected, similarity
+
+
+def test_centred_reduction_does_not_change_when_every_token_moves_together():
+    from par_vllm.reduction import reduce_by_relevance
+
+    visual, _, _ = make_inputs(2, 80, 16, 1, seed=6)
+    rel = torch.randn(2, 80, generator=torch.Generator().manual_seed(7))
+    aware = torch.ones(2, dtype=torch.bool)
+    settings = ParSettings(similarity="centred")
+    outs = [reduce_by_relevance(v, F.normalize(v, dim=-1), rel, aware, 9, settings)
+            for v in (visual, visual + 5 * torch.randn(16))]
+    assert torch.equal(outs[0].kept_indices, outs[1].kept_indices)
+    assert torch.equal(outs[0].assignment, outs[1].assignment)
+
+
+def test_separate_routing_gives_retrieved_tokens_only_their_near_duplicates():
+    from par_vllm.reduction import route
+
+    # Kept: token 0 (retrieved) and token 1 (a centre). Token 2 is a near-duplicate of 0;
+    # token 3 is closer to 0 than to 1 but not a near-duplicate.
+    sim = torch.tensor([[[1.0, 0.1, 0.95, 0.6],
+                         [0.1, 1.0, 0.1, 0.3],
+                         [0.95, 0.1, 1.0, 0.5],
+                         [0.6, 0.3, 0.5, 1.0]]])
+    kept = torch.tensor([[0, 1]])
+    retrieved = torch.tensor([[True, False, False, False]])
+    duplicates = torch.tensor([[False, False, True, False]])
+    assert route(sim, kept, retrieved, duplicates).tolist() == [[0, 1, 0, 0]]
+    assert route(sim, kept, retrieved, duplicates, separate=True).tolist() == [[0, 1, 0, 1]]
+    # With no centre kept, a token has nowhere else to go than a retrieved token.
+    everything_retrieved = torch.tensor([[True, True, False, False]])
+    assert route(sim, kept, everything_retrieved, duplicates, separate=True).tolist() == [[0, 1, 0, 0]]
+
+
 def test_farthest_point_centres_cover_every_distinct_group():
     # 6 tight groups of tokens, one 10x larger than the rest: density peaks spend the
     # centres on the big group; farthest-point sampling puts one in every group.
@@ -122,8 +175,10 @@ def test_farthest_point_centres_cover_every_distinct_group():
     visual = (anchors[group] + 0.3 * torch.randn(len(group), d))[None]
     query = torch.randn(1, 0, d)
     out = par_reduce(visual, query, torch.zeros(1, 0, dtype=torch.bool), 6,
-                     ParSettings(centres="farthest_point", retrieval_share=0.0))
+                     ParSettings(centres="farthest_point", retrieval_share=0.0, similarity="cosine"))
     assert sorted(group[out.kept_indices[0]].tolist()) == [0, 1, 2, 3, 4, 5]
+    # Centred on this image's mean (which the big group dominates), the big group's tokens
+    # are short vectors whose directions are largely noise, so two centres land in it.
 
 
 def test_farthest_point_centres_start_from_retrieved_tokens():
