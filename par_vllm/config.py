@@ -68,8 +68,8 @@ class ParSettings(BaseModel):
     # How visual tokens are compared with each other (near-duplicates, cluster centres,
     # routing): "cosine", or "centred" (cosine after subtracting the image's mean token).
     # Projected tokens of one image can share one large direction (a mean pairwise cosine of
-    # 0.89 on the accuracy benchmark's model), so plain cosine calls most of the image a
-    # near-duplicate of anything; centring compares what tells tokens apart.
+    # 0.89 on the accuracy benchmark's model), so plain cosine calls much of the image a
+    # near-duplicate of whatever was retrieved; centring compares what tells tokens apart.
     similarity: Literal["cosine", "centred"] = "centred"
     # Where routing sends a token that is not a near-duplicate of a retrieved token:
     # "nearest" (its most similar kept token, retrieved or centre) or "separate" (its most

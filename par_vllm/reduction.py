@@ -106,7 +106,8 @@ def token_space(visual: torch.Tensor, visual_n: torch.Tensor, similarity: str) -
 
 
 def near_duplicates(sim: torch.Tensor, retrieved: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Non-retrieved tokens whose cosine to some retrieved token exceeds the threshold."""
+    """Non-retrieved tokens whose similarity (`sim`, in token_space) to some retrieved token
+    exceeds the threshold."""
     to_retrieved = sim.masked_fill(~retrieved[:, None, :], -math.inf).amax(dim=-1)
     return (to_retrieved > threshold) & ~retrieved
 
