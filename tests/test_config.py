@@ -74,3 +74,10 @@ def test_server_defaults_come_from_par_keys_on_the_hf_config():
     assert settings_from_hf_config(config) == ParSettings(keep_ratio=0.25, relevance="mean")
     with pytest.raises(ParSettingError, match="par_keep_ratio"):
         settings_from_hf_config(LlavaConfig(par_keep_ratio=2.0))
+
+
+def test_every_setting_has_a_serve_flag():
+    from par_vllm.cli import SETTING_FLAGS
+
+    # enabled: --disable; drop_question_type_words: --keep-question-type-words; method: --method.
+    assert set(SETTING_FLAGS) | {"enabled", "drop_question_type_words", "method"} == set(ParSettings.model_fields)

@@ -79,15 +79,25 @@ def test_kubernetes_deployment_runs_the_wrapper_with_health_probes(capsys):
 def test_docker_entrypoint_turns_env_into_flags():
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "MODEL": "some/llava", "PAR_KEEP_RATIO": "0.25", "PAR_KNN_K": "8",
-           "PAR_CENTRES": "farthest_point", "PAR_DROP_QUESTION_TYPE_WORDS": "0",
+           "PAR_CENTRES": "farthest_point", "PAR_SIMILARITY": "cosine", "PAR_ROUTING": "nearest",
+           "PAR_DROP_QUESTION_TYPE_WORDS": "0",
            "PAR_TRUST_REQUEST_SETTINGS": "1"}
     out = subprocess.run(["bash", str(DEPLOY / "docker-entrypoint.sh"), "--dry-run"], env=env,
                          capture_output=True, text=True, check=True).stdout
     command = shlex.split(out)
     assert hf_overrides(command) == {"architectures": [ARCHITECTURE], "par_keep_ratio": 0.25,
                                      "par_knn_k": 8, "par_centres": "farthest_point",
+                                     "par_similarity": "cosine", "par_routing": "nearest",
                                      "par_drop_question_type_words": False}
     assert "--trust-request-mm-kwargs" in command and command[command.index("--port") + 1] == "8000"
+
+
+def test_docker_entrypoint_has_a_variable_for_every_serve_flag():
+    from par_vllm.cli import SETTING_FLAGS
+
+    script = (DEPLOY / "docker-entrypoint.sh").read_text()
+    for name in SETTING_FLAGS:
+        assert f'--{name.replace("_", "-")} "${{PAR_{name.upper()}}}"' in script, name
 
 
 def test_compose_prometheus_and_grafana_provisioning_fit_together():
