@@ -5,9 +5,10 @@
 On composite easy-VQA questions (`--split`), per budget and PAR variant (`--variant`, as
 in accuracy.py, on top of `--base`), the mean per image of: tokens retrieved (step 2),
 tokens merged into a retrieved token, of those the near-duplicates (similarity to a
-retrieved token above `duplicate_threshold`), and tokens merged into a cluster centre. Only the vision side
-runs (no language model), so it is quick. It explains the ablation: a retrieved token
-that takes in much of the image stops reading as the thing the prompt asked about.
+retrieved token above `duplicate_threshold`), and tokens merged into a cluster centre.
+Only the vision side runs (no language model), so it is quick. It explains the ablation:
+a retrieved token that takes in much of the image stops reading as the thing the prompt
+asked about.
 """
 
 from __future__ import annotations
