@@ -220,8 +220,8 @@ def main(argv=None) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     stem = args.out / f"par-ablation-{args.name}"
-    write_results(stem, text, {"model": str(args.model), "split": args.split, "count": len(composites), "base": args.base,
-                               "seed": args.seed, "rows": rows})
+    write_results(stem, text, {"model": str(args.model), "split": args.split, "count": len(composites),
+                               "base": args.base, "seed": args.seed, "rows": rows})
     print(f"wrote {stem}.txt/.json")
     return 0
 

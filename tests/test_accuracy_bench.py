@@ -348,7 +348,8 @@ def test_diagnostics_run_on_a_tiny_model(tmp_path):
 
     ablation_args = ["--budgets", "0.111", "--sources", *par_ablation.SOURCES, *par_ablation.MERGES,
                      "--variant", "par-fps:centres=farthest_point", "--base", "similarity=cosine,routing=nearest"]
-    routing_args = ["--budgets", "0.111", "--variant", "par-dup98:duplicate_threshold=0.98", "--base", "similarity=cosine"]
+    routing_args = ["--budgets", "0.111", "--variant", "par-dup98:duplicate_threshold=0.98",
+                    "--base", "similarity=cosine"]
     for script, extra in (("relevance_probe.py", []), ("par_ablation.py", ablation_args),
                           ("routing_counts.py", routing_args)):
         result = subprocess.run([sys.executable, f"benchmarks/{script}", "--model", str(model), "--count", "3",
