@@ -172,6 +172,19 @@ def settings_arg(text: str) -> dict:
     return variant_arg("base:" + text)[1]
 
 
+def add_base_and_split(parser: argparse.ArgumentParser) -> None:
+    """--base and --split, for the diagnostics that run PAR outside vLLM on either split."""
+    parser.add_argument("--base", default={}, type=settings_arg,
+                        help="key=value,... settings every PAR row starts from, e.g. similarity=cosine")
+    parser.add_argument("--split", default="test", choices=["test", "train"],
+                        help="easy-VQA split the composites come from (train: seen images, new composites)")
+
+
+def settings_line(base: dict) -> str:
+    """The table header line that says which settings the PAR rows started from."""
+    return "PAR settings: " + (", ".join(f"{k}={v}" for k, v in base.items()) or "defaults")
+
+
 def configs_for(methods, budgets, variants=()):
     configs = [("full", {"par_enabled": False})]
     for budget in budgets:

@@ -51,8 +51,8 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
-from accuracy import (is_correct, model_about, model_words, object_patches, placement, settings_arg,  # noqa: E402
-                      variant_arg, write_results)
+from accuracy import (add_base_and_split, is_correct, model_about, model_words, object_patches,  # noqa: E402
+                      placement, settings_line, variant_arg, write_results)
 from composite_vqa import TILE_PX, chat_prompt, make_composites  # noqa: E402
 
 from par_vllm.config import ParSettings  # noqa: E402
@@ -160,11 +160,7 @@ def main(argv=None) -> int:
     parser.add_argument("--variant", action="append", default=[], type=variant_arg,
                         help="PAR with other settings on the prompt relevance: NAME:key=value,... "
                              "(e.g. par-fps:centres=farthest_point)")
-    parser.add_argument("--base", default={}, type=settings_arg,
-                        help="key=value,... settings every PAR row starts from (sources, merges and "
-                             "variants), e.g. similarity=centred")
-    parser.add_argument("--split", default="test", choices=["test", "train"],
-                        help="easy-VQA split the composites come from (train: seen images, new composites)")
+    add_base_and_split(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default="vqa")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -211,9 +207,8 @@ def main(argv=None) -> int:
                      "on_target": mean["on_target"]})
     width = max(18, *(len(r["relevance"]) + 2 for r in rows))
     header = f"{'relevance':<{width}}{'budget':>7}{'accuracy':>9}{'% full':>8}{'recall':>8}{'obj rec':>8}{'on tile':>8}"
-    base = ", ".join(f"{k}={v}" for k, v in args.base.items()) or "defaults"
     lines = [f"PAR ablation (transformers, greedy): {len(composites)} composite easy-VQA {args.split}-split questions; "
-             f"model: {model_words(model_about(args.model), args.model)}", f"PAR settings: {base}", "",
+             f"model: {model_words(model_about(args.model), args.model)}", settings_line(args.base), "",
              header, "-" * len(header)]
     lines += [f"{r['relevance']:<{width}}{r['budget']:>7.1%}{r['accuracy']:>9.3f}{r['pct_of_full']:>7.1f}%"
               f"{r['recall']:>8.3f}{r['object_recall']:>8.3f}{r['on_target']:>8.3f}" for r in rows]

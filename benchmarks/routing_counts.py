@@ -23,7 +23,8 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
-from accuracy import model_about, model_words, settings_arg, variant_arg, write_results  # noqa: E402
+from accuracy import (add_base_and_split, model_about, model_words, settings_line, variant_arg,  # noqa: E402
+                      write_results)
 from composite_vqa import TILE_PX, make_composites  # noqa: E402
 
 from par_vllm.config import ParSettings  # noqa: E402
@@ -55,10 +56,7 @@ def main(argv=None) -> int:
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.25, 0.111, 0.06])
     parser.add_argument("--variant", action="append", default=[], type=variant_arg,
                         help="NAME:key=value,... PAR with other settings (as in accuracy.py)")
-    parser.add_argument("--base", default={}, type=settings_arg,
-                        help="key=value,... settings every row starts from, e.g. similarity=cosine")
-    parser.add_argument("--split", default="test", choices=["test", "train"],
-                        help="easy-VQA split the composites come from (train: seen images, new composites)")
+    add_base_and_split(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default="vqa")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -86,7 +84,7 @@ def main(argv=None) -> int:
     lines = [f"PAR routing, mean tokens per image: {len(composites)} composite easy-VQA {args.split}-split questions, "
              f"{(vision.image_size // vision.patch_size) ** 2} visual tokens; "
              f"model: {model_words(model_about(args.model), args.model)}",
-             "PAR settings: " + (", ".join(f"{k}={v}" for k, v in args.base.items()) or "defaults"), "",
+             settings_line(args.base), "",
              header, "-" * len(header)]
     for r in rows:
         lines.append(f"{r['variant']:<18}{r['budget']:>7.1%}{r['retrieved']:>10.1f}{r['into_retrieved']:>15.1f}"
