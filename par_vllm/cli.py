@@ -27,6 +27,8 @@ SETTING_FLAGS = {
     "knn_k": (int, "neighbours in the kNN graph that ranks cluster centres (default 5)"),
     "centres": (str, "how non-retrieved tokens are covered: 'density_peaks' (DPC-KNN) or "
                      "'farthest_point' (max-min distance to everything kept)"),
+    "centre_relevance": (float, "power of the prompt relevance (rescaled to [0, 1]) that multiplies "
+                                "each cluster centre's score; 0 = prompt-agnostic centres"),
     "similarity": (str, "how visual tokens are compared with each other: 'centred' (cosine after "
                         "subtracting the image's mean token; default) or 'cosine'"),
     "routing": (str, "'separate' (retrieved tokens take in only their near-duplicates, the rest "

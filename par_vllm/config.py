@@ -19,7 +19,7 @@ PREFIX = "par_"
 # in this order.
 PACKED_FIELDS = ("enabled", "keep_ratio", "num_tokens", "outlier_factor", "retrieval_share",
                  "duplicate_threshold", "relevance", "knn_k", "backend", "method", "centres",
-                 "drop_question_type_words", "similarity", "routing")
+                 "drop_question_type_words", "similarity", "routing", "centre_relevance")
 CHOICES = {"relevance": ("max", "mean"), "backend": ("auto", "torch", "triton"),
            "method": ("par", "pool", "random", "topk", "diverse"),
            "centres": ("density_peaks", "farthest_point"), "similarity": ("cosine", "centred"),
@@ -65,6 +65,12 @@ class ParSettings(BaseModel):
     # densest regions first) or "farthest_point" (each centre the token farthest from
     # every token kept so far, retrieved ones included).
     centres: Literal["density_peaks", "farthest_point"] = "density_peaks"
+    # How strongly the prompt steers the cluster centres: each candidate's centre score
+    # (rho * delta, or its farthest-point distance) is multiplied by its relevance, rescaled
+    # to [0, 1] within the image, to this power. 0 is the paper's prompt-agnostic
+    # clustering; above 0, of two equally good centres the one nearer the prompt wins, so a
+    # small budget covers the part of the image the prompt is about before the rest.
+    centre_relevance: Annotated[float, Field(ge=0, le=16, allow_inf_nan=False)] = 0.0
     # How visual tokens are compared with each other (near-duplicates, cluster centres,
     # routing): "cosine", or "centred" (cosine after subtracting the image's mean token).
     # Projected tokens of one image can share one large direction (a mean pairwise cosine of
@@ -127,6 +133,7 @@ class ParSettings(BaseModel):
             drop_question_type_words=bool(values["drop_question_type_words"]),
             similarity=CHOICES["similarity"][int(values["similarity"])],
             routing=CHOICES["routing"][int(values["routing"])],
+            centre_relevance=values["centre_relevance"],
         )
 
     @classmethod

@@ -23,6 +23,8 @@ from par_vllm.config import ParSettingError, ParSettings, settings_from_hf_confi
         ("par_duplicate_threshold", 0),
         ("par_relevance", "median"),
         ("par_similarity", "euclidean"),
+        ("par_centre_relevance", -1),
+        ("par_centre_relevance", math.inf),
         ("par_knn_k", 0),
         ("par_enabled", "yes"),
         ("par_typo", 1),
@@ -63,7 +65,8 @@ def test_settings_survive_packing_into_a_tensor():
     for settings in [ParSettings(), ParSettings(enabled=False, num_tokens=7, relevance="mean",
                                                keep_ratio=0.3, outlier_factor=0.25, knn_k=11,
                                                backend="triton", centres="farthest_point",
-                                               drop_question_type_words=False, similarity="centred")]:
+                                               drop_question_type_words=False, similarity="cosine",
+                                               routing="nearest", centre_relevance=1.5)]:
         packed = settings.to_tensor()
         assert packed.dtype == torch.float64
         assert ParSettings.from_tensor(packed) == settings

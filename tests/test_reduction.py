@@ -181,6 +181,40 @@ def test_farthest_point_centres_cover_every_distinct_group():
     # are short vectors whose directions are largely noise, so two centres land in it.
 
 
+def test_centre_relevance_steers_density_peaks_towards_the_prompt():
+    # A big dense group the prompt is not about and a small one it is about; nothing is
+    # retrieved, so one centre decides. Prompt-agnostic density peaks take the big group;
+    # weighted by relevance, the centre moves to the group the prompt names.
+    torch.manual_seed(5)
+    d = 32
+    anchors = F.normalize(torch.randn(3, d), dim=-1) * 4
+    sizes = [60, 20, 8]
+    group = torch.cat([torch.full((s,), g) for g, s in enumerate(sizes)])
+    visual = (anchors[group] + 0.3 * torch.randn(len(group), d))[None]
+    query = anchors[2][None, None]
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    base = dict(retrieval_share=0.0, similarity="cosine")
+    agnostic = par_reduce(visual, query, mask, 2, ParSettings(**base))
+    steered = par_reduce(visual, query, mask, 2, ParSettings(**base, centre_relevance=2.0))
+    assert 2 not in group[agnostic.kept_indices[0]].tolist()
+    assert 2 in group[steered.kept_indices[0]].tolist()
+    # The steered centre still takes in its group by routing.
+    kept_group = group[steered.kept_indices[0]]
+    assert (kept_group[steered.assignment[0][group == 2]] == 2).all()
+
+
+def test_prompt_weight_is_relevance_rescaled_per_image():
+    from par_vllm.reduction import prompt_weight
+
+    rel = torch.tensor([[0.1, 0.2, 0.3], [5.0, 5.0, 5.0], [0.1, 0.2, 0.3]])
+    aware = torch.tensor([True, True, False])
+    assert torch.equal(prompt_weight(rel, 0.0, aware), torch.ones_like(rel))
+    assert torch.allclose(prompt_weight(rel, 1.0, aware)[0], torch.tensor([0.0, 0.5, 1.0]))
+    assert torch.allclose(prompt_weight(rel, 2.0, aware)[0], torch.tensor([0.0, 0.25, 1.0]))
+    # Flat relevance, or saliency standing in for a missing prompt: centres unweighted.
+    assert torch.equal(prompt_weight(rel, 2.0, aware)[1:], torch.ones(2, 3))
+
+
 def test_farthest_point_centres_start_from_retrieved_tokens():
     # With tokens already retrieved, the first centre is the token farthest from them,
     # not a second copy of what retrieval kept.
@@ -197,6 +231,9 @@ def test_farthest_point_centres_start_from_retrieved_tokens():
     # Nothing retrieved: the most relevant token seeds the sampling.
     none = torch.zeros_like(retrieved)
     assert farthest_points(sim, ~none, none, rel, steps=1).tolist() == [[1.0, 0.0, 0.0, 0.0]]
+    # A weight scales the distances: token 3 (distance 0.5) beats token 2 (0.9) at 0.2 weight.
+    weight = torch.tensor([[1.0, 1.0, 0.2, 1.0]])
+    assert farthest_points(sim, ~retrieved, retrieved, rel, steps=1, weight=weight).tolist() == [[0.0, 0.0, 0.0, 1.0]]
 
 
 def test_different_prompts_keep_different_tokens():
