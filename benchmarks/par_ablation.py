@@ -11,6 +11,8 @@ scores and measures accuracy and placement on the same composite easy-VQA questi
   prompt_centered  the same cosine after removing the shared direction on both sides: the
                 image's mean visual token from each visual token, the vocabulary's mean
                 word embedding from each word (a training-free variant of step 1)
+  prompt_grid3  PAR's relevance averaged over each token's 3x3 neighbourhood on the patch
+                grid (an object covers neighbouring patches; per-patch noise averages out)
   oracle_tile   1 on the queried tile's patches, 0 elsewhere: perfect relevance
   oracle_object 1 on the patches that show the queried shape, 0 elsewhere
 
@@ -18,7 +20,8 @@ If the oracles keep the full model's accuracy at a budget and the prompt relevan
 not, the failing step is relevance; if the oracles fail too, it is retrieval or routing.
 `topk_oracle_tile` (keep the K highest oracle scores, no merging) separates routing
 from retrieval; `topk_prompt` is the same on PAR's own relevance (the top-k baseline), so
-PAR and top-k are compared on the same questions.
+PAR and top-k are compared on the same questions (`topk_prompt_grid3` is top-k on the
+grid-averaged relevance).
 
 Routing's merge (step 4) is varied on the prompt relevance, with PAR's kept tokens fixed:
 
@@ -42,10 +45,12 @@ table says how closely it does.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -61,7 +66,8 @@ from par_vllm.explain import Explainer  # noqa: E402
 from par_vllm.reduction import (Reduction, near_duplicates, reduce_by_relevance, relevance, route_merge,  # noqa: E402
                                 token_space)
 
-SOURCES = ("prompt", "oracle_tile", "oracle_object", "topk_oracle_tile", "prompt_centered", "topk_prompt")
+SOURCES = ("prompt", "oracle_tile", "oracle_object", "topk_oracle_tile", "prompt_centered", "topk_prompt",
+           "prompt_grid3", "topk_prompt_grid3")
 DEFAULT_SOURCES = SOURCES[:4]
 MERGES = ("prompt_prune", "prompt_merge_close", "prompt_merge_sharp", "prompt_merge_anchor", "prompt_merge_protect")
 
@@ -137,10 +143,14 @@ def reduce(source: str, visual: torch.Tensor, query: torch.Tensor, tile, obj, nu
     aware = torch.ones(1, dtype=torch.bool)
     if source == "prompt_centered":
         rel, aware = centred_relevance(visual, query, mean_word, settings.relevance)
-    elif source in ("prompt", "topk_prompt") or source in MERGES:
+    elif source in ("prompt", "topk_prompt", "prompt_grid3", "topk_prompt_grid3") or source in MERGES:
         query_n = normalize(query.float(), dim=-1)
         rel, aware = relevance(visual_n, query_n, torch.ones(1, query.shape[1], dtype=torch.bool),
                                settings.relevance)
+        if source.endswith("_grid3"):
+            side = math.isqrt(rel.shape[1])
+            rel = F.avg_pool2d(rel.view(1, 1, side, side), 3, stride=1, padding=1,
+                               count_include_pad=False).view(1, -1)
     else:
         rel = torch.as_tensor(obj if source == "oracle_object" else tile, dtype=torch.float32)[None]
     if source.startswith("topk_"):

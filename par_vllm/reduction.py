@@ -79,14 +79,15 @@ def relevance(
 
 
 def retrieve(
-    rel: torch.Tensor, num_kept: int, outlier_factor: float, retrieval_share: float
+    rel: torch.Tensor, num_kept: int, outlier_factor: float, retrieval_share: float, leave: int = 0
 ) -> torch.Tensor:
     """Semantic retrieval: tokens whose relevance is an outlier (> Q3 + alpha * IQR),
-    the most relevant first, at most floor(retrieval_share * K) of them. B x N bool."""
+    the most relevant first, at most floor(retrieval_share * K) of them and never more
+    than K - leave. B x N bool."""
     quartiles = torch.quantile(rel, torch.tensor([0.25, 0.75], dtype=rel.dtype, device=rel.device), dim=1)
     q1, q3 = quartiles[0], quartiles[1]
     outlier = rel > (q3 + outlier_factor * (q3 - q1))[:, None]
-    cap = int(retrieval_share * num_kept)
+    cap = max(0, min(int(retrieval_share * num_kept), num_kept - leave))
     retrieved = torch.zeros_like(outlier)
     if cap == 0:
         return retrieved
@@ -301,7 +302,11 @@ def reduce_by_relevance(
 
     par_reduce feeds it the prompt relevance; diagnostics feed it others (an oracle) to
     tell a relevance failure from a retrieval or routing failure."""
-    retrieved = retrieve(rel, num_kept, settings.outlier_factor, settings.retrieval_share)
+    separate = settings.routing == "separate"
+    # Separate routing sends everything that is not a near-duplicate of a retrieved token
+    # to a cluster centre, so it leaves room for one: with every kept token retrieved, the
+    # rest of the image would have to merge into them after all.
+    retrieved = retrieve(rel, num_kept, settings.outlier_factor, settings.retrieval_share, leave=int(separate))
     compared_n = token_space(visual, visual_n, settings.similarity)
     sim = compared_n @ compared_n.transpose(1, 2)
     duplicates = near_duplicates(sim, retrieved, settings.duplicate_threshold)
@@ -318,9 +323,9 @@ def reduce_by_relevance(
         from .kernels import route_merge as kernel
 
         tokens, assignment = kernel.route_merge(visual, compared_n, weight, kept, retrieved, duplicates,
-                                               settings.routing == "separate")
+                                               separate)
     else:
-        assignment = route(sim, kept, retrieved, duplicates, settings.routing == "separate")
+        assignment = route(sim, kept, retrieved, duplicates, separate)
         tokens = route_merge(visual, weight, kept, assignment)
     return Reduction(tokens, kept, assignment, retrieved, prompt_aware)
 

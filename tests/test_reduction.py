@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from par_vllm.config import ParSettings
-from par_vllm.reduction import par_reduce, reduce_per_image, route_merge
+from par_vllm.reduction import near_duplicates, par_reduce, reduce_per_image, route_merge, token_space
 
 
 def make_inputs(batch, n, d, t, seed=0, dtype=torch.float32):
@@ -316,3 +316,24 @@ def test_topk_keeps_the_most_relevant_and_diverse_ignores_the_prompt():
     a = par_reduce(visual, query, mask, 20, ParSettings(method="diverse"))
     b = par_reduce(visual, other, mask, 20, ParSettings(method="diverse"))
     assert torch.equal(a.kept_indices, b.kept_indices)
+
+
+def test_separate_routing_always_leaves_a_centre_for_the_rest_of_the_image():
+    # Retrieval allowed all of K, and far more outliers than K: under separate routing one
+    # kept token is still a centre, and no token that is not a near-duplicate of a retrieved
+    # token merges into one. Nearest routing may retrieve all of K.
+    torch.manual_seed(6)
+    visual = torch.randn(2, 64, 32)
+    query = visual[:, :1] * 3
+    mask = torch.ones(2, 1, dtype=torch.bool)
+    loose = dict(retrieval_share=1.0, outlier_factor=0.0)
+    for k in (1, 2, 5):
+        out = par_reduce(visual, query, mask, k, ParSettings(**loose))
+        kept_retrieved = out.retrieved.gather(1, out.kept_indices)
+        assert (kept_retrieved.sum(dim=1) <= k - 1).all()
+        space = token_space(visual, F.normalize(visual, dim=-1), "centred")
+        duplicates = near_duplicates(space @ space.transpose(1, 2), out.retrieved, 0.9)
+        into_retrieved = kept_retrieved.gather(1, out.assignment)
+        assert not (into_retrieved & ~out.retrieved & ~duplicates).any()
+    nearest = par_reduce(visual, query, mask, 5, ParSettings(**loose, routing="nearest"))
+    assert nearest.retrieved.gather(1, nearest.kept_indices).all()
