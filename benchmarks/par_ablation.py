@@ -36,6 +36,11 @@ and `--variant NAME:key=value,...` measures PAR with other settings (as in accur
 e.g. `--variant par-fps:centres=farthest_point`. `--base key=value,...` sets what every
 row but `full` and the top-k ones starts from (e.g. `--base similarity=centred`).
 
+Under the table every row is compared with `prompt` (PAR) at the same budget question by
+question: how many answers only one of the two got right, and the exact McNemar p-value
+of that split, so "PAR trails top-k by 6 answers" comes with how often chance does that;
+the JSON keeps every row's answers (1 right, 0 wrong) in question order.
+
 The language model runs in transformers (float32, greedy, the same weights vLLM serves),
 fed the reduced visual tokens in place of the image placeholder, because vLLM cannot take
 an externally chosen relevance. `prompt` here should match accuracy.py's PAR rows; the
@@ -161,6 +166,32 @@ def reduce(source: str, visual: torch.Tensor, query: torch.Tensor, tile, obj, nu
     return reduction
 
 
+def mcnemar(only_a: int, only_b: int) -> float:
+    """Exact two-sided McNemar p-value: how likely a split of the discordant questions at
+    least this uneven is if the two methods are equally good (a binomial(n, 1/2) tail)."""
+    n = only_a + only_b
+    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired_lines(tallies: dict, reference: str = "prompt") -> list[str]:
+    """Each row against `reference` at the same budget, question by question: the answers
+    only one of the two got right, and the McNemar p-value of that split."""
+    lines = []
+    for (name, budget), tally in tallies.items():
+        ours = tallies.get((reference, budget))
+        if name in ("full", reference) or ours is None:
+            continue
+        only_ours = sum(a["correct"] > b["correct"] for a, b in zip(ours, tally))
+        only_theirs = sum(b["correct"] > a["correct"] for a, b in zip(ours, tally))
+        lines.append(f"{name:<22}{budget:>7.1%}{only_ours:>10}{only_theirs:>12}{mcnemar(only_ours, only_theirs):>10.3f}")
+    if not lines:
+        return []
+    header = f"{'row':<22}{'budget':>7}{'only ' + reference:>10}{'only the row':>12}{'p':>10}"
+    return ["", f"Question by question against {reference} (exact McNemar test on the discordant answers):",
+            header, "-" * len(header), *lines]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=Path(".models/vqa4"))
@@ -222,11 +253,14 @@ def main(argv=None) -> int:
              header, "-" * len(header)]
     lines += [f"{r['relevance']:<{width}}{r['budget']:>7.1%}{r['accuracy']:>9.3f}{r['pct_of_full']:>7.1f}%"
               f"{r['recall']:>8.3f}{r['object_recall']:>8.3f}{r['on_target']:>8.3f}" for r in rows]
+    lines += paired_lines(tallies)
     text = "\n".join(lines) + "\n"
     print(text)
     stem = args.out / f"par-ablation-{args.name}"
     write_results(stem, text, {"model": str(args.model), "split": args.split, "count": len(composites),
-                               "base": args.base, "seed": args.seed, "rows": rows})
+                               "base": args.base, "seed": args.seed, "rows": rows,
+                               "correct": {f"{name}@{budget}": [int(t["correct"]) for t in tally]
+                                           for (name, budget), tally in tallies.items()}})
     print(f"wrote {stem}.txt/.json")
     return 0
 

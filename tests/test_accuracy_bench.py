@@ -337,6 +337,15 @@ def test_merge_variants_keep_pars_tokens_and_change_only_the_merge():
     assert (anchored_moved <= moved + 1e-5).all() and (anchored_moved < moved).any()
 
 
+def test_mcnemar_is_the_exact_binomial_tail():
+    import par_ablation
+
+    assert par_ablation.mcnemar(0, 0) == 1.0
+    assert par_ablation.mcnemar(5, 5) == 1.0
+    assert par_ablation.mcnemar(0, 6) == par_ablation.mcnemar(6, 0) == 2 / 64
+    assert abs(par_ablation.mcnemar(2, 8) - 2 * 56 / 1024) < 1e-12
+
+
 def test_diagnostics_run_on_a_tiny_model(tmp_path):
     """The relevance probe and the oracle ablation (benchmarks that explain the accuracy
     table) run end to end; on a random-weight model their numbers mean nothing."""
@@ -365,8 +374,13 @@ def test_diagnostics_run_on_a_tiny_model(tmp_path):
     ablation = {(r["relevance"], r["budget"]): r for r in json.loads((out / "par-ablation-tiny.json").read_text())["rows"]}
     assert set(ablation) == {("full", 1.0)} | {(s, 0.111) for s in
                                                ("prompt", "oracle_tile", "oracle_object", "topk_oracle_tile",
-                                                "prompt_centered", "topk_prompt", *par_ablation.MERGES,
-                                                "par-fps")}
+                                                "prompt_centered", "topk_prompt", "prompt_grid3",
+                                                "topk_prompt_grid3", *par_ablation.MERGES, "par-fps")}
+    # Answers question by question, for the paired comparison printed under the table.
+    correct = json.loads((out / "par-ablation-tiny.json").read_text())["correct"]
+    assert set(correct) == {f"{name}@{budget}" for name, budget in ablation}
+    assert all(len(v) == 3 and set(v) <= {0, 1} for v in correct.values())
+    assert "Question by question against prompt" in (out / "par-ablation-tiny.txt").read_text()
     # Keeping the K highest oracle scores at 16 of 144 tokens keeps exactly the queried tile.
     assert ablation["topk_oracle_tile", 0.111]["on_target"] == 1.0
     assert ablation["oracle_tile", 0.111]["recall"] > ablation["full", 1.0]["on_target"]
