@@ -49,6 +49,7 @@ class ParSettings(BaseModel):
     # Retrieval keeps tokens with relevance > Q3 + outlier_factor * IQR (TRIM/PruMerge rule).
     outlier_factor: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.5
     # At most this share of the budget goes to retrieved tokens; clustering gets the rest.
+    # Under routing="separate" at least one kept token is always a centre.
     retrieval_share: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 0.5
     # Tokens this similar (by `similarity`) to a retrieved token merge into it instead of
     # competing for a cluster centre.
