@@ -39,7 +39,8 @@ row but `full` and the top-k ones starts from (e.g. `--base similarity=centred`)
 Under the table every row is compared with `prompt` (PAR) at the same budget question by
 question: how many answers only one of the two got right, and the exact McNemar p-value
 of that split, so "PAR trails top-k by 6 answers" comes with how often chance does that;
-the JSON keeps every row's answers (1 right, 0 wrong) in question order.
+the JSON keeps every row's answers as a string of 1 (right) and 0 (wrong), in question
+order.
 
 The language model runs in transformers (float32, greedy, the same weights vLLM serves),
 fed the reduced visual tokens in place of the image placeholder, because vLLM cannot take
@@ -184,10 +185,10 @@ def paired_lines(tallies: dict, reference: str = "prompt") -> list[str]:
             continue
         only_ours = sum(a["correct"] > b["correct"] for a, b in zip(ours, tally))
         only_theirs = sum(b["correct"] > a["correct"] for a, b in zip(ours, tally))
-        lines.append(f"{name:<22}{budget:>7.1%}{only_ours:>10}{only_theirs:>12}{mcnemar(only_ours, only_theirs):>10.3f}")
+        lines.append(f"{name:<22}{budget:>7.1%}{only_ours:>14}{only_theirs:>14}{mcnemar(only_ours, only_theirs):>8.3f}")
     if not lines:
         return []
-    header = f"{'row':<22}{'budget':>7}{'only ' + reference:>10}{'only the row':>12}{'p':>10}"
+    header = f"{'row':<22}{'budget':>7}{'only ' + reference:>14}{'only the row':>14}{'p':>8}"
     return ["", f"Question by question against {reference} (exact McNemar test on the discordant answers):",
             header, "-" * len(header), *lines]
 
@@ -259,7 +260,8 @@ def main(argv=None) -> int:
     stem = args.out / f"par-ablation-{args.name}"
     write_results(stem, text, {"model": str(args.model), "split": args.split, "count": len(composites),
                                "base": args.base, "seed": args.seed, "rows": rows,
-                               "correct": {f"{name}@{budget}": [int(t["correct"]) for t in tally]
+                               # One character per question, in order: 1 right, 0 wrong.
+                               "correct": {f"{name}@{budget}": "".join(str(int(t["correct"])) for t in tally)
                                            for (name, budget), tally in tallies.items()}})
     print(f"wrote {stem}.txt/.json")
     return 0

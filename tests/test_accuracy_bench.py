@@ -379,7 +379,7 @@ def test_diagnostics_run_on_a_tiny_model(tmp_path):
     # Answers question by question, for the paired comparison printed under the table.
     correct = json.loads((out / "par-ablation-tiny.json").read_text())["correct"]
     assert set(correct) == {f"{name}@{budget}" for name, budget in ablation}
-    assert all(len(v) == 3 and set(v) <= {0, 1} for v in correct.values())
+    assert all(len(v) == 3 and set(v) <= {"0", "1"} for v in correct.values())
     assert "Question by question against prompt" in (out / "par-ablation-tiny.txt").read_text()
     # Keeping the K highest oracle scores at 16 of 144 tokens keeps exactly the queried tile.
     assert ablation["topk_oracle_tile", 0.111]["on_target"] == 1.0
