@@ -66,6 +66,18 @@ def is_correct(text: str, answer: str) -> bool:
     return bool(words) and words[0] == answer
 
 
+def grid_average(score):
+    """A per-token score (..., N) averaged over each token's 3x3 neighbourhood on the
+    square patch grid (fewer neighbours at the border), same shape out."""
+    import math
+
+    import torch.nn.functional as F
+
+    side = math.isqrt(score.shape[-1])
+    grid = score.reshape(1, 1, side, side)
+    return F.avg_pool2d(grid, 3, stride=1, padding=1, count_include_pad=False).reshape(score.shape)
+
+
 def placement(reduction, tile_mask, object_mask) -> dict:
     """recall / object_recall / on_target for one image (first of the batch)."""
     import torch

@@ -56,13 +56,12 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
-from accuracy import (add_base_and_split, is_correct, model_about, model_words, object_patches,  # noqa: E402
+from accuracy import (add_base_and_split, grid_average, is_correct, model_about, model_words, object_patches,  # noqa: E402
                       placement, settings_line, variant_arg, write_results)
 from composite_vqa import TILE_PX, chat_prompt, make_composites  # noqa: E402
 
@@ -154,9 +153,7 @@ def reduce(source: str, visual: torch.Tensor, query: torch.Tensor, tile, obj, nu
         rel, aware = relevance(visual_n, query_n, torch.ones(1, query.shape[1], dtype=torch.bool),
                                settings.relevance)
         if source.endswith("_grid3"):
-            side = math.isqrt(rel.shape[1])
-            rel = F.avg_pool2d(rel.view(1, 1, side, side), 3, stride=1, padding=1,
-                               count_include_pad=False).view(1, -1)
+            rel = grid_average(rel)
     else:
         rel = torch.as_tensor(obj if source == "oracle_object" else tile, dtype=torch.float32)[None]
     if source.startswith("topk_"):

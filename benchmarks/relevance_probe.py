@@ -61,7 +61,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
-from accuracy import model_about, model_words, write_results  # noqa: E402
+from accuracy import grid_average, model_about, model_words, write_results  # noqa: E402
 from composite_vqa import COLORS, SHAPES, TILE_PX, Composite, make_composites  # noqa: E402
 
 from par_vllm.explain import Explainer  # noqa: E402
@@ -95,9 +95,7 @@ class Scores:
         queries = self.attn.q_proj(self.norm(q)).view(-1, self.heads, self.head_dim)
         attention = torch.einsum("nhd,thd->nt", F.normalize(keys, dim=-1), F.normalize(queries, dim=-1)) / self.heads
         lens = (v @ self.embed.T).log_softmax(-1)[:, q_ids]
-        side = int(v.shape[0] ** 0.5)
-        grid = cos.amax(-1).view(1, 1, side, side)
-        smooth = F.avg_pool2d(grid, 3, stride=1, padding=1, count_include_pad=False).flatten()
+        smooth = grid_average(cos.amax(-1))
         peak_word = cos[:, zscore.amax(0).argmax()]
         knn_soft = torch.softmax((v_n @ v_n.T - 1) / 0.05, dim=-1) @ cos.amax(-1)
         return {"cos": cos.amax(-1), "cos_3x3": smooth, "mean": cos.mean(-1), "zscore": zscore.amax(-1), "vocab": vocab.amax(-1),

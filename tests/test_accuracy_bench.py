@@ -337,6 +337,19 @@ def test_merge_variants_keep_pars_tokens_and_change_only_the_merge():
     assert (anchored_moved <= moved + 1e-5).all() and (anchored_moved < moved).any()
 
 
+def test_grid_average_takes_each_tokens_3x3_neighbourhood():
+    score = torch.zeros(1, 16)
+    score[0, 5] = 36.0  # row 1, column 1 of a 4 x 4 grid
+    smooth = accuracy.grid_average(score)
+    assert smooth.shape == score.shape
+    # Each token divides by the neighbours it has inside the grid: 9 inside, 6 on an edge,
+    # 4 in a corner; tokens whose neighbourhood misses (1, 1) get nothing.
+    assert torch.equal(smooth.view(4, 4), torch.tensor([[9.0, 6.0, 6.0, 0.0],
+                                                        [6.0, 4.0, 4.0, 0.0],
+                                                        [6.0, 4.0, 4.0, 0.0],
+                                                        [0.0, 0.0, 0.0, 0.0]]))
+
+
 def test_mcnemar_is_the_exact_binomial_tail():
     import par_ablation
 
