@@ -374,6 +374,9 @@ def main(argv=None) -> int:
     parser.add_argument("--align-unit", choices=("tile", "patch"), default="patch",
                         help="what one stage-2 caption reads: a tile's 16 visual tokens, or one on-shape token")
     parser.add_argument("--caption-prompt", default=CAPTION_PROMPT, help="the user turn of every stage-2 caption")
+    parser.add_argument("--align-task", choices=("caption", "chat"), default="caption",
+                        help="what stage 2 trains the projector on through the frozen language model: "
+                             "captions (see --align-unit), or stage 3's question chats")
     parser.add_argument("--vision-from", type=Path, default=None,
                         help="a model this script saved: reuse its stage-1 vision tower instead of training one")
     parser.add_argument("--turns", type=int, default=8, help="most questions per training chat in stage 3")
@@ -443,15 +446,20 @@ def main(argv=None) -> int:
     def caption_loss(step):
         return captions.loss(batch_of(step, 1_000_003), random.Random(args.seed * 1_000_037 + step))
 
-    def chat_loss(step):
-        rng = random.Random(args.seed * 1_000_033 + step)
+    def chat_loss(step, stage_seed=2_000_003):
+        # Stage 3's stream (stage_seed 2_000_003) draws exactly what v4's training drew.
+        rng = random.Random(args.seed * 1_000_033 + step + (stage_seed - 2_000_003))
         enc, targets = encode(processor, [(c, conversation(c, rng, rng.randint(1, args.turns)))
-                                          for c in batch_of(step, 2_000_003)])
+                                          for c in batch_of(step, stage_seed)])
         return answer_loss(model, enc, targets)
 
     projector = list(model.model.multi_modal_projector.parameters())
     if not args.init:
-        results["align"] = train_stage("align", model, [(projector, args.align_lr)], caption_loss,
+        # Answering questions through the frozen language model leaves the projector the
+        # whole job of making "the triangle" in a question find the triangle's tokens, which
+        # the unchanged model can only do by reading them as words it knows.
+        align_loss = caption_loss if args.align_task == "caption" else (lambda step: chat_loss(step, 3_000_017))
+        results["align"] = train_stage("align", model, [(projector, args.align_lr)], align_loss,
                                        args.align_minutes, args, log, validate)
     layers = [p for name, p in lm.named_parameters() if not name.startswith("embed_tokens")]
     for p in layers:
