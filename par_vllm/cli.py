@@ -9,8 +9,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from . import ARCHITECTURE
 from .config import CHOICES, ParSettingError, ParSettings
+from .server import par_overrides
 
 # One flag per PAR setting (the `par_*` key is the flag's name with underscores).
 SETTING_FLAGS = {
@@ -33,6 +33,8 @@ SETTING_FLAGS = {
                         "subtracting the image's mean token; default) or 'cosine'"),
     "routing": (str, "'separate' (retrieved tokens take in only their near-duplicates, the rest "
                      "go to cluster centres; default) or 'nearest' (any token to its nearest kept one)"),
+    "positions": (str, "'span' (an image's kept tokens spread over the positions the whole image "
+                       "takes; default) or 'consecutive' (K positions)"),
     "backend": (str, "'auto' (Triton kernels on GPU, torch elsewhere), 'torch' or 'triton'"),
 }
 
@@ -62,7 +64,7 @@ def setting_keys(args: argparse.Namespace) -> tuple[dict[str, object], ParSettin
 def serve_command(
     args: argparse.Namespace, keys: dict[str, object], vllm_args: list[str]
 ) -> tuple[list[str], dict]:
-    overrides = {"architectures": [ARCHITECTURE], **keys}
+    overrides = par_overrides(**{key.removeprefix("par_"): value for key, value in keys.items()})
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
                "--model", args.model, "--hf-overrides", json.dumps(overrides), *vllm_args]
     env = dict(os.environ)

@@ -19,11 +19,11 @@ PREFIX = "par_"
 # in this order.
 PACKED_FIELDS = ("enabled", "keep_ratio", "num_tokens", "outlier_factor", "retrieval_share",
                  "duplicate_threshold", "relevance", "knn_k", "backend", "method", "centres",
-                 "drop_question_type_words", "similarity", "routing", "centre_relevance")
+                 "drop_question_type_words", "similarity", "routing", "centre_relevance", "positions")
 CHOICES = {"relevance": ("max", "mean"), "backend": ("auto", "torch", "triton"),
            "method": ("par", "pool", "random", "topk", "diverse"),
            "centres": ("density_peaks", "farthest_point"), "similarity": ("cosine", "centred"),
-           "routing": ("nearest", "separate")}
+           "routing": ("nearest", "separate"), "positions": ("span", "consecutive")}
 
 
 class ParSettingError(ValueError):
@@ -83,6 +83,12 @@ class ParSettings(BaseModel):
     # similar cluster centre), so retrieved tokens take in only their near-duplicates and
     # what the prompt asked about is not averaged with unrelated parts of the image.
     routing: Literal["nearest", "separate"] = "separate"
+    # Where the K kept tokens sit in the language model's positions: "span" spreads them
+    # over the N positions the whole image takes, and starts the text after the image where
+    # it would start unreduced, as the model saw images in training; "consecutive" gives
+    # them K positions, as any other K tokens. "span" needs vLLM's per-request positions
+    # (par_vllm.positions.rope_overrides in --hf-overrides; `par-vllm serve` adds it).
+    positions: Literal["span", "consecutive"] = "span"
     # Which implementation runs: "auto" uses the Triton kernels on CUDA tensors and the
     # torch reference elsewhere; "torch" forces the reference; "triton" forces the kernels
     # (on a CPU only under TRITON_INTERPRET=1).
@@ -135,6 +141,7 @@ class ParSettings(BaseModel):
             similarity=CHOICES["similarity"][int(values["similarity"])],
             routing=CHOICES["routing"][int(values["routing"])],
             centre_relevance=values["centre_relevance"],
+            positions=CHOICES["positions"][int(values["positions"])],
         )
 
     @classmethod

@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 from . import ARCHITECTURE
+from .positions import ROPE_OVERRIDES
 
 # What vLLM needs on a machine without a GPU (VLLM_NOTES.md); harmless elsewhere.
 CPU_ENV = {
@@ -34,8 +35,9 @@ def free_port() -> int:
 
 
 def par_overrides(par: bool = True, **settings: object) -> dict:
-    """The --hf-overrides JSON: the PAR architecture plus `par_*` server defaults."""
-    overrides: dict = {"architectures": [ARCHITECTURE]} if par else {}
+    """The --hf-overrides JSON: the PAR architecture, the positions switch that
+    `par_positions="span"` needs, and `par_*` server defaults."""
+    overrides: dict = {"architectures": [ARCHITECTURE], **ROPE_OVERRIDES} if par else {}
     overrides.update({f"par_{k}": v for k, v in settings.items()})
     return overrides
 

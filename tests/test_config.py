@@ -25,6 +25,7 @@ from par_vllm.config import ParSettingError, ParSettings, settings_from_hf_confi
         ("par_similarity", "euclidean"),
         ("par_centre_relevance", -1),
         ("par_centre_relevance", math.inf),
+        ("par_positions", "raster"),
         ("par_knn_k", 0),
         ("par_enabled", "yes"),
         ("par_typo", 1),
@@ -66,7 +67,8 @@ def test_settings_survive_packing_into_a_tensor():
                                                keep_ratio=0.3, outlier_factor=0.25, knn_k=11,
                                                backend="triton", centres="farthest_point",
                                                drop_question_type_words=False, similarity="cosine",
-                                               routing="nearest", centre_relevance=1.5)]:
+                                               routing="nearest", centre_relevance=1.5,
+                                               positions="consecutive")]:
         packed = settings.to_tensor()
         assert packed.dtype == torch.float64
         assert ParSettings.from_tensor(packed) == settings

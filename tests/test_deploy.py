@@ -13,6 +13,7 @@ import yaml
 
 from par_vllm import ARCHITECTURE
 from par_vllm.cli import main
+from par_vllm.positions import ROPE_OVERRIDES
 
 ROOT = Path(__file__).parents[1]
 DEPLOY = ROOT / "deploy"
@@ -32,14 +33,14 @@ def test_serve_wrapper_builds_the_hf_overrides(capsys):
                        "--relevance", "mean", "--", "--port", "9000"], capsys)
     assert command[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
     assert command[command.index("--model") + 1] == "some/llava"
-    assert hf_overrides(command) == {"architectures": [ARCHITECTURE], "par_keep_ratio": 0.2,
+    assert hf_overrides(command) == {"architectures": [ARCHITECTURE], **ROPE_OVERRIDES, "par_keep_ratio": 0.2,
                                      "par_knn_k": 7, "par_relevance": "mean"}
     assert command[-2:] == ["--port", "9000"]
 
 
 def test_serve_wrapper_can_keep_question_type_words(capsys):
     command = dry_run(["serve", "m", "--keep-question-type-words"], capsys)
-    assert hf_overrides(command) == {"architectures": [ARCHITECTURE], "par_drop_question_type_words": False}
+    assert hf_overrides(command) == {"architectures": [ARCHITECTURE], **ROPE_OVERRIDES, "par_drop_question_type_words": False}
 
 
 def test_serve_wrapper_rejects_a_bad_setting_by_name(capsys):
@@ -85,7 +86,7 @@ def test_docker_entrypoint_turns_env_into_flags():
     out = subprocess.run(["bash", str(DEPLOY / "docker-entrypoint.sh"), "--dry-run"], env=env,
                          capture_output=True, text=True, check=True).stdout
     command = shlex.split(out)
-    assert hf_overrides(command) == {"architectures": [ARCHITECTURE], "par_keep_ratio": 0.25,
+    assert hf_overrides(command) == {"architectures": [ARCHITECTURE], **ROPE_OVERRIDES, "par_keep_ratio": 0.25,
                                      "par_knn_k": 8, "par_centres": "farthest_point",
                                      "par_similarity": "cosine", "par_routing": "nearest",
                                      "par_drop_question_type_words": False}

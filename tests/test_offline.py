@@ -4,6 +4,7 @@ import gc
 
 import pytest
 
+from par_vllm import ARCHITECTURE
 from par_vllm.demo import demo_image
 from par_vllm.server import par_overrides
 
@@ -52,12 +53,23 @@ def results(demo_model):
     for method in ("pool", "random", "topk", "diverse"):
         kwargs = {"par_method": method, "par_num_tokens": 30}
         res[tuple(kwargs.items())] = generate(llm, PROMPT, image, kwargs)
+    res["pool_consecutive"] = generate(llm, PROMPT, image, {"par_method": "pool", "par_num_tokens": 30,
+                                                            "par_positions": "consecutive"})
     for drop in (None, True, False):
         keys = {"par_num_tokens": 10} | ({} if drop is None else {"par_drop_question_type_words": drop})
         res["question_type", drop] = generate(llm, QUESTION_TYPE_PROMPT, image, keys)
     res["two_images"] = generate(llm, TWO_IMAGES, [image, image.rotate(90)], {"par_num_tokens": 32})
     res["disabled"] = generate(llm, PROMPT, image, {"par_enabled": False})
     res["disabled_two"] = generate(llm, TWO_IMAGES, [image, image.rotate(90)], {"par_enabled": False})
+    del llm
+    gc.collect()
+    # No positions override: only par_positions="consecutive" can be served.
+    llm = make_llm(demo_model, {"architectures": [ARCHITECTURE], "par_positions": "consecutive"})
+    res["no_override_pool"] = generate(llm, PROMPT, image, {"par_method": "pool", "par_num_tokens": 30})
+    try:
+        generate(llm, PROMPT, image, {"par_positions": "span"})
+    except ValueError as error:
+        res["no_override_span_error"] = error
     del llm
     gc.collect()
     llm = make_llm(demo_model)  # the stock LlavaForConditionalGeneration
@@ -150,3 +162,52 @@ def test_plugin_loads_in_every_tensor_parallel_worker(results, demo_model, token
     single = results[(("par_keep_ratio", 0.111),)]
     assert len(out.prompt_token_ids) == text_tokens(tokenizer, PROMPT) + 64
     assert out.outputs[0].token_ids == single.outputs[0].token_ids
+
+
+def reference_logprobs(demo_model, tokenizer, num_kept, span):
+    """First-step log-probabilities in transformers, from the pooled tokens (the torch
+    reference) at the positions par_vllm.positions gives."""
+    import torch
+
+    from par_vllm.baselines import uniform_pool
+    from par_vllm.explain import Explainer
+    from par_vllm.positions import image_positions
+
+    explainer = Explainer(demo_model)
+    visual = explainer.visual_tokens(demo_image())
+    tokens = uniform_pool(visual, None, None, num_kept, None).tokens[0]
+    ids = tokenizer.encode(PROMPT)
+    at = ids.index(tokenizer.convert_tokens_to_ids("<image>"))
+    embed = explainer.model.get_input_embeddings()
+    with torch.no_grad():
+        inputs = torch.cat([embed(torch.tensor(ids[:at])), tokens, embed(torch.tensor(ids[at + 1:]))])[None]
+        positions, _ = image_positions(inputs.shape[1], [(at, num_kept, visual.shape[1], span)])
+        hidden = explainer.model.model.language_model(inputs_embeds=inputs, position_ids=positions[:1]).last_hidden_state
+        return torch.log_softmax(explainer.model.lm_head(hidden[0, -1]), dim=-1)
+
+
+@pytest.mark.parametrize("span", [True, False])
+def test_positions_in_the_engine_are_the_reference_positions(results, demo_model, tokenizer, span):
+    """The engine's first answer token, with its log-probability, is what transformers gives
+    for the same K tokens at par_vllm.positions' positions; span is the default."""
+    out = results[(("par_method", "pool"), ("par_num_tokens", 30))] if span else results["pool_consecutive"]
+    ((token, logprob),) = ((t, lp.logprob) for t, lp in out.outputs[0].logprobs[0].items() if t == out.outputs[0].token_ids[0])
+    reference = reference_logprobs(demo_model, tokenizer, 30, span)
+    assert token == reference.argmax().item()
+    assert abs(logprob - reference[token].item()) < 1e-3
+    other = reference_logprobs(demo_model, tokenizer, 30, not span)
+    assert abs(other[token].item() - reference[token].item()) > 1e-4  # the positions matter
+
+
+def test_a_server_without_the_positions_override_serves_consecutive_positions(results):
+    """Without the M-RoPE switch in --hf-overrides, par_positions="consecutive" serves as the
+    switched-on engine does (M-RoPE with identical rows is plain RoPE), and a request for
+    "span" is refused, naming the setting."""
+    plain, switched = results["no_override_pool"], results["pool_consecutive"]
+    assert plain.prompt_token_ids == switched.prompt_token_ids
+    assert plain.outputs[0].token_ids == switched.outputs[0].token_ids
+    for step_a, step_b in zip(plain.outputs[0].logprobs, switched.outputs[0].logprobs):
+        for token, lp in step_a.items():
+            assert abs(lp.logprob - step_b[token].logprob) < 1e-4
+    error = results.get("no_override_span_error")
+    assert error is not None and "par_positions" in str(error)

@@ -6,11 +6,14 @@
   kwargs, which vLLM hashes into every image's identity (processor cache, encoder cache,
   prefix-cache block hashes); reserves K placeholders; ships the prompt's token ids and
   the settings to the model as per-image fields.
-- Model: runs the usual vision tower and projector, then PAR, returning K rows per image.
+- Model: runs the usual vision tower and projector, then PAR, returning K rows per image;
+  with `par_positions="span"`, places each image's K tokens over the N positions the
+  whole image would take (par_vllm/positions.py), through vLLM's M-RoPE interface.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from functools import cached_property
@@ -18,6 +21,7 @@ from functools import cached_property
 import torch
 from transformers import BatchFeature
 from vllm.exceptions import VLLMValidationError
+from vllm.model_executor.models.interfaces import SupportsMRoPE
 from vllm.model_executor.models.llava import (
     LlavaDummyInputsBuilder,
     LlavaForConditionalGeneration,
@@ -25,12 +29,13 @@ from vllm.model_executor.models.llava import (
     LlavaProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
+from vllm.multimodal.inputs import MultiModalFeatureSpec, MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems, MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
 from .. import metrics
 from ..config import ParSettingError, ParSettings, settings_from_hf_config
+from ..positions import ROPE_OVERRIDES, declares_positions, image_positions, size_mrope_section
 from ..prompt import QueryRewriter
 from ..reduction import reduce_per_image
 
@@ -38,6 +43,8 @@ from ..reduction import reduce_per_image
 # vLLM hashes these kwargs into each image's cache identity.
 SETTINGS_KEY = "par_settings"
 QUERY_KEY = "par_query_ids"
+# Per-image field: N, the image's visual tokens before reduction (for its positions).
+FULL_KEY = "par_full_tokens"
 
 
 class ParRequestError(VLLMValidationError, ParSettingError):
@@ -57,9 +64,16 @@ class ParLlavaProcessingInfo(LlavaProcessingInfo):
         if SETTINGS_KEY in mm_kwargs:  # already resolved by apply()
             return ParSettings(**mm_kwargs[SETTINGS_KEY])
         try:
-            return ParSettings.from_keys(mm_kwargs, base=self.server_settings)
+            settings = ParSettings.from_keys(mm_kwargs, base=self.server_settings)
+            if settings.positions == "span" and not self.places_tokens:
+                raise positions_error()
+            return settings
         except ParSettingError as error:
             raise ParRequestError(error) from None
+
+    @cached_property
+    def places_tokens(self) -> bool:
+        return declares_positions(self.get_hf_config())
 
     @cached_property
     def query_rewriter(self) -> QueryRewriter:
@@ -126,7 +140,14 @@ class ParLlavaMultiModalProcessor(LlavaMultiModalProcessor):
         packed = self.info.resolve_settings(hf_processor_mm_kwargs).to_tensor()
         processed_data[QUERY_KEY] = [query] * len(images)
         processed_data[SETTINGS_KEY] = packed.expand(len(images), -1).clone()
+        processed_data[FULL_KEY] = torch.tensor([self._full_tokens(image) for image in images])
         return processed_data
+
+    def _full_tokens(self, image: torch.Tensor) -> int:
+        if image.ndim == 2:  # image embeddings: N x hidden
+            return image.shape[0]
+        height, width = image.shape[-2:]
+        return self.info.get_num_image_tokens(image_width=width, image_height=height)
 
     def _get_mm_fields_config(
         self,
@@ -137,6 +158,7 @@ class ParLlavaMultiModalProcessor(LlavaMultiModalProcessor):
             **super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),
             QUERY_KEY: MultiModalFieldConfig.batched("image"),
             SETTINGS_KEY: MultiModalFieldConfig.batched("image", keep_on_cpu=True),
+            FULL_KEY: MultiModalFieldConfig.batched("image", keep_on_cpu=True),
         }
 
     def _get_prompt_updates(
@@ -160,15 +182,43 @@ class ParLlavaMultiModalProcessor(LlavaMultiModalProcessor):
     info=ParLlavaProcessingInfo,
     dummy_inputs=LlavaDummyInputsBuilder,
 )
-class ParLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+class ParLlavaForConditionalGeneration(LlavaForConditionalGeneration, SupportsMRoPE):
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        config = vllm_config.model_config.hf_config
         # Fail at start-up, naming the key, if --hf-overrides holds a bad default.
-        self.par_server_settings = settings_from_hf_config(self.config)
+        server_settings = settings_from_hf_config(config)
+        if declares_positions(config):
+            try:
+                size_mrope_section(config.get_text_config())  # before the language model is built
+            except ValueError as error:
+                raise ParSettingError(f"par_positions: {error}; serve without "
+                                      "the text_config.rope_parameters.mrope_section override, "
+                                      "with par_positions='consecutive'", setting="par_positions") from None
+        elif server_settings.positions == "span":
+            raise positions_error()
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.par_server_settings = server_settings
+
+    def get_mrope_input_positions(
+        self, input_tokens: list[int], mm_features: list[MultiModalFeatureSpec]
+    ) -> tuple[torch.Tensor, int]:
+        """vLLM asks once per request, before any image is encoded: only K, N and the
+        settings are needed, not which tokens PAR will keep."""
+        images = []
+        for feature in mm_features:
+            if feature.modality != "image":
+                continue
+            assert feature.data is not None, "vLLM hands the model every image's fields"
+            settings = ParSettings.from_tensor(feature.data[SETTINGS_KEY].data)
+            full = int(feature.data[FULL_KEY].data)
+            images.append((feature.mm_position.offset, feature.mm_position.length, full,
+                           settings.positions == "span"))
+        return image_positions(len(input_tokens), images)
 
     def embed_multimodal(self, **kwargs: object):
         query_ids = kwargs.pop(QUERY_KEY, None)
         packed_settings = kwargs.pop(SETTINGS_KEY, None)
+        kwargs.pop(FULL_KEY, None)
         features = super().embed_multimodal(**kwargs)
         if packed_settings is None or len(features) == 0:
             return features
@@ -179,3 +229,10 @@ class ParLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             settings,
             embed_tokens=self.get_language_model().embed_input_ids,
         )
+
+
+def positions_error() -> ParSettingError:
+    return ParSettingError(
+        "par_positions: 'span' places each image's kept tokens through vLLM's M-RoPE positions, which "
+        f"this server's config does not switch on: add {json.dumps(ROPE_OVERRIDES)} to --hf-overrides "
+        "(`par-vllm serve` does) or set par_positions to 'consecutive'", setting="par_positions")
