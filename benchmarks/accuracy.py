@@ -197,13 +197,15 @@ def settings_line(base: dict) -> str:
     return "PAR settings: " + (", ".join(f"{k}={v}" for k, v in base.items()) or "defaults")
 
 
-def configs_for(methods, budgets, variants=()):
+def configs_for(methods, budgets, variants=(), base=None):
+    """(name, mm_processor_kwargs) per row; `base` (par_ keys) under every reduced row."""
+    base = base or {}
     configs = [("full", {"par_enabled": False})]
     for budget in budgets:
         for method in methods:
-            configs.append((f"{method}@{budget:g}", {"par_method": method, "par_keep_ratio": budget}))
+            configs.append((f"{method}@{budget:g}", {**base, "par_method": method, "par_keep_ratio": budget}))
         for name, keys in variants:
-            configs.append((f"{name}@{budget:g}", {"par_method": "par", **keys, "par_keep_ratio": budget}))
+            configs.append((f"{name}@{budget:g}", {**base, "par_method": "par", **keys, "par_keep_ratio": budget}))
     return configs
 
 
@@ -309,6 +311,9 @@ def main(argv=None) -> int:
     parser.add_argument("--variant", action="append", default=[], type=variant_arg,
                         help="a PAR variant measured beside the methods: NAME:key=value,... "
                              "(par_ keys without the prefix), e.g. par-fps:centres=farthest_point")
+    parser.add_argument("--base", default={}, type=settings_arg,
+                        help="key=value,... settings under every reduced row, methods and variants "
+                             "alike, e.g. positions=consecutive")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--explain", type=int, default=3, help="composites to render")
     parser.add_argument("--max-num-seqs", type=int, default=16)
@@ -324,7 +329,7 @@ def main(argv=None) -> int:
     grid = image_px // TILE_PX
     visual_tokens = (image_px // patch_px) ** 2
     composites = make_composites("test", args.count, grid=grid, seed=args.seed)
-    configs = configs_for(args.methods, args.budgets, args.variant)
+    configs = configs_for(args.methods, args.budgets, args.variant, args.base)
 
     # Hugging Face reads a relative path as a hub id, so the engines get an absolute one.
     answers = run_vllm(args.model.resolve(), composites, configs, args.max_num_seqs)
@@ -334,11 +339,12 @@ def main(argv=None) -> int:
     about = model_about(args.model)
     title = (f"composite easy-VQA ({grid}x{grid} tiles, {visual_tokens} visual tokens), "
              f"{len(composites)} test questions; model: {model_words(about, args.model)}")
-    text = f"{title}\nvision: {about.get('vision_tower_and_projector', 'see par_model.json')}\n\n{table(rows)}\n"
+    text = (f"{title}\nvision: {about.get('vision_tower_and_projector', 'see par_model.json')}\n"
+            + (f"{settings_line(args.base)} (every reduced row)\n" if args.base else "") + f"\n{table(rows)}\n")
     print(text)
     stem = args.out / f"accuracy-{args.name}"
     write_results(stem, text, {
-        "model": str(args.model), "about": about, "count": len(composites), "seed": args.seed,
+        "model": str(args.model), "about": about, "count": len(composites), "seed": args.seed, "base": args.base,
         "grid": grid, "visual_tokens": visual_tokens, "rows": rows,
     })
     plot(rows, stem.with_suffix(".png"), title)

@@ -68,6 +68,7 @@ from composite_vqa import TILE_PX, chat_prompt, make_composites  # noqa: E402
 from par_vllm.config import ParSettings  # noqa: E402
 from par_vllm.baselines import pruned  # noqa: E402
 from par_vllm.explain import Explainer  # noqa: E402
+from par_vllm.positions import image_positions  # noqa: E402
 from par_vllm.reduction import (Reduction, near_duplicates, reduce_by_relevance, relevance, route_merge,  # noqa: E402
                                 token_space)
 
@@ -78,9 +79,11 @@ MERGES = ("prompt_prune", "prompt_merge_close", "prompt_merge_sharp", "prompt_me
 
 
 @torch.no_grad()
-def answer(explainer: Explainer, prompt_ids: list[int], visual: torch.Tensor, max_tokens: int = 4) -> str:
+def answer(explainer: Explainer, prompt_ids: list[int], visual: torch.Tensor, max_tokens: int = 4,
+           span_of: int | None = None) -> str:
     """Greedy reply of the checkpoint's language model with `visual` (K x D) in place of
-    the one image placeholder in `prompt_ids`."""
+    the one image placeholder in `prompt_ids`; with `span_of` = N, at the positions the
+    server gives under par_positions="span" (par_vllm.positions), else consecutive."""
     model = explainer.model
     image_id = model.config.image_token_index
     at = prompt_ids.index(image_id)
@@ -88,15 +91,19 @@ def answer(explainer: Explainer, prompt_ids: list[int], visual: torch.Tensor, ma
     before = embed(torch.tensor(prompt_ids[:at]))
     after = embed(torch.tensor(prompt_ids[at + 1:]))
     inputs = torch.cat([before, visual.to(before.dtype), after])[None]
+    kept = visual.shape[0]
+    positions, delta = image_positions(inputs.shape[1], [(at, kept, span_of or kept, span_of is not None)])
     language_model, head = model.model.language_model, model.lm_head
-    out = language_model(inputs_embeds=inputs, use_cache=True)
+    out = language_model(inputs_embeds=inputs, position_ids=positions[:1], use_cache=True)
     reply = []
-    for _ in range(max_tokens):
+    for step in range(max_tokens):
         token = head(out.last_hidden_state[:, -1]).argmax(-1)
         if token.item() == explainer.tokenizer.eos_token_id:
             break
         reply.append(token.item())
-        out = language_model(inputs_embeds=embed(token)[None], past_key_values=out.past_key_values, use_cache=True)
+        position = torch.tensor([[inputs.shape[1] + step + delta]])
+        out = language_model(inputs_embeds=embed(token)[None], position_ids=position,
+                             past_key_values=out.past_key_values, use_cache=True)
     return explainer.tokenizer.decode(reply, skip_special_tokens=True)
 
 
@@ -224,6 +231,7 @@ def main(argv=None) -> int:
         side = int(visual.shape[1] ** 0.5)
         tile, obj = c.patch_mask(side), object_patches(c, vision.patch_size)
         for name, source, budget in configs:
+            span_of = None
             if source is None:
                 tokens, place = visual[0], {"recall": 1.0, "object_recall": 1.0, "on_target": float(tile.mean())}
             else:
@@ -233,7 +241,8 @@ def main(argv=None) -> int:
                 reduction = reduce(relevance_source, visual, queries[settings.drop_question_type_words], tile, obj,
                                    settings.num_kept(visual.shape[1]), settings, mean_word)
                 tokens, place = reduction.tokens[0], placement(reduction, tile, obj)
-            ok = is_correct(answer(explainer, prompt_ids, tokens), c.answer)
+                span_of = visual.shape[1] if settings.positions == "span" else None
+            ok = is_correct(answer(explainer, prompt_ids, tokens, span_of=span_of), c.answer)
             tallies[(name, budget)].append({"correct": float(ok), **place})
 
     full = sum(t["correct"] for t in tallies[("full", 1.0)]) / len(composites)

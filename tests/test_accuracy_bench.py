@@ -139,6 +139,11 @@ def test_variants_are_par_settings_checked_before_vllm_starts():
     assert keys == {"par_centres": "farthest_point", "par_outlier_factor": 1, "par_retrieval_share": 0.25}
     configs = dict(accuracy.configs_for(["par"], [0.111], [(name, keys)]))
     assert configs["par-fps@0.111"] == {"par_method": "par", **keys, "par_keep_ratio": 0.111}
+    base = {"par_positions": "consecutive"}
+    configs = dict(accuracy.configs_for(["par", "topk"], [0.111], [(name, keys)], base))
+    assert configs["topk@0.111"] == {**base, "par_method": "topk", "par_keep_ratio": 0.111}
+    assert configs["par-fps@0.111"]["par_positions"] == "consecutive"
+    assert configs["full"] == {"par_enabled": False}
     from par_vllm.config import ParSettingError
 
     with pytest.raises(ParSettingError, match="par_centres"):
