@@ -451,3 +451,16 @@ def test_stage2_captions_read_the_tokens_they_describe(tmp_path, unit, tokens_pe
         else:
             assert sorted(index.tolist()) == np.flatnonzero(
                 Composite(composite.tiles, 3, tile_of[0].item(), "", "", "").patch_mask(12)).tolist()
+
+
+def test_paired_counts_compare_the_same_question_in_two_files():
+    import paired
+
+    assert paired.discordant("1100", "1010") == (1, 1)
+    assert paired.discordant("1111", "0000") == (4, 0)
+    with pytest.raises(ValueError, match="same questions"):
+        paired.discordant("11", "110")
+    first = {"correct": {"prompt@0.111": "1110", "topk_prompt@0.111": "1111"}}
+    second = {"correct": {"prompt@0.111": "0111"}}
+    (header, row) = paired.paired_rows(first, second)
+    assert row.split() == ["prompt@0.111", "3", "3", "1", "1", "1.000"]
