@@ -87,7 +87,7 @@ class ParSettings(BaseModel):
     # over the N positions the whole image takes, and starts the text after the image where
     # it would start unreduced, as the model saw images in training; "consecutive" gives
     # them K positions, as any other K tokens. "span" needs vLLM's per-request positions
-    # (par_vllm.positions.rope_overrides in --hf-overrides; `par-vllm serve` adds it).
+    # (par_vllm.positions.ROPE_OVERRIDES in --hf-overrides; `par-vllm serve` adds it).
     positions: Literal["span", "consecutive"] = "span"
     # Which implementation runs: "auto" uses the Triton kernels on CUDA tensors and the
     # torch reference elsewhere; "torch" forces the reference; "triton" forces the kernels
