@@ -15,22 +15,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from par_ablation import mcnemar  # noqa: E402
-
-
-def discordant(first: str, second: str) -> tuple[int, int]:
-    """(only first right, only second right) from two strings of 1 (right) / 0 (wrong)."""
-    if len(first) != len(second):
-        raise ValueError(f"the files hold {len(first)} and {len(second)} questions: not the same questions")
-    return (sum(a == "1" and b == "0" for a, b in zip(first, second)),
-            sum(a == "0" and b == "1" for a, b in zip(first, second)))
+from par_ablation import discordant, mcnemar  # noqa: E402
 
 
 def paired_rows(first: dict, second: dict) -> list[str]:
     lines = [f"{'row':<24}{'first':>7}{'second':>8}{'only first':>12}{'only second':>13}{'p':>8}"]
     for key, answers in first["correct"].items():
         if key in second["correct"]:
-            only_first, only_second = discordant(answers, second["correct"][key])
+            # Each file keeps a row's answers as a string of 1 (right) and 0 (wrong).
+            only_first, only_second = discordant(list(map(int, answers)), list(map(int, second["correct"][key])))
             lines.append(f"{key:<24}{answers.count('1'):>7}{second['correct'][key].count('1'):>8}"
                          f"{only_first:>12}{only_second:>13}{mcnemar(only_first, only_second):>8.3f}")
     return lines

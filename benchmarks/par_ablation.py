@@ -179,6 +179,15 @@ def mcnemar(only_a: int, only_b: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def discordant(first, second) -> tuple[int, int]:
+    """(only first right, only second right) over two equally long sequences of the same
+    questions' answers, each right (truthy) or wrong."""
+    if len(first) != len(second):
+        raise ValueError(f"{len(first)} and {len(second)} answers: not the same questions")
+    return (sum(bool(a) and not b for a, b in zip(first, second)),
+            sum(bool(b) and not a for a, b in zip(first, second)))
+
+
 def paired_lines(tallies: dict, reference: str = "prompt") -> list[str]:
     """Each row against `reference` at the same budget, question by question: the answers
     only one of the two got right, and the McNemar p-value of that split."""
@@ -187,8 +196,7 @@ def paired_lines(tallies: dict, reference: str = "prompt") -> list[str]:
         ours = tallies.get((reference, budget))
         if name in ("full", reference) or ours is None:
             continue
-        only_ours = sum(a["correct"] > b["correct"] for a, b in zip(ours, tally))
-        only_theirs = sum(b["correct"] > a["correct"] for a, b in zip(ours, tally))
+        only_ours, only_theirs = discordant([t["correct"] for t in ours], [t["correct"] for t in tally])
         lines.append(f"{name:<22}{budget:>7.1%}{only_ours:>14}{only_theirs:>14}{mcnemar(only_ours, only_theirs):>8.3f}")
     if not lines:
         return []

@@ -64,7 +64,7 @@ def setting_keys(args: argparse.Namespace) -> tuple[dict[str, object], ParSettin
 def serve_command(
     args: argparse.Namespace, keys: dict[str, object], vllm_args: list[str]
 ) -> tuple[list[str], dict]:
-    overrides = par_overrides(**{key.removeprefix("par_"): value for key, value in keys.items()})
+    overrides = {**par_overrides(), **keys}
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
                "--model", args.model, "--hf-overrides", json.dumps(overrides), *vllm_args]
     env = dict(os.environ)

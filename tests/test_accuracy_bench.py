@@ -455,11 +455,12 @@ def test_stage2_captions_read_the_tokens_they_describe(tmp_path, unit, tokens_pe
 
 def test_paired_counts_compare_the_same_question_in_two_files():
     import paired
+    import par_ablation
 
-    assert paired.discordant("1100", "1010") == (1, 1)
-    assert paired.discordant("1111", "0000") == (4, 0)
+    assert par_ablation.discordant([1, 1, 0, 0], [1, 0, 1, 0]) == (1, 1)
+    assert par_ablation.discordant([1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]) == (4, 0)
     with pytest.raises(ValueError, match="same questions"):
-        paired.discordant("11", "110")
+        par_ablation.discordant([1, 1], [1, 1, 0])
     first = {"correct": {"prompt@0.111": "1110", "topk_prompt@0.111": "1111"}}
     second = {"correct": {"prompt@0.111": "0111"}}
     (header, row) = paired.paired_rows(first, second)
