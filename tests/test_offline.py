@@ -164,39 +164,48 @@ def test_plugin_loads_in_every_tensor_parallel_worker(results, demo_model, token
     assert out.outputs[0].token_ids == single.outputs[0].token_ids
 
 
-def reference_logprobs(demo_model, tokenizer, num_kept, span):
+@pytest.fixture(scope="module")
+def pooled_reference(demo_model, tokenizer):
     """First-step log-probabilities in transformers, from the pooled tokens (the torch
-    reference) at the positions par_vllm.positions gives."""
+    reference) at the positions par_vllm.positions gives, with span and without."""
     import torch
 
     from par_vllm.baselines import uniform_pool
     from par_vllm.explain import Explainer
     from par_vllm.positions import image_positions
 
+    num_kept = 30
     explainer = Explainer(demo_model)
     visual = explainer.visual_tokens(demo_image())
     tokens = uniform_pool(visual, None, None, num_kept, None).tokens[0]
     ids = tokenizer.encode(PROMPT)
     at = ids.index(tokenizer.convert_tokens_to_ids("<image>"))
     embed = explainer.model.get_input_embeddings()
+    reference = {}
     with torch.no_grad():
         inputs = torch.cat([embed(torch.tensor(ids[:at])), tokens, embed(torch.tensor(ids[at + 1:]))])[None]
-        positions, _ = image_positions(inputs.shape[1], [(at, num_kept, visual.shape[1], span)])
-        hidden = explainer.model.model.language_model(inputs_embeds=inputs, position_ids=positions[:1]).last_hidden_state
-        return torch.log_softmax(explainer.model.lm_head(hidden[0, -1]), dim=-1)
+        for span in (True, False):
+            positions, _ = image_positions(inputs.shape[1], [(at, num_kept, visual.shape[1], span)])
+            hidden = explainer.model.model.language_model(inputs_embeds=inputs,
+                                                          position_ids=positions[:1]).last_hidden_state
+            reference[span] = torch.log_softmax(explainer.model.lm_head(hidden[0, -1]), dim=-1)
+    return reference
 
 
 @pytest.mark.parametrize("span", [True, False])
-def test_positions_in_the_engine_are_the_reference_positions(results, demo_model, tokenizer, span):
+def test_positions_in_the_engine_are_the_reference_positions(results, pooled_reference, span):
     """The engine's first answer token, with its log-probability, is what transformers gives
     for the same K tokens at par_vllm.positions' positions; span is the default."""
     out = results[(("par_method", "pool"), ("par_num_tokens", 30))] if span else results["pool_consecutive"]
     ((token, logprob),) = ((t, lp.logprob) for t, lp in out.outputs[0].logprobs[0].items() if t == out.outputs[0].token_ids[0])
-    reference = reference_logprobs(demo_model, tokenizer, 30, span)
+    reference = pooled_reference[span]
+    # On the random-weight demo model the two placements move this log-probability by
+    # about 5e-4: the engine must match its own placement well inside that gap (it agrees
+    # with transformers to float32 precision), or serving the other placement would pass.
     assert token == reference.argmax().item()
-    assert abs(logprob - reference[token].item()) < 1e-3
-    other = reference_logprobs(demo_model, tokenizer, 30, not span)
-    assert abs(other[token].item() - reference[token].item()) > 1e-4  # the positions matter
+    assert abs(logprob - reference[token].item()) < 1e-4
+    other = pooled_reference[not span]
+    assert abs(other[token].item() - reference[token].item()) > 2e-4  # the positions matter
 
 
 def test_a_server_without_the_positions_override_serves_consecutive_positions(results):
