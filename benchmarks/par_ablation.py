@@ -33,7 +33,8 @@ Routing's merge (step 4) is varied on the prompt relevance, with PAR's kept toke
                        threshold); other tokens routed to it are dropped, centres merge as usual
 
 and `--variant NAME:key=value,...` measures PAR with other settings (as in accuracy.py),
-e.g. `--variant par-fps:centres=farthest_point`. `--base key=value,...` sets what every
+e.g. `--variant par-fps:centres=farthest_point`, or a baseline the plugin serves, through
+the plugin's own code for it, e.g. `--variant diversity:method=diverse`. `--base key=value,...` sets what every
 row but `full` and the top-k ones starts from (e.g. `--base similarity=centred`).
 
 Under the table every row is compared with `prompt` (PAR) at the same budget question by
@@ -66,7 +67,7 @@ from accuracy import (add_base_and_split, grid_average, is_correct, model_about,
 from composite_vqa import TILE_PX, chat_prompt, make_composites  # noqa: E402
 
 from par_vllm.config import ParSettings  # noqa: E402
-from par_vllm.baselines import pruned  # noqa: E402
+from par_vllm.baselines import pruned, reduce_with  # noqa: E402
 from par_vllm.explain import Explainer  # noqa: E402
 from par_vllm.positions import image_positions  # noqa: E402
 from par_vllm.reduction import (Reduction, near_duplicates, reduce_by_relevance, relevance, route_merge,  # noqa: E402
@@ -153,6 +154,9 @@ def reduce(source: str, visual: torch.Tensor, query: torch.Tensor, tile, obj, nu
     normalize = torch.nn.functional.normalize
     visual_n = normalize(visual.float(), dim=-1)
     aware = torch.ones(1, dtype=torch.bool)
+    if source == "prompt" and settings.method != "par":
+        return reduce_with(settings.method, visual, query, torch.ones(1, query.shape[1], dtype=torch.bool),
+                           num_kept, settings)
     if source == "prompt_centered":
         rel, aware = centred_relevance(visual, query, mean_word, settings.relevance)
     elif source in ("prompt", "topk_prompt", "prompt_grid3", "topk_prompt_grid3") or source in MERGES:

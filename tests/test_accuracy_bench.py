@@ -236,6 +236,12 @@ def test_ablation_topk_prompt_is_the_plugins_topk_baseline():
         # and not PAR's selection, which would make the comparison empty
         par = par_ablation.reduce("prompt", visual, query, tile, obj, num_kept, settings)
         assert not torch.equal(par.tokens, ours.tokens)
+        # A --variant with method=... runs the plugin's own baseline on the same questions.
+        for method in ("topk", "diverse", "pool"):
+            baseline = ParSettings(keep_ratio=budget, method=method)
+            variant = par_ablation.reduce("prompt", visual, query, tile, obj, num_kept, baseline)
+            plugin = par_reduce(visual, query, torch.ones(1, 3, dtype=torch.bool), num_kept, baseline)
+            assert torch.equal(variant.kept_indices, plugin.kept_indices) and torch.equal(variant.tokens, plugin.tokens)
 
 
 def test_protected_merge_keeps_retrieved_tokens_to_their_near_duplicates():
@@ -374,7 +380,8 @@ def test_diagnostics_run_on_a_tiny_model(tmp_path):
     import par_ablation
 
     ablation_args = ["--budgets", "0.111", "--sources", *par_ablation.SOURCES, *par_ablation.MERGES,
-                     "--variant", "par-fps:centres=farthest_point", "--base", "similarity=cosine,routing=nearest"]
+                     "--variant", "par-fps:centres=farthest_point", "--variant", "diversity:method=diverse",
+                     "--base", "similarity=cosine,routing=nearest"]
     routing_args = ["--budgets", "0.111", "--variant", "par-dup98:duplicate_threshold=0.98",
                     "--base", "similarity=cosine"]
     for script, extra in (("relevance_probe.py", []), ("par_ablation.py", ablation_args),
@@ -393,12 +400,22 @@ def test_diagnostics_run_on_a_tiny_model(tmp_path):
     assert set(ablation) == {("full", 1.0)} | {(s, 0.111) for s in
                                                ("prompt", "oracle_tile", "oracle_object", "topk_oracle_tile",
                                                 "prompt_centered", "topk_prompt", "prompt_grid3",
-                                                "topk_prompt_grid3", *par_ablation.MERGES, "par-fps")}
+                                                "topk_prompt_grid3", *par_ablation.MERGES, "par-fps",
+                                                "diversity")}
     # Answers question by question, for the paired comparison printed under the table.
     correct = json.loads((out / "par-ablation-tiny.json").read_text())["correct"]
     assert set(correct) == {f"{name}@{budget}" for name, budget in ablation}
     assert all(len(v) == 3 and set(v) <= {"0", "1"} for v in correct.values())
     assert "Question by question against prompt" in (out / "par-ablation-tiny.txt").read_text()
+    # The breakdown rebuilds the file's questions and splits every row's answers by kind.
+    result = subprocess.run([sys.executable, "benchmarks/breakdown.py", str(out / "par-ablation-tiny.json")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    table = {line.split()[0]: [int(x) for x in line.split()[1:]] for line in result.stdout.splitlines()
+             if "@" in line.split(" ")[0]}
+    assert set(table) == set(correct)
+    for key, (right, color, shape, outlier, no_outlier) in table.items():
+        assert right == correct[key].count("1") == color + shape == outlier + no_outlier
     # Keeping the K highest oracle scores at 16 of 144 tokens keeps exactly the queried tile.
     assert ablation["topk_oracle_tile", 0.111]["on_target"] == 1.0
     assert ablation["oracle_tile", 0.111]["recall"] > ablation["full", 1.0]["on_target"]

@@ -1,0 +1,90 @@
+"""Where a par_ablation.py result file's answers are lost: per question kind, and on the
+questions where PAR's retrieval finds no outlier.
+
+    .venv/bin/python benchmarks/breakdown.py benchmarks/results/par-ablation-vqa-v4-span-400.json
+
+The file keeps every row's answers question by question; this rebuilds the same composites
+(split, seed, count) and runs only the vision side of the file's model (no language
+model), so it is quick. Per row and budget it prints the right answers on colour and on
+shape questions, and on the questions where no visual token's relevance to the prompt
+is an outlier (above Q3 + outlier_factor x IQR, at the file's `--base` settings) against
+the rest. With no outlier, PAR's retrieval (step 2) is empty unless `par_min_retrieved`
+asks for a minimum, and every kept token is a prompt-agnostic cluster centre.
+Several files add up (they must come from the same model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))
+
+from composite_vqa import TILE_PX, make_composites  # noqa: E402
+
+from par_vllm.config import ParSettings  # noqa: E402
+from par_vllm.explain import Explainer  # noqa: E402
+from par_vllm.reduction import relevance, retrieve  # noqa: E402
+
+
+def has_outlier(explainer: Explainer, composite, settings: ParSettings) -> bool:
+    """True when some visual token's prompt relevance is an outlier, the rule of PAR's
+    step 2 before its cap (which depends on the budget) and its minimum."""
+    normalize = torch.nn.functional.normalize
+    visual = explainer.visual_tokens(composite.image())
+    query = explainer.query(composite.question, settings.drop_question_type_words)
+    rel, _ = relevance(normalize(visual.float(), dim=-1), normalize(query.float(), dim=-1),
+                       torch.ones(1, query.shape[1], dtype=torch.bool), settings.relevance)
+    return bool(retrieve(rel, visual.shape[1], settings.outlier_factor, 1.0).any())
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("files", nargs="+", type=Path, help="par_ablation.py JSON results")
+    args = parser.parse_args(argv)
+
+    totals: dict[str, dict[str, int]] = {}
+    groups_n: dict[str, int] = {}
+    models = set()
+    for path in args.files:
+        data = json.loads(path.read_text())
+        if "correct" not in data:
+            parser.error(f"{path} has no per-question answers (written before par_ablation.py kept them)")
+        models.add(data["model"])
+        if len(models) > 1:
+            parser.error(f"{path}: another model ({data['model']}) than the files before it")
+        explainer = Explainer(Path(data["model"]).resolve())
+        settings = ParSettings.from_keys(data["base"])
+        grid = explainer.config.vision_config.image_size // TILE_PX
+        composites = make_composites(data["split"], data["count"], grid=grid, seed=data["seed"])
+        groups = []
+        for c in tqdm(composites, desc=path.name):
+            groups.append((c.asks, "no outlier" if not has_outlier(explainer, c, settings) else "outlier"))
+        for key in {g for pair in groups for g in pair}:
+            groups_n[key] = groups_n.get(key, 0) + sum(key in pair for pair in groups)
+        for row, answers in data["correct"].items():
+            tally = totals.setdefault(row, {})
+            for pair, right in zip(groups, answers):
+                for key in (*pair, "all"):
+                    tally[key] = tally.get(key, 0) + int(right)
+
+    keys = ["color", "shape", "outlier", "no outlier"]
+    header = f"{'row':<24}{'all':>7}" + "".join(f"{f'{k} ({groups_n.get(k, 0)})':>18}" for k in keys)
+    count = sum(groups_n.get(k, 0) for k in ("color", "shape"))
+    lines = [f"Right answers by question kind and by whether any visual token's prompt relevance is "
+             f"an outlier; {count} questions from {len(args.files)} file(s); model {models.pop()}", "",
+             header, "-" * len(header)]
+    for row, tally in totals.items():
+        lines.append(f"{row:<24}{tally['all']:>7}" + "".join(f"{tally.get(k, 0):>18}" for k in keys))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
