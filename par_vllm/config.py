@@ -19,7 +19,8 @@ PREFIX = "par_"
 # in this order.
 PACKED_FIELDS = ("enabled", "keep_ratio", "num_tokens", "outlier_factor", "retrieval_share",
                  "duplicate_threshold", "relevance", "knn_k", "backend", "method", "centres",
-                 "drop_question_type_words", "similarity", "routing", "centre_relevance", "positions")
+                 "drop_question_type_words", "similarity", "routing", "centre_relevance", "positions",
+                 "min_retrieved")
 CHOICES = {"relevance": ("max", "mean"), "backend": ("auto", "torch", "triton"),
            "method": ("par", "pool", "random", "topk", "diverse"),
            "centres": ("density_peaks", "farthest_point"), "similarity": ("cosine", "centred"),
@@ -51,6 +52,11 @@ class ParSettings(BaseModel):
     # At most this share of the budget goes to retrieved tokens; clustering gets the rest.
     # Under routing="separate" at least one kept token is always a centre.
     retrieval_share: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 0.5
+    # Retrieval takes at least this many of the most relevant tokens (within the same cap)
+    # even when none is an outlier. A word the projector aligned weakly can leave no token
+    # above Q3 + alpha * IQR although its best match is the object asked about; with nothing
+    # retrieved, every kept token is a prompt-agnostic cluster centre.
+    min_retrieved: Annotated[int, Field(ge=0)] = 0
     # Tokens this similar (by `similarity`) to a retrieved token merge into it instead of
     # competing for a cluster centre.
     duplicate_threshold: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 0.9
@@ -142,6 +148,7 @@ class ParSettings(BaseModel):
             routing=CHOICES["routing"][int(values["routing"])],
             centre_relevance=values["centre_relevance"],
             positions=CHOICES["positions"][int(values["positions"])],
+            min_retrieved=int(values["min_retrieved"]),
         )
 
     @classmethod

@@ -79,19 +79,22 @@ def relevance(
 
 
 def retrieve(
-    rel: torch.Tensor, num_kept: int, outlier_factor: float, retrieval_share: float, leave: int = 0
+    rel: torch.Tensor, num_kept: int, outlier_factor: float, retrieval_share: float, leave: int = 0,
+    min_retrieved: int = 0,
 ) -> torch.Tensor:
-    """Semantic retrieval: tokens whose relevance is an outlier (> Q3 + alpha * IQR),
-    the most relevant first, at most floor(retrieval_share * K) of them and never more
-    than K - leave. B x N bool."""
+    """Semantic retrieval: tokens whose relevance is an outlier (> Q3 + alpha * IQR) or
+    among the `min_retrieved` most relevant, the most relevant first, at most
+    floor(retrieval_share * K) of them and never more than K - leave. B x N bool."""
     quartiles = torch.quantile(rel, torch.tensor([0.25, 0.75], dtype=rel.dtype, device=rel.device), dim=1)
     q1, q3 = quartiles[0], quartiles[1]
     outlier = rel > (q3 + outlier_factor * (q3 - q1))[:, None]
+    order = _stable_desc_order(rel)
+    outlier = outlier.scatter(1, order[:, :min_retrieved], True)
     cap = max(0, min(int(retrieval_share * num_kept), num_kept - leave))
     retrieved = torch.zeros_like(outlier)
     if cap == 0:
         return retrieved
-    top = _stable_desc_order(rel.masked_fill(~outlier, -math.inf))[:, :cap]
+    top = order[:, :cap]
     return retrieved.scatter(1, top, outlier.gather(1, top))
 
 
@@ -306,7 +309,8 @@ def reduce_by_relevance(
     # Separate routing sends everything that is not a near-duplicate of a retrieved token
     # to a cluster centre, so it leaves room for one: with every kept token retrieved, the
     # rest of the image would have to merge into them after all.
-    retrieved = retrieve(rel, num_kept, settings.outlier_factor, settings.retrieval_share, leave=int(separate))
+    retrieved = retrieve(rel, num_kept, settings.outlier_factor, settings.retrieval_share,
+                         leave=int(separate), min_retrieved=settings.min_retrieved)
     compared_n = token_space(visual, visual_n, settings.similarity)
     sim = compared_n @ compared_n.transpose(1, 2)
     duplicates = near_duplicates(sim, retrieved, settings.duplicate_threshold)

@@ -26,6 +26,8 @@ from par_vllm.config import ParSettingError, ParSettings, settings_from_hf_confi
         ("par_centre_relevance", -1),
         ("par_centre_relevance", math.inf),
         ("par_positions", "raster"),
+        ("par_min_retrieved", -1),
+        ("par_min_retrieved", 1.5),
         ("par_knn_k", 0),
         ("par_enabled", "yes"),
         ("par_typo", 1),
@@ -68,7 +70,7 @@ def test_settings_survive_packing_into_a_tensor():
                                                backend="triton", centres="farthest_point",
                                                drop_question_type_words=False, similarity="cosine",
                                                routing="nearest", centre_relevance=1.5,
-                                               positions="consecutive")]:
+                                               positions="consecutive", min_retrieved=3)]:
         packed = settings.to_tensor()
         assert packed.dtype == torch.float64
         assert ParSettings.from_tensor(packed) == settings

@@ -97,8 +97,11 @@ def test_docker_entrypoint_has_a_variable_for_every_serve_flag():
     from par_vllm.cli import SETTING_FLAGS
 
     script = (DEPLOY / "docker-entrypoint.sh").read_text()
+    readme = (DEPLOY.parent / "README.md").read_text()
     for name in SETTING_FLAGS:
         assert f'--{name.replace("_", "-")} "${{PAR_{name.upper()}}}"' in script, name
+        # and the README, which lists the variables and the serve flags, names both
+        assert f"`PAR_{name.upper()}`" in readme and f"--{name.replace('_', '-')}" in readme, name
 
 
 def test_compose_prometheus_and_grafana_provisioning_fit_together():

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from par_vllm.config import ParSettings
-from par_vllm.reduction import near_duplicates, par_reduce, reduce_per_image, route_merge, token_space
+from par_vllm.reduction import near_duplicates, par_reduce, reduce_per_image, retrieve, route_merge, token_space
 
 
 def make_inputs(batch, n, d, t, seed=0, dtype=torch.float32):
@@ -337,3 +337,34 @@ def test_separate_routing_always_leaves_a_centre_for_the_rest_of_the_image():
         assert not (into_retrieved & ~out.retrieved & ~duplicates).any()
     nearest = par_reduce(visual, query, mask, 5, ParSettings(**loose, routing="nearest"))
     assert nearest.retrieved.gather(1, nearest.kept_indices).all()
+
+
+def test_min_retrieved_takes_the_most_relevant_tokens_when_none_is_an_outlier():
+    # Relevance spread evenly: no token exceeds Q3 + 1.5 IQR, so outlier retrieval is empty
+    # and every kept token would be a prompt-agnostic centre.
+    rel = torch.linspace(0.0, 1.0, 40)[torch.randperm(40, generator=torch.Generator().manual_seed(0))][None]
+    most_relevant = torch.argsort(rel[0], descending=True)
+    assert not retrieve(rel, 10, 1.5, 0.5).any()
+    for minimum in (1, 3):
+        got = retrieve(rel, 10, 1.5, 0.5, min_retrieved=minimum)[0].nonzero().flatten()
+        assert set(got.tolist()) == set(most_relevant[:minimum].tolist())
+    # The cap still holds: floor(0.5 x 10) = 5, and under separate routing one less than K.
+    assert retrieve(rel, 10, 1.5, 0.5, min_retrieved=8).sum() == 5
+    assert retrieve(rel, 2, 1.5, 1.0, leave=1, min_retrieved=8).sum() == 1
+    # Outliers beyond the minimum are still retrieved.
+    spiked = rel.clone()
+    spiked[0, most_relevant[:4]] += 5.0
+    assert retrieve(spiked, 10, 1.5, 0.5, min_retrieved=1).sum() == 4
+
+
+def test_min_retrieved_keeps_the_best_match_through_par_reduce():
+    torch.manual_seed(7)
+    visual = torch.randn(1, 64, 16)
+    query = torch.randn(1, 1, 16)
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    best = int((F.normalize(visual, dim=-1) @ F.normalize(query, dim=-1)[0, 0]).argmax())
+    plain = par_reduce(visual, query, mask, 4, ParSettings())
+    assert not plain.retrieved.any(), "random tokens: no outlier, so the minimum is what retrieves"
+    out = par_reduce(visual, query, mask, 4, ParSettings(min_retrieved=1))
+    assert out.retrieved[0].nonzero().flatten().tolist() == [best]
+    assert best in out.kept_indices[0].tolist()
