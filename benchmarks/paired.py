@@ -4,6 +4,10 @@ right, and the exact McNemar p-value.
 
     .venv/bin/python benchmarks/paired.py benchmarks/results/par-ablation-vqa-v4-span-400.json \
         benchmarks/results/par-ablation-vqa-v4-centred-400.json
+
+`--rows A B` compares row A of the first file with row B of the second at every budget
+both have (e.g. `--rows prompt topk_prompt`: a new PAR default against the top-k rows of
+an older file on the same questions).
 """
 
 from __future__ import annotations
@@ -18,13 +22,24 @@ sys.path.insert(0, str(Path(__file__).parent))
 from par_ablation import discordant, mcnemar  # noqa: E402
 
 
-def paired_rows(first: dict, second: dict) -> list[str]:
-    lines = [f"{'row':<24}{'first':>7}{'second':>8}{'only first':>12}{'only second':>13}{'p':>8}"]
+def paired_rows(first: dict, second: dict, rows: tuple[str, str] | None = None) -> list[str]:
+    """Rows of `first` against the same rows of `second`, or, with rows=(A, B), row A of
+    `first` against row B of `second`, budget by budget."""
+    lines = [f"{'row':<32}{'first':>7}{'second':>8}{'only first':>12}{'only second':>13}{'p':>8}"]
     for key, answers in first["correct"].items():
-        if key in second["correct"]:
+        name, _, budget = key.partition("@")
+        if rows is not None:
+            if name != rows[0]:
+                continue
+            other = f"{rows[1]}@{budget}"
+        else:
+            other = key
+        if other in second["correct"]:
             # Each file keeps a row's answers as a string of 1 (right) and 0 (wrong).
-            only_first, only_second = discordant(list(map(int, answers)), list(map(int, second["correct"][key])))
-            lines.append(f"{key:<24}{answers.count('1'):>7}{second['correct'][key].count('1'):>8}"
+            theirs = second["correct"][other]
+            only_first, only_second = discordant(list(map(int, answers)), list(map(int, theirs)))
+            label = key if other == key else f"{key} / {rows[1]}"
+            lines.append(f"{label:<32}{answers.count('1'):>7}{theirs.count('1'):>8}"
                          f"{only_first:>12}{only_second:>13}{mcnemar(only_first, only_second):>8.3f}")
     return lines
 
@@ -33,6 +48,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("first", type=Path)
     parser.add_argument("second", type=Path)
+    parser.add_argument("--rows", nargs=2, metavar=("A", "B"),
+                        help="compare row A of the first file with row B of the second")
     args = parser.parse_args(argv)
     first, second = (json.loads(path.read_text()) for path in (args.first, args.second))
     for data, path in ((first, args.first), (second, args.second)):
@@ -40,7 +57,10 @@ def main(argv=None) -> int:
             parser.error(f"{path} has no per-question answers (written before par_ablation.py kept them)")
     if (first["split"], first["seed"], first["count"]) != (second["split"], second["seed"], second["count"]):
         parser.error("the two files were measured on different questions (split, seed or count differ)")
-    print("\n".join(paired_rows(first, second)))
+    lines = paired_rows(first, second, tuple(args.rows) if args.rows else None)
+    if len(lines) == 1:
+        parser.error("the two files have no row in common" + (f" ({args.rows[0]} / {args.rows[1]})" if args.rows else ""))
+    print("\n".join(lines))
     return 0
 
 

@@ -482,3 +482,7 @@ def test_paired_counts_compare_the_same_question_in_two_files():
     second = {"correct": {"prompt@0.111": "0111"}}
     (header, row) = paired.paired_rows(first, second)
     assert row.split() == ["prompt@0.111", "3", "3", "1", "1", "1.000"]
+    # --rows: one row of the first file against another row of the second, per budget.
+    second["correct"]["topk_prompt@0.111"] = "0001"
+    (header, row) = paired.paired_rows(first, second, ("prompt", "topk_prompt"))
+    assert row.split() == ["prompt@0.111", "/", "topk_prompt", "3", "1", "3", "1", "0.625"]
