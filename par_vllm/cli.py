@@ -22,7 +22,7 @@ SETTING_FLAGS = {
     "retrieval_share": (float, "most of K that retrieved tokens may take; clustering gets the "
                                "rest (default 0.5)"),
     "min_retrieved": (int, "retrieval takes at least this many of the most relevant tokens, "
-                           "outliers or not, within the same cap (default 0)"),
+                           "outliers or not, within the same cap (default 2; 0 is the paper's rule)"),
     "duplicate_threshold": (float, "similarity above which a token merges into a retrieved token "
                                    "instead of competing for a centre (default 0.9)"),
     "relevance": (str, "reduce a token's similarity to the prompt's words by 'max' or 'mean'"),

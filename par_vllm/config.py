@@ -55,8 +55,8 @@ class ParSettings(BaseModel):
     # Retrieval takes at least this many of the most relevant tokens (within the same cap)
     # even when none is an outlier. A word the projector aligned weakly can leave no token
     # above Q3 + alpha * IQR although its best match is the object asked about; with nothing
-    # retrieved, every kept token is a prompt-agnostic cluster centre.
-    min_retrieved: Annotated[int, Field(ge=0)] = 0
+    # retrieved, every kept token is a prompt-agnostic cluster centre. 0 is the paper's rule.
+    min_retrieved: Annotated[int, Field(ge=0)] = 2
     # Tokens this similar (by `similarity`) to a retrieved token merge into it instead of
     # competing for a cluster centre.
     duplicate_threshold: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 0.9
