@@ -470,7 +470,7 @@ def test_stage2_captions_read_the_tokens_they_describe(tmp_path, unit, tokens_pe
                 Composite(composite.tiles, 3, tile_of[0].item(), "", "", "").patch_mask(12)).tolist()
 
 
-def test_paired_counts_compare_the_same_question_in_two_files():
+def test_paired_counts_compare_the_same_question_in_two_files(tmp_path, capsys):
     import paired
     import par_ablation
 
@@ -486,3 +486,16 @@ def test_paired_counts_compare_the_same_question_in_two_files():
     second["correct"]["topk_prompt@0.111"] = "0001"
     (header, row) = paired.paired_rows(first, second, ("prompt", "topk_prompt"))
     assert row.split() == ["prompt@0.111", "/", "topk_prompt", "3", "1", "3", "1", "0.625"]
+    # Several pairs of files (each on its own questions) add up; a file without a pair fails.
+    paths = []
+    for i, (correct, seed) in enumerate([(first, 0), (second, 0), (first, 1), (second, 1)]):
+        path = tmp_path / f"{i}.json"
+        path.write_text(json.dumps({"split": "test", "seed": seed, "count": 4, **correct}))
+        paths.append(str(path))
+    assert paired.main([*paths, "--rows", "prompt", "topk_prompt"]) == 0
+    row = capsys.readouterr().out.splitlines()[1]
+    assert row.split() == ["prompt@0.111", "/", "topk_prompt", "6", "2", "6", "2", "0.289"]
+    with pytest.raises(SystemExit):
+        paired.main(paths[:3])
+    with pytest.raises(SystemExit):  # a pair on different questions
+        paired.main([paths[0], paths[3]])
