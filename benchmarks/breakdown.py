@@ -1,7 +1,8 @@
 """Where a par_ablation.py result file's answers are lost: per question kind, and on the
 questions where PAR's retrieval finds no outlier.
 
-    .venv/bin/python benchmarks/breakdown.py benchmarks/results/par-ablation-vqa-v4-span-400.json
+    .venv/bin/python benchmarks/breakdown.py benchmarks/results/par-ablation-vqa-v4-span-400.json \
+        --out benchmarks/results/breakdown-vqa-v4-span-400.txt
 
 The file keeps every row's answers question by question; this rebuilds the same composites
 (split, seed, count) and runs only the vision side of the file's model (no language
@@ -47,10 +48,12 @@ def has_outlier(explainer: Explainer, composite, settings: ParSettings) -> bool:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("files", nargs="+", type=Path, help="par_ablation.py JSON results")
+    parser.add_argument("--out", type=Path, help="also write the table to this file")
     args = parser.parse_args(argv)
 
     totals: dict[str, dict[str, int]] = {}
     groups_n: dict[str, int] = {}
+    no_outlier_words: dict[str, int] = {}
     models = set()
     for path in args.files:
         data = json.loads(path.read_text())
@@ -66,6 +69,11 @@ def main(argv=None) -> int:
         groups = []
         for c in tqdm(composites, desc=path.name):
             groups.append((c.asks, "no outlier" if not has_outlier(explainer, c, settings) else "outlier"))
+        for c, (_, found) in zip(composites, groups):
+            if found == "no outlier":
+                # The word the prompt names its tile by (the question-type word is dropped).
+                named = c.tiles[c.target].shape if c.asks == "color" else c.tiles[c.target].color
+                no_outlier_words[named] = no_outlier_words.get(named, 0) + 1
         for key in {g for pair in groups for g in pair}:
             groups_n[key] = groups_n.get(key, 0) + sum(key in pair for pair in groups)
         for row, answers in data["correct"].items():
@@ -82,7 +90,13 @@ def main(argv=None) -> int:
              header, "-" * len(header)]
     for row, tally in totals.items():
         lines.append(f"{row:<24}{tally['all']:>7}" + "".join(f"{tally.get(k, 0):>18}" for k in keys))
-    print("\n".join(lines))
+    named = ", ".join(f"{word} {n}" for word, n in sorted(no_outlier_words.items(), key=lambda item: -item[1]))
+    lines += ["", f"Questions with no outlier, by the word that names the queried tile: {named or 'none'}"]
+    text = "\n".join(lines) + "\n"
+    print(text, end="")
+    if args.out:
+        args.out.write_text(text)
+        print(f"wrote {args.out}")
     return 0
 
 

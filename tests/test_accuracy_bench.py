@@ -408,9 +408,11 @@ def test_diagnostics_run_on_a_tiny_model(tmp_path):
     assert all(len(v) == 3 and set(v) <= {"0", "1"} for v in correct.values())
     assert "Question by question against prompt" in (out / "par-ablation-tiny.txt").read_text()
     # The breakdown rebuilds the file's questions and splits every row's answers by kind.
-    result = subprocess.run([sys.executable, "benchmarks/breakdown.py", str(out / "par-ablation-tiny.json")],
+    result = subprocess.run([sys.executable, "benchmarks/breakdown.py", str(out / "par-ablation-tiny.json"),
+                             "--out", str(out / "breakdown-tiny.txt")],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
+    assert (out / "breakdown-tiny.txt").read_text() in result.stdout
     table = {line.split()[0]: [int(x) for x in line.split()[1:]] for line in result.stdout.splitlines()
              if "@" in line.split(" ")[0]}
     assert set(table) == set(correct)
