@@ -311,7 +311,9 @@ def test_merge_variants_keep_pars_tokens_and_change_only_the_merge():
     visual_n = torch.nn.functional.normalize(visual, dim=-1)
     rel = torch.rand(1, 144) * 0.3
     aware = torch.ones(1, dtype=torch.bool)
-    settings = ParSettings(keep_ratio=0.111)
+    # No relevance outlier and no minimum: every kept token is a centre, the case the
+    # anchored-merge check below was built on.
+    settings = ParSettings(keep_ratio=0.111, min_retrieved=0)
     par = reduce_by_relevance(visual, visual_n, rel, aware, 16, settings)
     kept_visual = visual[0, par.kept_indices[0]]
 
