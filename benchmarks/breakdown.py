@@ -1,8 +1,10 @@
 """Where a par_ablation.py result file's answers are lost: per question kind, and on the
 questions where PAR's retrieval finds no outlier.
 
-    .venv/bin/python benchmarks/breakdown.py benchmarks/results/par-ablation-vqa-v4-span-400.json \
-        --out benchmarks/results/breakdown-vqa-v4-span-400.txt
+    R=benchmarks/results
+    .venv/bin/python benchmarks/breakdown.py $R/par-ablation-vqa-v4-span-400.json \
+        $R/par-ablation-vqa-v4-span-seed1.json $R/par-ablation-vqa-v4-span-seed2.json \
+        --out $R/breakdown-vqa-v4-span.txt
 
 The file keeps every row's answers question by question; this rebuilds the same composites
 (split, seed, count) and runs only the vision side of the file's model (no language

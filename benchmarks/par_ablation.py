@@ -34,8 +34,9 @@ Routing's merge (step 4) is varied on the prompt relevance, with PAR's kept toke
 
 and `--variant NAME:key=value,...` measures PAR with other settings (as in accuracy.py),
 e.g. `--variant par-fps:centres=farthest_point`, or a baseline the plugin serves, through
-the plugin's own code for it, e.g. `--variant diversity:method=diverse`. `--base key=value,...` sets what every
-row but `full` and the top-k ones starts from (e.g. `--base similarity=centred`).
+the plugin's own code for it, e.g. `--variant diversity:method=diverse`. `--base
+key=value,...` sets what every row but `full` and the top-k ones starts from (e.g.
+`--base similarity=centred`).
 
 Under the table every row is compared with `prompt` (PAR) at the same budget question by
 question: how many answers only one of the two got right, and the exact McNemar p-value

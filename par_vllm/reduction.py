@@ -94,6 +94,8 @@ def retrieve(
     retrieved = torch.zeros_like(outlier)
     if cap == 0:
         return retrieved
+    # Outliers and the minimum are both a prefix of the relevance order, so its first `cap`
+    # tokens hold every one of them that fits.
     top = order[:, :cap]
     return retrieved.scatter(1, top, outlier.gather(1, top))
 
