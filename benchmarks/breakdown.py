@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -53,46 +54,44 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, help="also write the table to this file")
     args = parser.parse_args(argv)
 
-    totals: dict[str, dict[str, int]] = {}
-    groups_n: dict[str, int] = {}
-    no_outlier_words: dict[str, int] = {}
-    models = set()
+    totals: dict[str, Counter] = {}
+    groups_n: Counter = Counter()
+    no_outlier_words: Counter = Counter()
+    model = explainer = None
     for path in args.files:
         data = json.loads(path.read_text())
         if "correct" not in data:
             parser.error(f"{path} has no per-question answers (written before par_ablation.py kept them)")
-        models.add(data["model"])
-        if len(models) > 1:
+        if model is None:
+            model = data["model"]
+            explainer = Explainer(Path(model).resolve())
+        elif data["model"] != model:
             parser.error(f"{path}: another model ({data['model']}) than the files before it")
-        explainer = Explainer(Path(data["model"]).resolve())
         settings = ParSettings.from_keys(data["base"])
         grid = explainer.config.vision_config.image_size // TILE_PX
         composites = make_composites(data["split"], data["count"], grid=grid, seed=data["seed"])
         groups = []
         for c in tqdm(composites, desc=path.name):
-            groups.append((c.asks, "no outlier" if not has_outlier(explainer, c, settings) else "outlier"))
-        for c, (_, found) in zip(composites, groups):
+            found = "outlier" if has_outlier(explainer, c, settings) else "no outlier"
+            groups.append((c.asks, found))
+            groups_n.update(groups[-1])
             if found == "no outlier":
                 # The word the prompt names its tile by (the question-type word is dropped).
-                named = c.tiles[c.target].shape if c.asks == "color" else c.tiles[c.target].color
-                no_outlier_words[named] = no_outlier_words.get(named, 0) + 1
-        for key in {g for pair in groups for g in pair}:
-            groups_n[key] = groups_n.get(key, 0) + sum(key in pair for pair in groups)
+                no_outlier_words[c.tiles[c.target].shape if c.asks == "color" else c.tiles[c.target].color] += 1
         for row, answers in data["correct"].items():
-            tally = totals.setdefault(row, {})
+            tally = totals.setdefault(row, Counter())
             for pair, right in zip(groups, answers):
-                for key in (*pair, "all"):
-                    tally[key] = tally.get(key, 0) + int(right)
+                tally.update({key: int(right) for key in (*pair, "all")})
 
     keys = ["color", "shape", "outlier", "no outlier"]
     header = f"{'row':<24}{'all':>7}" + "".join(f"{f'{k} ({groups_n.get(k, 0)})':>18}" for k in keys)
     count = sum(groups_n.get(k, 0) for k in ("color", "shape"))
     lines = [f"Right answers by question kind and by whether any visual token's prompt relevance is "
-             f"an outlier; {count} questions from {len(args.files)} file(s); model {models.pop()}", "",
+             f"an outlier; {count} questions from {len(args.files)} file(s); model {model}", "",
              header, "-" * len(header)]
     for row, tally in totals.items():
         lines.append(f"{row:<24}{tally['all']:>7}" + "".join(f"{tally.get(k, 0):>18}" for k in keys))
-    named = ", ".join(f"{word} {n}" for word, n in sorted(no_outlier_words.items(), key=lambda item: -item[1]))
+    named = ", ".join(f"{word} {n}" for word, n in no_outlier_words.most_common())
     lines += ["", f"Questions with no outlier, by the word that names the queried tile: {named or 'none'}"]
     text = "\n".join(lines) + "\n"
     print(text, end="")

@@ -152,12 +152,12 @@ def remerge(mode: str, visual: torch.Tensor, visual_n: torch.Tensor, rel: torch.
 
 def reduce(source: str, visual: torch.Tensor, query: torch.Tensor, tile, obj, num_kept: int,
            settings: ParSettings, mean_word: torch.Tensor | None = None) -> Reduction:
-    normalize = torch.nn.functional.normalize
-    visual_n = normalize(visual.float(), dim=-1)
-    aware = torch.ones(1, dtype=torch.bool)
     if source == "prompt" and settings.method != "par":
         return reduce_with(settings.method, visual, query, torch.ones(1, query.shape[1], dtype=torch.bool),
                            num_kept, settings)
+    normalize = torch.nn.functional.normalize
+    visual_n = normalize(visual.float(), dim=-1)
+    aware = torch.ones(1, dtype=torch.bool)
     if source == "prompt_centered":
         rel, aware = centred_relevance(visual, query, mean_word, settings.relevance)
     elif source in ("prompt", "topk_prompt", "prompt_grid3", "topk_prompt_grid3") or source in MERGES:
