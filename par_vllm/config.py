@@ -2,7 +2,9 @@
 
 Server defaults come from `par_`-prefixed keys in `--hf-overrides` (they land on
 the HF config); a request overrides them with the same keys in vLLM's per-request
-`mm_processor_kwargs`. Every key is the field name with a `par_` prefix.
+`mm_processor_kwargs`, except the server settings (SERVER_ONLY), which depend on the
+machine or set the server's policy and which no request may change. Every key is the
+field name with a `par_` prefix.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Mapping
 from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 PREFIX = "par_"
 # The model sees settings only as per-image tensors (mm fields), so they travel packed
@@ -25,6 +27,11 @@ CHOICES = {"relevance": ("max", "mean"), "backend": ("auto", "torch", "triton"),
            "method": ("par", "pool", "random", "topk", "diverse"),
            "centres": ("density_peaks", "farthest_point"), "similarity": ("cosine", "centred"),
            "routing": ("nearest", "separate"), "positions": ("span", "consecutive")}
+
+
+def server_only(**kwargs) -> object:
+    """A pydantic Field that requests may not change (listed in SERVER_ONLY)."""
+    return Field(json_schema_extra={"server_only": True}, **kwargs)
 
 
 class ParSettingError(ValueError):
@@ -97,13 +104,27 @@ class ParSettings(BaseModel):
     positions: Literal["span", "consecutive"] = "span"
     # Which implementation runs: "auto" uses the Triton kernels on CUDA tensors and the
     # torch reference elsewhere; "torch" forces the reference; "triton" forces the kernels
-    # (on a CPU only under TRITON_INTERPRET=1).
-    backend: Literal["auto", "torch", "triton"] = "auto"
+    # (on a CPU only under TRITON_INTERPRET=1). Server-only: whether the kernels can run
+    # depends on the machine, and a request that forced them where they cannot would
+    # fail inside the engine, for every request batched with it.
+    backend: Annotated[Literal["auto", "torch", "triton"], server_only()] = "auto"
+    # Keys other than PAR's that a request may send in mm_processor_kwargs. vLLM's
+    # --trust-request-mm-kwargs, which per-request PAR settings need, hands every key to
+    # the image processor, and some (a resize, a crop size) produce inputs the vision tower
+    # cannot take; PAR refuses every non-PAR key a request sends unless it is listed here.
+    allowed_request_kwargs: Annotated[tuple[str, ...], server_only(strict=False)] = ()
     # What selects the K tokens: PAR itself, or a baseline at the same budget, for
     # comparisons through the same server: "pool" (2D average pooling), "random",
     # "topk" (prompt relevance, no merging), "diverse" (prompt-agnostic max-min diversity,
     # DivPrune-style).
     method: Literal["par", "pool", "random", "topk", "diverse"] = "par"
+
+    @field_validator("allowed_request_kwargs", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):  # the CLI flag and PAR_ALLOWED_REQUEST_KWARGS
+            return tuple(key.strip() for key in value.split(",") if key.strip())
+        return value
 
     def num_kept(self, num_tokens: int) -> int:
         """K for an image of `num_tokens` visual tokens (N when PAR is off)."""
@@ -119,7 +140,11 @@ class ParSettings(BaseModel):
         return not self.enabled or (self.num_tokens is None and self.keep_ratio == 1.0)
 
     def to_keys(self) -> dict[str, object]:
-        return {PREFIX + name: value for name, value in self.model_dump().items()}
+        return {PREFIX + name: value for name, value in self.model_dump(mode="json").items()}
+
+    def request_fields(self) -> dict[str, object]:
+        """Every setting a request resolves to (what the processor hashes and packs)."""
+        return self.model_dump(exclude=set(SERVER_ONLY) - set(PACKED_FIELDS))
 
     def to_tensor(self) -> torch.Tensor:
         values = self.model_dump()
@@ -152,8 +177,11 @@ class ParSettings(BaseModel):
         )
 
     @classmethod
-    def from_keys(cls, keys: Mapping[str, object], base: ParSettings | None = None) -> ParSettings:
-        """Settings from `par_*` keys (other keys are ignored), on top of `base`.
+    def from_keys(
+        cls, keys: Mapping[str, object], base: ParSettings | None = None, request: bool = False
+    ) -> ParSettings:
+        """Settings from `par_*` keys (other keys are ignored), on top of `base`; with
+        `request`, a server setting (SERVER_ONLY) is refused.
 
         Raises ParSettingError naming the first offending key.
         """
@@ -163,8 +191,13 @@ class ParSettings(BaseModel):
                 continue
             name = key[len(PREFIX):]
             if name not in cls.model_fields:
-                known = ", ".join(PREFIX + n for n in cls.model_fields)
+                known = ", ".join(PREFIX + n for n in cls.model_fields if not request or n not in SERVER_ONLY)
                 raise ParSettingError(f"{key}: unknown PAR setting (known: {known})", setting=key)
+            if request and name in SERVER_ONLY:
+                current = getattr(base or cls(), name)
+                raise ParSettingError(
+                    f"{key}: a server setting, which requests may not change (this server: {current!r}); "
+                    f"set it when the server starts", setting=key)
             overrides[name] = value
         values = {**(base.model_dump() if base else {}), **overrides}
         try:
@@ -175,6 +208,10 @@ class ParSettings(BaseModel):
             raise ParSettingError(
                 f"{setting}: {error['msg']} (got {error.get('input')!r})", setting=setting
             ) from None
+
+
+SERVER_ONLY = frozenset(name for name, field in ParSettings.model_fields.items()
+                        if (field.json_schema_extra or {}).get("server_only"))
 
 
 def settings_from_hf_config(hf_config: object) -> ParSettings:

@@ -27,8 +27,20 @@ prompt_agnostic_requests = Counter(
 disabled_requests = Counter(
     "par_disabled_requests", "Requests with images served whole (par_enabled=false or ratio 1).", LABELS)
 
+# Counted where the reduction runs, in the engine's worker processes: these reach /metrics
+# only in prometheus multiprocess mode (PROMETHEUS_MULTIPROC_DIR exported before the server
+# starts, as the Docker entrypoint does).
+engine_batches = Counter(
+    "par_engine_batches",
+    "Batches of images the engine reduced, by implementation (torch reference or Triton kernels).",
+    [*LABELS, "implementation"])
+kernel_fallbacks = Counter(
+    "par_kernel_fallbacks",
+    "Batches of images whose Triton kernels failed and that the torch reference reduced instead.",
+    LABELS)
+
 ALL = (images_reduced, visual_tokens_before, visual_tokens_after, visual_tokens_saved, kept_share,
-       prompt_agnostic_requests, disabled_requests)
+       prompt_agnostic_requests, disabled_requests, engine_batches, kernel_fallbacks)
 
 
 def record_request(model_name: str, full: list[int], kept: list[int], disabled: bool,

@@ -11,13 +11,17 @@ Selection is fully deterministic. Wherever scores tie, the lower token index win
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .config import ParSettings
+from .config import ParSettingError, ParSettings
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,6 +48,22 @@ def use_kernels(visual: torch.Tensor, backend: str) -> bool:
     except ImportError:
         return False
     return True
+
+
+def check_backend(backend: str, device_type: str) -> None:
+    """Refuse, naming the setting, a backend this server's device cannot run: forced
+    Triton kernels need a CUDA device (or Triton's interpreter, TRITON_INTERPRET=1)."""
+    if backend != "triton":
+        return
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        raise ParSettingError("par_backend: 'triton' needs the triton package, which this server "
+                              "lacks; use 'auto' or 'torch'", setting="par_backend") from None
+    if device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ParSettingError(f"par_backend: 'triton' needs a CUDA device and this server runs on "
+                              f"{device_type!r}; use 'auto' (kernels on GPU, torch elsewhere) or "
+                              "'torch'", setting="par_backend")
 
 
 def _stable_desc_order(score: torch.Tensor) -> torch.Tensor:
@@ -341,12 +361,17 @@ def reduce_per_image(
     query_ids: list[torch.Tensor],
     settings: list[ParSettings],
     embed_tokens,
+    on_batch=None,
+    on_kernel_failure=None,
 ) -> list[torch.Tensor]:
     """What the model executor calls: one N_i x D tensor per image (possibly from
     different requests, each with its own prompt and settings) to one K_i x D each.
 
     Images with the same N and settings are reduced as one batch; prompts are embedded
-    with `embed_tokens` (the LLM's own input embedding table) in one call."""
+    with `embed_tokens` (the LLM's own input embedding table) in one call; each batch
+    reduced is reported as `on_batch(images, implementation)`. Should the kernels fail on
+    a batch, that batch is reduced again by this torch reference and `on_kernel_failure(error)`
+    is called: an exception here would stop the engine, and every request in it."""
     out: list[torch.Tensor | None] = [None] * len(features)
     groups: dict[tuple, list[int]] = {}
     for i, (feature, setting) in enumerate(zip(features, settings)):
@@ -367,7 +392,20 @@ def reduce_per_image(
         query_mask = torch.arange(query.shape[1], device=visual.device)[None, :] < torch.tensor(
             lengths, device=visual.device
         )[:, None]
-        reduced = par_reduce(visual, query, query_mask, num_kept, setting)
+        kernels = setting.method == "par" and use_kernels(visual, setting.backend)
+        try:
+            reduced = par_reduce(visual, query, query_mask, num_kept, setting)
+        except Exception as error:
+            if not kernels:
+                raise
+            logger.warning("PAR's Triton kernels failed on a batch of %d images; reducing it with "
+                           "the torch reference instead", len(members), exc_info=True)
+            if on_kernel_failure is not None:
+                on_kernel_failure(error)
+            kernels = False
+            reduced = par_reduce(visual, query, query_mask, num_kept, setting.model_copy(update={"backend": "torch"}))
+        if on_batch is not None:
+            on_batch(len(members), "triton" if kernels else "torch")
         for row, i in enumerate(members):
             out[i] = reduced.tokens[row]
     return out

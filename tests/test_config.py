@@ -88,3 +88,33 @@ def test_every_setting_has_a_serve_flag():
 
     # enabled: --disable; drop_question_type_words: --keep-question-type-words; method: --method.
     assert set(SETTING_FLAGS) | {"enabled", "drop_question_type_words", "method"} == set(ParSettings.model_fields)
+
+
+def test_server_settings_are_refused_in_a_request_and_taken_from_the_server():
+    from par_vllm.config import SERVER_ONLY
+
+    assert SERVER_ONLY == {"backend", "allowed_request_kwargs"}
+    server = ParSettings.from_keys({"par_backend": "torch", "par_allowed_request_kwargs": ["do_resize"]})
+    assert server.backend == "torch" and server.allowed_request_kwargs == ("do_resize",)
+    for key, value in [("par_backend", "triton"), ("par_backend", "torch"), ("par_allowed_request_kwargs", ["size"])]:
+        with pytest.raises(ParSettingError) as info:
+            ParSettings.from_keys({key: value}, base=server, request=True)
+        assert info.value.setting == key and "server setting" in str(info.value)
+    # An unknown key's error lists only what a request may set.
+    with pytest.raises(ParSettingError) as info:
+        ParSettings.from_keys({"par_settings": {}}, request=True)
+    assert "par_keep_ratio" in str(info.value) and "par_backend" not in str(info.value)
+
+
+def test_allowed_request_kwargs_from_a_comma_separated_string():
+    settings = ParSettings.from_keys({"par_allowed_request_kwargs": " do_resize, size ,"})
+    assert settings.allowed_request_kwargs == ("do_resize", "size")
+    with pytest.raises(ParSettingError, match="par_allowed_request_kwargs"):
+        ParSettings.from_keys({"par_allowed_request_kwargs": [1]})
+
+
+def test_server_only_policy_is_not_packed_or_hashed_per_image():
+    settings = ParSettings(allowed_request_kwargs=("do_resize",), backend="torch")
+    assert "allowed_request_kwargs" not in settings.request_fields()
+    assert settings.request_fields()["backend"] == "torch"
+    assert ParSettings.from_tensor(settings.to_tensor()) == ParSettings(backend="torch")

@@ -370,3 +370,56 @@ def test_min_retrieved_keeps_the_best_match_through_par_reduce():
     assert ranked[0] in out.kept_indices[0].tolist()
     default = par_reduce(visual, query, mask, 4, ParSettings())  # min_retrieved=2
     assert set(default.retrieved[0].nonzero().flatten().tolist()) == set(ranked[:2])
+
+
+def test_a_backend_the_device_cannot_run_is_refused_by_name(monkeypatch):
+    from par_vllm.config import ParSettingError
+    from par_vllm.reduction import check_backend
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for backend in ("auto", "torch"):
+        check_backend(backend, "cpu")
+    check_backend("triton", "cuda")
+    with pytest.raises(ParSettingError, match="par_backend: 'triton' needs a CUDA device") as info:
+        check_backend("triton", "cpu")
+    assert info.value.setting == "par_backend"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # Triton's interpreter runs the kernels on a CPU
+    check_backend("triton", "cpu")
+
+
+def test_failing_kernels_fall_back_to_the_reference_for_that_batch(monkeypatch):
+    from par_vllm.kernels import relevance_topk
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("0 active drivers ([]). There should only be one.")
+
+    monkeypatch.setattr(relevance_topk, "relevance", broken)
+    table = torch.nn.Embedding(50, 16)
+    g = torch.Generator().manual_seed(1)
+    features = [torch.randn(40, 16, generator=g) for _ in range(3)]
+    queries = [torch.tensor([3, 4]), torch.tensor([5]), torch.tensor([3])]
+    forced = [ParSettings(num_tokens=6, backend="triton")] * 2 + [ParSettings(num_tokens=6, backend="torch")]
+    failures, batches = [], []
+    with torch.no_grad():
+        out = reduce_per_image(features, queries, forced, embed_tokens=table,
+                               on_batch=lambda n, impl: batches.append((n, impl)),
+                               on_kernel_failure=failures.append)
+        # the same batches, by the reference
+        reference = (reduce_per_image(features[:2], queries[:2], [ParSettings(num_tokens=6)] * 2, embed_tokens=table)
+                     + reduce_per_image(features[2:], queries[2:], forced[2:], embed_tokens=table))
+    assert len(failures) == 1 and "active drivers" in str(failures[0])
+    assert sorted(batches) == [(1, "torch"), (2, "torch")]
+    for got, want in zip(out, reference):
+        assert torch.equal(got, want)
+
+
+def test_a_failure_outside_the_kernels_is_not_hidden(monkeypatch):
+    import par_vllm.reduction as reduction
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in the reference")
+
+    monkeypatch.setattr(reduction, "reduce_by_relevance", broken)
+    with pytest.raises(RuntimeError, match="a bug in the reference"):
+        reduce_per_image([torch.randn(40, 16)], [torch.tensor([1])], [ParSettings(num_tokens=4, backend="torch")],
+                         embed_tokens=torch.nn.Embedding(8, 16))

@@ -32,12 +32,13 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFeatureSpec, MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems, MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
+from vllm.platforms import current_platform
 
 from .. import metrics
-from ..config import ParSettingError, ParSettings, settings_from_hf_config
+from ..config import PREFIX, ParSettingError, ParSettings, settings_from_hf_config
 from ..positions import ROPE_OVERRIDES, declares_positions, image_positions, size_mrope_section
 from ..prompt import QueryRewriter
-from ..reduction import reduce_per_image
+from ..reduction import check_backend, reduce_per_image
 
 # Keys the processor adds to the mm processor kwargs after validating the request's.
 # vLLM hashes these kwargs into each image's cache identity.
@@ -45,6 +46,7 @@ SETTINGS_KEY = "par_settings"
 QUERY_KEY = "par_query_ids"
 # Per-image field: N, the image's visual tokens before reduction (for its positions).
 FULL_KEY = "par_full_tokens"
+_UNSET = object()
 
 
 class ParRequestError(VLLMValidationError, ParSettingError):
@@ -60,16 +62,35 @@ class ParLlavaProcessingInfo(LlavaProcessingInfo):
     def server_settings(self) -> ParSettings:
         return settings_from_hf_config(self.get_hf_config())
 
-    def resolve_settings(self, mm_kwargs: Mapping[str, object]) -> ParSettings:
-        if SETTINGS_KEY in mm_kwargs:  # already resolved by apply()
-            return ParSettings(**mm_kwargs[SETTINGS_KEY])
+    def request_settings(self, request_kwargs: Mapping[str, object]) -> ParSettings:
+        """A request's settings from its mm_processor_kwargs, on top of the server's.
+
+        Every key is checked here, in the API server, before anything reaches the engine:
+        a bad value, a server setting, an unknown `par_` key, or a key of the image
+        processor's the operator has not allowed is a ParRequestError (HTTP 400)."""
         try:
-            settings = ParSettings.from_keys(mm_kwargs, base=self.server_settings)
+            self.check_processor_keys(request_kwargs)
+            settings = ParSettings.from_keys(request_kwargs, base=self.server_settings, request=True)
             if settings.positions == "span" and not self.places_tokens:
                 raise positions_error()
             return settings
         except ParSettingError as error:
             raise ParRequestError(error) from None
+
+    def check_processor_keys(self, request_kwargs: Mapping[str, object]) -> None:
+        allowed = self.server_settings.allowed_request_kwargs
+        configured = self.ctx.model_config.get_multimodal_config().mm_processor_kwargs or {}
+        for key, value in request_kwargs.items():
+            if key.startswith(PREFIX) or key in allowed or configured.get(key, _UNSET) == value:
+                continue
+            raise ParSettingError(
+                f"{key}: not a PAR setting; this server takes only par_* keys in mm_processor_kwargs "
+                "(its operator can allow others with par_allowed_request_kwargs)", setting=key)
+
+    @staticmethod
+    def resolved_settings(mm_kwargs: Mapping[str, object]) -> ParSettings:
+        """The settings apply() resolved and put into the processor kwargs."""
+        return ParSettings(**mm_kwargs[SETTINGS_KEY])
 
     @cached_property
     def places_tokens(self) -> bool:
@@ -86,11 +107,11 @@ class ParLlavaMultiModalProcessor(LlavaMultiModalProcessor):
 
     def apply(self, inputs, timing_ctx):
         request_kwargs = inputs.hf_processor_mm_kwargs
-        settings = self.info.resolve_settings(request_kwargs)
+        settings = self.info.request_settings(request_kwargs)
         query = () if settings.reduces_nothing else tuple(
             self.info.query_rewriter(inputs.prompt, settings.drop_question_type_words))
-        kwargs = {k: v for k, v in request_kwargs.items() if not k.startswith("par_")}
-        kwargs[SETTINGS_KEY] = settings.model_dump(exclude_none=True)
+        kwargs = {k: v for k, v in request_kwargs.items() if not k.startswith(PREFIX)}
+        kwargs[SETTINGS_KEY] = {k: v for k, v in settings.request_fields().items() if v is not None}
         kwargs[QUERY_KEY] = query
         result = super().apply(replace(inputs, hf_processor_mm_kwargs=kwargs), timing_ctx)
         if not self._profiling and "image" in inputs.mm_data_items:
@@ -137,7 +158,7 @@ class ParLlavaMultiModalProcessor(LlavaMultiModalProcessor):
         # Every image of a request is scored against the same prompt. The field is always
         # present (empty for image-only prompts) so items of different requests batch.
         query = torch.tensor(hf_processor_mm_kwargs.get(QUERY_KEY, ()), dtype=torch.long)
-        packed = self.info.resolve_settings(hf_processor_mm_kwargs).to_tensor()
+        packed = self.info.resolved_settings(hf_processor_mm_kwargs).to_tensor()
         processed_data[QUERY_KEY] = [query] * len(images)
         processed_data[SETTINGS_KEY] = packed.expand(len(images), -1).clone()
         processed_data[FULL_KEY] = torch.tensor([self._full_tokens(image) for image in images])
@@ -167,7 +188,7 @@ class ParLlavaMultiModalProcessor(LlavaMultiModalProcessor):
         hf_processor_mm_kwargs: Mapping[str, object],
         out_mm_kwargs: MultiModalKwargsItems,
     ) -> Sequence[PromptUpdate]:
-        settings = self.info.resolve_settings(hf_processor_mm_kwargs)
+        settings = self.info.resolved_settings(hf_processor_mm_kwargs)
         (full,) = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
 
         def reduced(item_idx: int) -> list[int]:
@@ -187,6 +208,7 @@ class ParLlavaForConditionalGeneration(LlavaForConditionalGeneration, SupportsMR
         config = vllm_config.model_config.hf_config
         # Fail at start-up, naming the key, if --hf-overrides holds a bad default.
         server_settings = settings_from_hf_config(config)
+        check_backend(server_settings.backend, current_platform.device_type)
         if declares_positions(config):
             try:
                 size_mrope_section(config.get_text_config())  # before the language model is built
@@ -198,6 +220,7 @@ class ParLlavaForConditionalGeneration(LlavaForConditionalGeneration, SupportsMR
             raise positions_error()
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.par_server_settings = server_settings
+        self.par_model_name = vllm_config.model_config.served_model_name
 
     def get_mrope_input_positions(
         self, input_tokens: list[int], mm_features: list[MultiModalFeatureSpec]
@@ -228,7 +251,15 @@ class ParLlavaForConditionalGeneration(LlavaForConditionalGeneration, SupportsMR
             list(query_ids),
             settings,
             embed_tokens=self.get_language_model().embed_input_ids,
+            on_batch=self._count_batch,
+            on_kernel_failure=self._count_kernel_failure,
         )
+
+    def _count_batch(self, images: int, implementation: str) -> None:
+        metrics.engine_batches.labels(model_name=self.par_model_name, implementation=implementation).inc()
+
+    def _count_kernel_failure(self, error: Exception) -> None:
+        metrics.kernel_fallbacks.labels(model_name=self.par_model_name).inc()
 
 
 def positions_error() -> ParSettingError:
