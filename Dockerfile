@@ -12,10 +12,15 @@ RUN python3 -m pip install --no-cache-dir --no-deps /opt/par-vllm
 COPY deploy/docker-entrypoint.sh /usr/local/bin/par-vllm-entrypoint
 RUN chmod +x /usr/local/bin/par-vllm-entrypoint
 
-# PAR is on by default; each PAR_* variable sets one server default (see README).
+# PAR is on by default; each PAR_* variable sets one server default (see README). What
+# clients may do is bounded by default (docs/operating.md): no media URL is fetched, at most
+# 4 images and 32 MiB per request, no per-request settings.
 ENV MODEL=llava-hf/llava-1.5-7b-hf \
     PAR_KEEP_RATIO=0.111 \
     PAR_TRUST_REQUEST_SETTINGS=0 \
+    PAR_ALLOWED_MEDIA_DOMAINS="" \
+    PAR_MAX_IMAGES_PER_REQUEST=4 \
+    PAR_MAX_REQUEST_BYTES=33554432 \
     PORT=8000
 
 EXPOSE 8000

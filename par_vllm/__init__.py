@@ -5,10 +5,14 @@ __version__ = "0.1.0"
 
 
 def register() -> None:
-    """vLLM general plugin: make the PAR architecture available (idempotent; vLLM calls
-    this in every process: API server, engine core, workers)."""
+    """vLLM general plugin: make the PAR architecture and the no-URL-fetch media connector
+    available (idempotent; vLLM calls this in every process: API server, engine core,
+    workers)."""
     from vllm import ModelRegistry
 
+    from .media import register as register_media_connector
+
+    register_media_connector()
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(
             ARCHITECTURE, "par_vllm.models.llava:ParLlavaForConditionalGeneration"

@@ -37,8 +37,16 @@ SETTING_FLAGS = {
                      "go to cluster centres; default) or 'nearest' (any token to its nearest kept one)"),
     "positions": (str, "'span' (an image's kept tokens spread over the positions the whole image "
                        "takes; default) or 'consecutive' (K positions)"),
-    "backend": (str, "'auto' (Triton kernels on GPU, torch elsewhere), 'torch' or 'triton'"),
+    "backend": (str, "'auto' (Triton kernels on GPU, torch elsewhere), 'torch' or 'triton'; a server "
+                     "setting: requests cannot change it"),
+    "allowed_request_kwargs": (str, "comma-separated mm_processor_kwargs keys other than PAR's that "
+                                    "requests may send to the image processor (default: none; "
+                                    "a request with any other key gets a 400)"),
 }
+# Environment the server reads that decides what it exposes (docs/operating.md);
+# `serve --dry-run` shows those that are set.
+EXPOSURE_ENV = ("VLLM_MEDIA_CONNECTOR", "VLLM_MEDIA_URL_ALLOW_REDIRECTS", "VLLM_MAX_IMAGE_PIXELS",
+                "PAR_MAX_REQUEST_BYTES", "PROMETHEUS_MULTIPROC_DIR", "VLLM_PLUGINS")
 
 
 def add_setting_flags(parser: argparse.ArgumentParser) -> None:
@@ -139,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "serve":
         command, env = serve_command(args, keys, rest)
         if args.dry_run:
-            print(shlex.join(command))
+            print(shlex.join([f"{name}={env[name]}" for name in EXPOSURE_ENV if name in env] + command))
             return
         os.execve(command[0], command, env)
     elif args.command == "explain":

@@ -21,7 +21,25 @@ DEPLOY = ROOT / "deploy"
 
 def dry_run(argv, capsys):
     main([argv[0], "--dry-run", *argv[1:]])
-    return shlex.split(capsys.readouterr().out)
+    return without_env(shlex.split(capsys.readouterr().out))
+
+
+def split_env(words):
+    """`VAR=value ... command ...` (what `serve --dry-run` prints) as (env, command)."""
+    count = next(i for i, word in enumerate(words) if "=" not in word or word.startswith("-"))
+    return dict(word.split("=", 1) for word in words[:count]), words[count:]
+
+
+def without_env(words):
+    return split_env(words)[1]
+
+
+def run_entrypoint(env):
+    env = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HOME": os.environ.get("HOME", "/"),
+           **env}
+    out = subprocess.run(["bash", str(DEPLOY / "docker-entrypoint.sh"), "--dry-run"], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    return split_env(shlex.split(out))
 
 
 def hf_overrides(command):
@@ -60,15 +78,18 @@ def test_serve_help_explains_each_setting(capsys):
         assert flag in text
 
 
-def test_kubernetes_deployment_runs_the_wrapper_with_health_probes(capsys):
+def test_kubernetes_deployment_runs_the_entrypoint_with_health_probes():
     docs = {p.name: list(yaml.safe_load_all(p.read_text())) for p in (DEPLOY / "k8s").glob("*.yaml")}
     (deployment,) = docs["deployment.yaml"]
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] >= 1
     assert container["readinessProbe"]["httpGet"]["path"] == "/health"
-    assert container["command"] == ["par-vllm"]
-    command = dry_run(container["args"], capsys)  # the same CLI the tests exercise
+    assert "command" not in container and "args" not in container  # the image's entrypoint
+    env, command = run_entrypoint({e["name"]: e["value"] for e in container["env"]})
     assert hf_overrides(command)["architectures"] == [ARCHITECTURE]
+    assert hf_overrides(command)["par_keep_ratio"] == 0.111
+    assert "--trust-request-mm-kwargs" not in command
+    assert env["VLLM_MEDIA_CONNECTOR"] == "par_no_url_fetch"
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/path"] == "/metrics"
     (service,) = docs["service.yaml"]
@@ -78,19 +99,36 @@ def test_kubernetes_deployment_runs_the_wrapper_with_health_probes(capsys):
 
 
 def test_docker_entrypoint_turns_env_into_flags():
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "MODEL": "some/llava", "PAR_KEEP_RATIO": "0.25", "PAR_KNN_K": "8",
-           "PAR_CENTRES": "farthest_point", "PAR_SIMILARITY": "cosine", "PAR_ROUTING": "nearest",
-           "PAR_DROP_QUESTION_TYPE_WORDS": "0",
-           "PAR_TRUST_REQUEST_SETTINGS": "1"}
-    out = subprocess.run(["bash", str(DEPLOY / "docker-entrypoint.sh"), "--dry-run"], env=env,
-                         capture_output=True, text=True, check=True).stdout
-    command = shlex.split(out)
+    env, command = run_entrypoint({
+        "MODEL": "some/llava", "PAR_KEEP_RATIO": "0.25", "PAR_KNN_K": "8", "PAR_CENTRES": "farthest_point",
+        "PAR_SIMILARITY": "cosine", "PAR_ROUTING": "nearest", "PAR_DROP_QUESTION_TYPE_WORDS": "0",
+        "PAR_ALLOWED_REQUEST_KWARGS": "do_resize", "PAR_TRUST_REQUEST_SETTINGS": "1"})
     assert hf_overrides(command) == {"architectures": [ARCHITECTURE], **ROPE_OVERRIDES, "par_keep_ratio": 0.25,
                                      "par_knn_k": 8, "par_centres": "farthest_point",
                                      "par_similarity": "cosine", "par_routing": "nearest",
+                                     "par_allowed_request_kwargs": "do_resize",
                                      "par_drop_question_type_words": False}
     assert "--trust-request-mm-kwargs" in command and command[command.index("--port") + 1] == "8000"
+
+
+def test_docker_entrypoint_exposes_little_by_default():
+    env, command = run_entrypoint({"MODEL": "some/llava"})
+    assert "--trust-request-mm-kwargs" not in command
+    assert "--allowed-media-domains" not in command and env["VLLM_MEDIA_CONNECTOR"] == "par_no_url_fetch"
+    assert json.loads(command[command.index("--limit-mm-per-prompt") + 1]) == {"image": 4}
+    assert command[command.index("--middleware") + 1] == "par_vllm.limits.RequestBodyLimit"
+    assert int(env["PAR_MAX_REQUEST_BYTES"]) == 32 * 1024 * 1024
+    assert int(env["VLLM_MAX_IMAGE_PIXELS"]) == 40_000_000
+    assert Path(env["PROMETHEUS_MULTIPROC_DIR"]).is_dir()
+
+
+def test_docker_entrypoint_fetches_only_from_allowed_domains_and_follows_no_redirect():
+    env, command = run_entrypoint({"MODEL": "m", "PAR_ALLOWED_MEDIA_DOMAINS": "images.example.com,cdn.example.com",
+                                   "PAR_MAX_IMAGES_PER_REQUEST": "1"})
+    at = command.index("--allowed-media-domains")
+    assert command[at + 1:at + 3] == ["images.example.com", "cdn.example.com"]
+    assert "VLLM_MEDIA_CONNECTOR" not in env and env["VLLM_MEDIA_URL_ALLOW_REDIRECTS"] == "0"
+    assert json.loads(command[command.index("--limit-mm-per-prompt") + 1]) == {"image": 1}
 
 
 def test_docker_entrypoint_has_a_variable_for_every_serve_flag():
@@ -98,10 +136,12 @@ def test_docker_entrypoint_has_a_variable_for_every_serve_flag():
 
     script = (DEPLOY / "docker-entrypoint.sh").read_text()
     readme = (DEPLOY.parent / "README.md").read_text()
+    operating = (DEPLOY.parent / "docs/operating.md").read_text()
     for name in SETTING_FLAGS:
         assert f'--{name.replace("_", "-")} "${{PAR_{name.upper()}}}"' in script, name
-        # and the README, which lists the variables and the serve flags, names both
-        assert f"`PAR_{name.upper()}`" in readme and f"--{name.replace('_', '-')}" in readme, name
+        # the README lists the serve flags, the operating guide the variables
+        assert f"--{name.replace('_', '-')}" in readme, name
+        assert f"`PAR_{name.upper()}`" in operating, name
 
 
 def test_compose_prometheus_and_grafana_provisioning_fit_together():
