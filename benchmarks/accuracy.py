@@ -1,6 +1,6 @@
 """Accuracy of PAR and the baselines at the same budget, served by the real vLLM engine.
 
-    .venv/bin/python benchmarks/accuracy.py --model .models/vqa4
+    .venv/bin/python -m benchmarks.accuracy --model .models/vqa4
 
 The model answers composite easy-VQA questions (composite_vqa.py) from the test split.
 Every method runs inside the plugin (`par_method` per request) at every budget, so the
@@ -24,82 +24,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import textwrap
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parents[1]))
-
-from composite_vqa import COLORS, TILE_PX, chat_prompt, make_composites  # noqa: E402
-
-from par_vllm.config import ParSettings  # noqa: E402
-from par_vllm.server import CPU_ENV, par_overrides  # noqa: E402
+from benchmarks.common import (
+    LABELS,
+    is_correct,
+    model_about,
+    model_words,
+    object_patches,
+    placement,
+    settings_arg,
+    settings_line,
+    variant_arg,
+    write_results,
+)
+from benchmarks.composite_vqa import TILE_PX, chat_prompt, make_composites
+from par_vllm.server import CPU_ENV, par_overrides
+from par_vllm.settings import ParSettings
 
 METHODS = ("par", "pool", "random", "topk", "diverse")
 BUDGETS = (0.5, 0.25, 0.111, 0.06)
-LABELS = {"par": "PAR", "pool": "uniform 2D pooling", "random": "random",
-          "topk": "relevance top-k", "diverse": "diversity (DivPrune-style)", "full": "no reduction"}
-
-
-def model_about(model: Path) -> dict:
-    """The par_model.json a benchmark model was saved with ({} if it has none)."""
-    path = model / "par_model.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def model_words(about: dict, model: Path) -> str:
-    """How a results file names the model: random-weight models say so."""
-    return "random-weight model" if about.get("random_weights") else about.get("language_model", model.name)
-
-
-def write_results(stem: Path, text: str, data: dict) -> None:
-    """stem.txt (the printed table) and stem.json (the same rows, machine-readable)."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".txt").write_text(text)
-    stem.with_suffix(".json").write_text(json.dumps(data, indent=2))
-
-
-def is_correct(text: str, answer: str) -> bool:
-    words = text.strip().lower().replace(".", " ").replace(",", " ").split()
-    return bool(words) and words[0] == answer
-
-
-def grid_average(score):
-    """A per-token score (..., N) averaged over each token's 3x3 neighbourhood on the
-    square patch grid (fewer neighbours at the border), same shape out."""
-    import math
-
-    import torch.nn.functional as F
-
-    side = math.isqrt(score.shape[-1])
-    grid = score.reshape(1, 1, side, side)
-    return F.avg_pool2d(grid, 3, stride=1, padding=1, count_include_pad=False).reshape(score.shape)
-
-
-def placement(reduction, tile_mask, object_mask) -> dict:
-    """recall / object_recall / on_target for one image (first of the batch)."""
-    import torch
-
-    kept = reduction.kept_indices[0]
-    assignment = reduction.assignment[0]
-    tile = torch.as_tensor(tile_mask)
-    obj = torch.as_tensor(object_mask)
-    # Where each patch's information ends up: the token position of its kept representative.
-    representative = torch.where(assignment >= 0, kept[assignment.clamp(min=0)], -1)
-    stays = (representative >= 0) & tile[representative.clamp(min=0)]
-    return {
-        "recall": stays[tile].float().mean().item(),
-        "object_recall": stays[obj].float().mean().item() if obj.any() else 1.0,
-        "on_target": tile[kept].float().mean().item(),
-    }
-
-
-def object_patches(composite, patch_px: int):
-    """Patches that show the queried shape (on its tile, not background)."""
-    colors, _ = composite.patch_labels(patch_px)
-    return (colors < len(COLORS)) & composite.patch_mask(int(len(colors) ** 0.5))
 
 
 def run_vllm(model: Path, composites, configs, max_num_seqs: int):
@@ -132,8 +78,8 @@ def run_placement(model: Path, composites, configs, patch_px: int):
     import torch
     from tqdm import tqdm
 
+    from par_vllm.dispatch import reduce_tokens
     from par_vllm.explain import Explainer
-    from par_vllm.reduction import par_reduce
 
     explainer = Explainer(model)
     rows = {name: [] for name, _ in configs}
@@ -149,52 +95,9 @@ def run_placement(model: Path, composites, configs, patch_px: int):
             if settings.reduces_nothing or settings.num_kept(visual.shape[1]) >= visual.shape[1]:
                 rows[name].append({"recall": 1.0, "object_recall": 1.0, "on_target": float(tile.mean())})
                 continue
-            reduction = par_reduce(visual, query, mask, settings.num_kept(visual.shape[1]), settings)
+            reduction = reduce_tokens(visual, query, mask, settings.num_kept(visual.shape[1]), settings)
             rows[name].append(placement(reduction, tile, obj))
     return explainer, rows
-
-
-def parse_variant(text: str) -> tuple[str, dict]:
-    """"NAME:key=value,key=value" -> (NAME, {"par_key": value}): a PAR variant to measure
-    beside the methods, e.g. "par-fps:centres=farthest_point"."""
-    name, _, body = text.partition(":")
-    keys: dict[str, object] = {}
-    for item in filter(None, body.split(",")):
-        key, _, value = item.partition("=")
-        try:
-            keys["par_" + key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            keys["par_" + key.strip()] = value.strip()
-    ParSettings.from_keys(keys)  # a typo fails here, before vLLM starts
-    if not name or "@" in name or name in LABELS:
-        raise ValueError(f"--variant {text!r}: needs a new NAME without '@' before the ':'")
-    return name, keys
-
-
-def variant_arg(text: str) -> tuple[str, dict]:
-    # argparse replaces a type function's ValueError by a generic message; keep ours.
-    try:
-        return parse_variant(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def settings_arg(text: str) -> dict:
-    """"key=value,..." -> {"par_key": value}: the settings a diagnostic's rows start from."""
-    return variant_arg("base:" + text)[1]
-
-
-def add_base_and_split(parser: argparse.ArgumentParser) -> None:
-    """--base and --split, for the diagnostics that run PAR outside vLLM on either split."""
-    parser.add_argument("--base", default={}, type=settings_arg,
-                        help="key=value,... settings every PAR row starts from, e.g. similarity=cosine")
-    parser.add_argument("--split", default="test", choices=["test", "train"],
-                        help="easy-VQA split the composites come from (train: seen images, new composites)")
-
-
-def settings_line(base: dict) -> str:
-    """The table header line that says which settings the PAR rows started from."""
-    return "PAR settings: " + (", ".join(f"{k}={v}" for k, v in base.items()) or "defaults")
 
 
 def configs_for(methods, budgets, variants=(), base=None):
@@ -283,8 +186,8 @@ def explain_panels(explainer, composite, budget: float, methods, path: Path) -> 
     import torch
     from PIL import Image, ImageDraw
 
+    from par_vllm.dispatch import reduce_tokens
     from par_vllm.explain import render
-    from par_vllm.reduction import par_reduce
 
     image = composite.image()
     visual = explainer.visual_tokens(image)
@@ -296,7 +199,7 @@ def explain_panels(explainer, composite, budget: float, methods, path: Path) -> 
     draw.text((6, 6), f"Q: {composite.question}   A: {composite.answer}   budget {budget:.1%}", fill="black")
     for i, method in enumerate(methods):
         settings = ParSettings(method=method, keep_ratio=budget)
-        reduction = par_reduce(visual, query, mask, settings.num_kept(visual.shape[1]), settings)
+        reduction = reduce_tokens(visual, query, mask, settings.num_kept(visual.shape[1]), settings)
         canvas.paste(render(image, reduction, size=size), (i * size, band))
         draw.text((i * size + 6, size + band + 6), LABELS[method], fill="black")
     canvas.save(path)

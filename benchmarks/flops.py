@@ -8,7 +8,7 @@ plus the LM head on the last position only (prefill emits one token). The vision
 and projector run on every image whether PAR is on or not; PAR's own cost is counted
 from its steps (relevance, the N x N similarity, kNN, routing, merge).
 
-    python benchmarks/flops.py [--text-tokens 40] [--budget 64]
+    python -m benchmarks.flops [--text-tokens 40] [--budget 64]
 """
 
 from __future__ import annotations

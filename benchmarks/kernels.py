@@ -6,8 +6,8 @@ For LLaVA-1.5 shapes (N 576, D 4096, bf16, B 1..256, T 16..256) and LLaVA-NeXT s
 bandwidth, speedups, and the whole reduction's time per image against the LLaVA-1.5-7B
 prefill time it saves (FLOPs from benchmarks/flops.py at the measured bf16 GEMM rate).
 
-    python benchmarks/kernels.py            # on a CUDA machine
-    python benchmarks/kernels.py --smoke    # tiny shapes on any machine (a CPU runs the
+    python -m benchmarks.kernels            # on a CUDA machine
+    python -m benchmarks.kernels --smoke    # tiny shapes on any machine (a CPU runs the
                                             # kernels under TRITON_INTERPRET=1): checks the script
 Writes benchmarks/results/kernels-<device>.{txt,json}.
 """
@@ -19,14 +19,12 @@ import json
 import os
 import re
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).parent))
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -79,18 +77,18 @@ def main() -> None:
         if not args.smoke:
             RESULTS.mkdir(exist_ok=True)
             note = ("No GPU was available where this ran; nothing was measured. Run "
-                    "`python benchmarks/kernels.py` on a CUDA machine to fill this in.\n")
+                    "`python -m benchmarks.kernels` on a CUDA machine to fill this in.\n")
             (RESULTS / "kernels-no-gpu.txt").write_text(note)
             print(note)
             return
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
-    from flops import MODELS
-
-    from par_vllm.config import ParSettings
     from par_vllm.kernels import relevance_topk, route_merge
+
+    from benchmarks.flops import MODELS
+    from par_vllm.reduction import merge as reference_merge
     from par_vllm.reduction import near_duplicates, par_reduce, relevance, retrieve, route
-    from par_vllm.reduction import route_merge as reference_merge
+    from par_vllm.settings import ParSettings
 
     measure = timer(device, 3 if args.smoke else args.repeats)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu-interpreter"

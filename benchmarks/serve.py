@@ -15,9 +15,9 @@ Caches are off (every request has its own image anyway) so each request pays its
 prefill. Per series: time to first token (p50, p95), end-to-end latency, requests per
 second, prompt tokens per request, peak KV-cache usage sampled from /metrics.
 
-    python benchmarks/serve.py --model smollm        # LLaVA with SmolLM2-135M-Instruct
-    python benchmarks/serve.py --model demo          # tiny random-weight LLaVA
-    python benchmarks/serve.py --model DIR --gpu     # any LLaVA checkpoint on a GPU
+    python -m benchmarks.serve --model smollm        # LLaVA with SmolLM2-135M-Instruct
+    python -m benchmarks.serve --model demo          # tiny random-weight LLaVA
+    python -m benchmarks.serve --model DIR --gpu     # any LLaVA checkpoint on a GPU
 Writes benchmarks/results/serve-<model>.{txt,json,png}.
 """
 
@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from benchmarks.common import make_smollm_llava
 from par_vllm.demo import image_data_url
 from par_vllm.server import CPU_ENGINE_ARGS, VllmServer, par_overrides
 
@@ -46,7 +47,7 @@ QUESTION = "What is the color of the largest shape in this picture?"
 
 
 def model_dir(name: str) -> tuple[Path, str]:
-    from par_vllm.demo_model import make_demo_model, make_smollm_llava
+    from par_vllm.demo_model import make_demo_model
 
     builders = {
         "demo": (make_demo_model, "tiny random-weight LLaVA (2-layer, hidden 128)"),
@@ -251,9 +252,9 @@ def par_own_work(path: Path, n_tokens: int, budget: int, device: str, repeats: i
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    from par_vllm.config import ParSettings
+    from par_vllm.dispatch import reduce_per_image
     from par_vllm.prompt import QueryRewriter
-    from par_vllm.reduction import reduce_per_image
+    from par_vllm.settings import ParSettings
 
     config = AutoConfig.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)

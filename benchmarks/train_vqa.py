@@ -22,23 +22,8 @@ LLaVA's own recipe, in three stages:
    format), one per image at validation, as the benchmark asks. The word-embedding table
    (tied to the output head) stays as SmolLM2 shipped it.
 
-    # v4, the accuracy benchmark's current model, in one run (5 + 8 + 42 minutes of stages):
-    .venv/bin/python benchmarks/train_vqa.py --out .models/vqa4
-    # v1 (stage 2 captioning whole tiles; 5 + 12 + 25 minutes):
-    .venv/bin/python benchmarks/train_vqa.py --align-unit tile --caption-prompt "Describe the image." \
-        --tiles-per-image 4 --align-minutes 12 --tune-minutes 25 --turns 4 --val-every 25 --out .models/vqa
-    # more instruction tuning (stage 3 only) on top of a saved model:
-    .venv/bin/python benchmarks/train_vqa.py --init .models/vqa --tune-minutes 30 --turns 4 --val-every 25 --out .models/vqa2
-    # stage 2 alone on a saved model's vision tower, captioning single on-shape tokens:
-    .venv/bin/python benchmarks/train_vqa.py --vision-from .models/vqa --align-minutes 8 \
-        --tune-minutes 0 --caption-prompt "Describe the image." --out .models/align-patch
-    .venv/bin/python benchmarks/train_vqa.py --vision-from .models/vqa --align-minutes 8 \
-        --tune-minutes 0 --out .models/align-repeat
-    # v3: stage 3 twice on top of align-repeat (76 minutes of training in all)
-    .venv/bin/python benchmarks/train_vqa.py --init .models/align-repeat --tune-minutes 33 \
-        --turns 4 --val-every 40 --out .models/vqa3
-    .venv/bin/python benchmarks/train_vqa.py --init .models/vqa3 --tune-minutes 30 --val 128 \
-        --turns 4 --val-every 40 --out .models/vqa3b
+    # the accuracy benchmark's model (v4), in one run (5 + 8 + 42 minutes of stages):
+    .venv/bin/python -m benchmarks.train_vqa --out .models/vqa4
 
 Saves the Hugging Face layout `vllm serve` loads, plus train_log.jsonl and the settings
 (seed included) in par_model.json. Runs on a CPU; each stage has a wall-clock budget.
@@ -50,7 +35,6 @@ import argparse
 import json
 import math
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -58,16 +42,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parents[1]))
-
-from composite_vqa import (  # noqa: E402
-    COLOR_QUESTIONS, COLORS, SHAPE_QUESTIONS, SHAPES, TILE_PX, Composite, make_composites,
+from benchmarks.common import smollm_llava
+from benchmarks.composite_vqa import (
+    COLOR_QUESTIONS,
+    COLORS,
+    SHAPE_QUESTIONS,
+    SHAPES,
+    TILE_PX,
+    Composite,
+    make_composites,
 )
-
-from par_vllm.demo_model import IMAGE_TOKEN, llava_processor, save_llava, smollm_llava, vision_config  # noqa: E402
-from par_vllm.prompt import QueryRewriter  # noqa: E402
-from par_vllm.reduction import relevance  # noqa: E402
+from par_vllm.demo_model import IMAGE_TOKEN, llava_processor, save_llava, vision_config
+from par_vllm.prompt import QueryRewriter
+from par_vllm.reduction import relevance
 
 CAPTION_PROMPT = "Repeat these words."
 

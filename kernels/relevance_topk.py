@@ -69,18 +69,18 @@ def relevance(
     -inf (max) or 0 (mean): the caller substitutes its prompt-agnostic fallback there."""
     if reduce not in ("max", "mean"):
         raise ValueError(f"reduce must be 'max' or 'mean', got {reduce!r}")
-    batch, num_tokens, dim = visual.shape
+    batch, num_visual, dim = visual.shape
     visual = visual.contiguous()
     query_n = query_n.to(torch.float32).contiguous()
     query_mask = query_mask.to(device=visual.device, dtype=torch.int8).contiguous()
     if out is None:
-        out = torch.empty(batch, num_tokens, dtype=torch.float32, device=visual.device)
+        out = torch.empty(batch, num_visual, dtype=torch.float32, device=visual.device)
     block_n = 64
     block_t = min(64, max(16, triton.next_power_of_2(max(query_n.shape[1], 1))))
     block_d = min(128, max(16, triton.next_power_of_2(dim)))
-    grid = (batch, triton.cdiv(num_tokens, block_n))
+    grid = (batch, triton.cdiv(num_visual, block_n))
     _relevance_kernel[grid](
-        visual, query_n, query_mask, out, num_tokens, query_n.shape[1], dim,
+        visual, query_n, query_mask, out, num_visual, query_n.shape[1], dim,
         MEAN=reduce == "mean", BLOCK_N=block_n, BLOCK_T=block_t, BLOCK_D=block_d,
     )
     return out

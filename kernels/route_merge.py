@@ -100,7 +100,7 @@ def route(
     """visual_n B x N x D unit rows (float32); kept B x K token indices; retrieved and
     duplicates B x N bool; separate: only near-duplicates go to retrieved tokens (see
     par_vllm.reduction.route). Returns B x N positions in kept (kept tokens map to their own)."""
-    batch, num_tokens, dim = visual_n.shape
+    batch, num_visual, dim = visual_n.shape
     num_kept = kept.shape[1]
     visual_n = visual_n.to(torch.float32).contiguous()
     kept = kept.contiguous()
@@ -108,12 +108,12 @@ def route(
     retrieved_open = (kept_retrieved.all(dim=1) | (not separate)).to(torch.int8).contiguous()
     kept_retrieved = kept_retrieved.to(torch.int8).contiguous()
     if out is None:
-        out = torch.empty(batch, num_tokens, dtype=torch.int64, device=visual_n.device)
+        out = torch.empty(batch, num_visual, dtype=torch.int64, device=visual_n.device)
     block_d = min(64, max(16, triton.next_power_of_2(dim)))
-    grid = (batch, triton.cdiv(num_tokens, 64))
+    grid = (batch, triton.cdiv(num_visual, 64))
     _route_kernel[grid](
         visual_n, kept, kept_retrieved, duplicates.to(torch.int8).contiguous(), retrieved_open, out,
-        num_tokens, num_kept, dim, BLOCK_N=64, BLOCK_K=32, BLOCK_D=block_d,
+        num_visual, num_kept, dim, BLOCK_N=64, BLOCK_K=32, BLOCK_D=block_d,
     )
     own = torch.arange(num_kept, device=kept.device).expand(batch, num_kept)
     return out.scatter(1, kept, own)
@@ -127,7 +127,7 @@ def merge(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """B x K x D in visual's dtype: the weight-averaged members of each kept token."""
-    batch, num_tokens, dim = visual.shape
+    batch, num_visual, dim = visual.shape
     num_kept = kept.shape[1]
     order = torch.argsort(assignment, dim=1, stable=True).contiguous()
     counts = torch.zeros(batch, num_kept, dtype=torch.int64, device=visual.device)
@@ -140,7 +140,7 @@ def merge(
     grid = (batch, num_kept, triton.cdiv(dim, block_d))
     _merge_kernel[grid](
         visual.contiguous(), weight.to(torch.float32).contiguous(), order, offsets.contiguous(),
-        kept.contiguous(), out, num_tokens, num_kept, dim, BLOCK_M=16, BLOCK_D=block_d,
+        kept.contiguous(), out, num_visual, num_kept, dim, BLOCK_M=16, BLOCK_D=block_d,
     )
     return out
 

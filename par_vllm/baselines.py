@@ -10,22 +10,22 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .config import ParSettings
+from .settings import ParSettings
 from .reduction import Reduction, relevance, saliency
 
 
 def pruned(visual: torch.Tensor, kept: torch.Tensor, prompt_aware: torch.Tensor) -> Reduction:
     """The Reduction of keeping exactly the `kept` tokens (B x K, any order) and dropping
     the rest."""
-    batch, num_tokens, dim = visual.shape
+    batch, num_visual, dim = visual.shape
     kept = kept.sort(dim=1).values
-    assignment = torch.full((batch, num_tokens), -1, dtype=torch.long, device=visual.device)
+    assignment = torch.full((batch, num_visual), -1, dtype=torch.long, device=visual.device)
     own = torch.arange(kept.shape[1], device=visual.device).expand_as(kept)
     return Reduction(
         tokens=visual.gather(1, kept[..., None].expand(-1, -1, dim)),
         kept_indices=kept,
         assignment=assignment.scatter(1, kept, own),
-        retrieved=torch.zeros(batch, num_tokens, dtype=torch.bool, device=visual.device),
+        retrieved=torch.zeros(batch, num_visual, dtype=torch.bool, device=visual.device),
         prompt_aware=prompt_aware,
     )
 
@@ -33,12 +33,12 @@ def pruned(visual: torch.Tensor, kept: torch.Tensor, prompt_aware: torch.Tensor)
 def uniform_pool(visual, query, query_mask, num_kept, settings) -> Reduction:
     """2D average pooling of the token grid to an h x w grid with h * w = K (the factor
     pair closest to square). Non-square token counts pool along the raster order."""
-    batch, num_tokens, dim = visual.shape
-    side = math.isqrt(num_tokens)
+    batch, num_visual, dim = visual.shape
+    side = math.isqrt(num_visual)
     h = max(d for d in range(1, math.isqrt(num_kept) + 1) if num_kept % d == 0)
     w = num_kept // h
-    if side * side != num_tokens:
-        side_h, side_w, h, w = 1, num_tokens, 1, num_kept
+    if side * side != num_visual:
+        side_h, side_w, h, w = 1, num_visual, 1, num_kept
     else:
         side_h = side_w = side
     grid = visual.float().transpose(1, 2).reshape(batch, dim, side_h, side_w)
@@ -53,7 +53,7 @@ def uniform_pool(visual, query, query_mask, num_kept, settings) -> Reduction:
         tokens=tokens.to(visual.dtype),
         kept_indices=centres.expand(batch, -1),
         assignment=cell.expand(batch, -1),
-        retrieved=torch.zeros(batch, num_tokens, dtype=torch.bool, device=visual.device),
+        retrieved=torch.zeros(batch, num_visual, dtype=torch.bool, device=visual.device),
         prompt_aware=torch.zeros(batch, dtype=torch.bool, device=visual.device),
     )
 

@@ -9,65 +9,82 @@ import shlex
 import sys
 from pathlib import Path
 
-from .config import CHOICES, ParSettingError, ParSettings
 from .server import par_overrides
+from .settings import CHOICES, FIELD_TYPES, PREFIX, ParSettingError, ParSettings, extra
 
-# One flag per PAR setting (the `par_*` key is the flag's name with underscores).
-SETTING_FLAGS = {
-    "keep_ratio": (float, "share of each image's visual tokens to keep: K = ceil(N x ratio), "
-                          "at least 1 (default 0.111: 64 of LLaVA-1.5's 576)"),
-    "num_tokens": (int, "explicit K per image; wins over --keep-ratio; clamped to N"),
-    "outlier_factor": (float, "semantic retrieval keeps tokens whose prompt relevance exceeds "
-                              "Q3 + factor x IQR (default 1.5)"),
-    "retrieval_share": (float, "most of K that retrieved tokens may take; clustering gets the "
-                               "rest (default 0.5)"),
-    "min_retrieved": (int, "retrieval takes at least this many of the most relevant tokens, "
-                           "outliers or not, within the same cap (default 2; 0 is the paper's rule)"),
-    "duplicate_threshold": (float, "similarity above which a token merges into a retrieved token "
-                                   "instead of competing for a centre (default 0.9)"),
-    "relevance": (str, "reduce a token's similarity to the prompt's words by 'max' or 'mean'"),
-    "knn_k": (int, "neighbours in the kNN graph that ranks cluster centres (default 5)"),
-    "centres": (str, "how non-retrieved tokens are covered: 'density_peaks' (DPC-KNN) or "
-                     "'farthest_point' (max-min distance to everything kept)"),
-    "centre_relevance": (float, "power of the prompt relevance (rescaled to [0, 1]) that multiplies "
-                                "each cluster centre's score; 0 = prompt-agnostic centres"),
-    "similarity": (str, "how visual tokens are compared with each other: 'centred' (cosine after "
-                        "subtracting the image's mean token; default) or 'cosine'"),
-    "routing": (str, "'separate' (retrieved tokens take in only their near-duplicates, the rest "
-                     "go to cluster centres; default) or 'nearest' (any token to its nearest kept one)"),
-    "positions": (str, "'span' (an image's kept tokens spread over the positions the whole image "
-                       "takes; default) or 'consecutive' (K positions)"),
-    "backend": (str, "'auto' (Triton kernels on GPU, torch elsewhere), 'torch' or 'triton'; a server "
-                     "setting: requests cannot change it"),
-    "allowed_request_kwargs": (str, "comma-separated mm_processor_kwargs keys other than PAR's that "
-                                    "requests may send to the image processor (default: none; "
-                                    "a request with any other key gets a 400)"),
-}
 # Environment the server reads that decides what it exposes (docs/operating.md);
 # `serve --dry-run` shows those that are set.
 EXPOSURE_ENV = ("VLLM_MEDIA_CONNECTOR", "VLLM_MEDIA_URL_ALLOW_REDIRECTS", "VLLM_MAX_IMAGE_PIXELS",
                 "PAR_MAX_REQUEST_BYTES", "PROMETHEUS_MULTIPROC_DIR", "VLLM_PLUGINS")
+# PAR_* variables that are not settings: the Docker entrypoint's (docs/operating.md).
+DEPLOY_ENV = ("PAR_TRUST_REQUEST_SETTINGS", "PAR_ALLOWED_MEDIA_DOMAINS", "PAR_MAX_IMAGES_PER_REQUEST",
+              "PAR_MAX_REQUEST_BYTES")
+
+
+def env_name(name: str) -> str:
+    return PREFIX.upper() + name.upper()
+
+
+def flag_names(name: str) -> list[str]:
+    """A setting's serve flags: --name-with-dashes, and for a boolean the flag that sets it
+    false (its declared off_flag, or --no-name)."""
+    dashed = "--" + name.replace("_", "-")
+    if FIELD_TYPES[name] is bool:
+        return [dashed, "--" + (extra(name)["off_flag"] or "no-" + name.replace("_", "-"))]
+    return [dashed]
+
+
+def _parse(name: str, text: str) -> object:
+    """A flag's or variable's text as the setting's type (validation is the settings' own)."""
+    kind = FIELD_TYPES[name]
+    if kind is bool:
+        if text.lower() not in ("1", "0", "true", "false"):
+            raise ParSettingError(f"{PREFIX}{name}: expected 1/0/true/false, got {text!r}", setting=PREFIX + name)
+        return text.lower() in ("1", "true")
+    try:
+        return int(text) if kind is int else float(text) if kind is float else text
+    except ValueError:
+        raise ParSettingError(f"{PREFIX}{name}: expected a number, got {text!r}", setting=PREFIX + name) from None
 
 
 def add_setting_flags(parser: argparse.ArgumentParser) -> None:
-    for name, (kind, text) in SETTING_FLAGS.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, help=text)
-    parser.add_argument("--keep-question-type-words", action="store_true",
-                        help="score the image against every content word of the prompt, 'color' "
-                             "and 'shape' in 'what color is the shape?' included "
-                             "(par_drop_question_type_words=false)")
+    """One flag per setting (two for a boolean), from the declarations in par_vllm.settings."""
+    for name, field in ParSettings.model_fields.items():
+        text = field.description
+        if extra(name)["experimental"]:
+            text += f" Experimental: {extra(name)['experimental']} (docs/settings.md)."
+        flags = flag_names(name)
+        if FIELD_TYPES[name] is bool:
+            on, off = flags
+            parser.add_argument(on, dest=name, action="store_true", default=None,
+                                help=text + f" (environment: {env_name(name)}=1)")
+            parser.add_argument(off, dest=name, action="store_false", default=None,
+                                help=f"set {PREFIX}{name} to false ({env_name(name)}=0)")
+        else:
+            parser.add_argument(flags[0], dest=name, metavar=None if name in CHOICES else name.upper(), default=None,
+                                choices=CHOICES.get(name), help=f"{text} (environment: {env_name(name)})")
 
 
-def setting_keys(args: argparse.Namespace) -> tuple[dict[str, object], ParSettings]:
-    """The `par_*` keys the user gave as flags, and the settings they make.
+def setting_keys(args: argparse.Namespace, environ: dict[str, str] | None = None
+                 ) -> tuple[dict[str, object], ParSettings]:
+    """The `par_*` keys the user gave as `PAR_*` variables or flags (a flag wins), and the
+    settings they make.
 
     Raises ParSettingError naming a bad one, so serve fails before vLLM starts."""
-    keys = {f"par_{name}": getattr(args, name) for name in [*SETTING_FLAGS, "method"]
-            if getattr(args, name, None) is not None}
-    if getattr(args, "disable", False):
-        keys["par_enabled"] = False
-    if getattr(args, "keep_question_type_words", False):
-        keys["par_drop_question_type_words"] = False
+    keys = {}
+    for key, text in (environ or {}).items():
+        if not key.startswith(PREFIX.upper()) or key in DEPLOY_ENV:
+            continue
+        name = key[len(PREFIX):].lower()
+        if name not in ParSettings.model_fields:
+            raise ParSettingError(f"{key}: not a PAR setting's variable (settings: "
+                                  f"{', '.join(env_name(n) for n in ParSettings.model_fields)})", setting=key)
+        if text != "":
+            keys[PREFIX + name] = _parse(name, text)
+    for name in ParSettings.model_fields:
+        value = getattr(args, name, None)
+        if value is not None:
+            keys[PREFIX + name] = _parse(name, value) if isinstance(value, str) else value
     return keys, ParSettings.from_keys(keys)
 
 
@@ -98,8 +115,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     serve.add_argument("model", help="checkpoint directory or name (an unmodified LLaVA)")
     add_setting_flags(serve)
-    serve.add_argument("--disable", action="store_true",
-                       help="serve every image whole by default (par_enabled=false)")
     serve.add_argument("--par-api", action="store_true",
                        help="also expose GET /v1/par/config (sets VLLM_PLUGINS)")
     serve.add_argument("--dry-run", action="store_true", help="print the vLLM command, do not run it")
@@ -128,8 +143,9 @@ def main(argv: list[str] | None = None) -> None:
     explain.add_argument("--model", type=Path, default=Path(".models/par-demo"))
     explain.add_argument("--out", type=Path, default=Path("kept.png"))
     add_setting_flags(explain)
-    explain.add_argument("--method", choices=CHOICES["method"],
-                         help="PAR or a baseline at the same budget")
+
+    reference = commands.add_parser("settings", help="list PAR's settings (docs/settings.md)")
+    reference.add_argument("--markdown", action="store_true", help="the reference as Markdown")
 
     argv = list(sys.argv[1:] if argv is None else argv)
     # Everything after a bare "--" belongs to vLLM, even flags that look like ours.
@@ -141,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command in ("serve", "explain"):
         try:
-            keys, settings = setting_keys(args)
+            keys, settings = setting_keys(args, dict(os.environ) if args.command == "serve" else None)
         except ParSettingError as error:
             parser.exit(2, f"par-vllm {args.command}: {error}\n")
     if args.command == "serve":
@@ -154,6 +170,14 @@ def main(argv: list[str] | None = None) -> None:
         from .explain import explain as run_explain
 
         print(run_explain(args.model, args.image, args.prompt, args.out, settings))
+    elif args.command == "settings":
+        from .settings import reference_markdown
+
+        if args.markdown:
+            print(reference_markdown())
+        else:
+            for key, value in ParSettings().to_keys().items():
+                print(f"{key} = {json.dumps(value)}")
     elif args.command == "make-demo-model":
         from .demo_model import make_demo_model
 

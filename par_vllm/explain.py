@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from .config import ParSettings
+from .settings import ParSettings
 from .prompt import QueryRewriter
-from .reduction import Reduction, par_reduce
+from .dispatch import reduce_tokens
+from .reduction import Reduction
 
 
 class Explainer:
@@ -55,7 +56,7 @@ class Explainer:
         visual = self.visual_tokens(image)
         query = self.query(prompt, settings.drop_question_type_words)
         mask = torch.ones(1, query.shape[1], dtype=torch.bool)
-        return par_reduce(visual, query, mask, settings.num_kept(visual.shape[1]), settings)
+        return reduce_tokens(visual, query, mask, settings.num_kept(visual.shape[1]), settings)
 
 
 def render(image: Image.Image, reduction: Reduction, size: int = 672) -> Image.Image:

@@ -4,10 +4,8 @@ The language model was trained with every image spanning N positions. Handed K t
 consecutive positions, it sees a smaller image, and the prompt after it closer than it
 ever was in training. `par_positions="span"` keeps the full image's geometry instead: the
 K tokens spread evenly over the N positions the image would have taken (token i at
-i * N // K), and the text after the image starts where it would have without reduction.
-On the accuracy benchmark's model (trained here) it gained PAR 2 points at 6% of the
-tokens over 1,400 test questions and was level at 11% and 25%
-(benchmarks/results/README.md).
+i * N // K), and the text after the image starts where it would have without reduction
+(what it gained on the accuracy benchmark: docs/how-it-works.md).
 
 vLLM gives a model per-request positions through its M-RoPE interface, which the engine
 switches on when the text config's `rope_parameters` name an `mrope_section`. Fed three

@@ -41,8 +41,7 @@ STOP_WORDS = frozenset(
 # Nouns that name the kind of answer asked for, not the thing to look at: in "what color
 # is the triangle?" the triangle is where the answer is, while "color" is close to every
 # coloured patch alike and, under max-over-words relevance, can outscore the word that
-# picks the object out. (On the composite easy-VQA benchmark this moves PAR's top token
-# onto the queried tile in 67.5% of questions instead of 47%: benchmarks/results/README.md.)
+# picks the object out (the measurement: docs/how-it-works.md).
 QUESTION_TYPE_WORDS = frozenset("color colour colors colours shape shapes kind kinds type types sort".split())
 
 

@@ -11,7 +11,6 @@ Selection is fully deterministic. Wherever scores tie, the lower token index win
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from dataclasses import dataclass
@@ -19,9 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import ParSettingError, ParSettings
-
-logger = logging.getLogger(__name__)
+from .settings import ParSettingError, ParSettings
 
 
 @dataclass
@@ -34,15 +31,15 @@ class Reduction:
     prompt_aware: torch.Tensor  # B bool, False where the image had no prompt to score against
 
 
-def use_kernels(visual: torch.Tensor, backend: str) -> bool:
-    """The one place the implementation is chosen: Triton kernels on CUDA tensors (or when
-    forced), this torch reference elsewhere (or when forced)."""
-    if backend == "torch":
-        return False
-    if backend == "triton":
-        return True
-    if not visual.is_cuda:
-        return False
+def kernels_chosen(backend: str, on_cuda: bool, triton_installed: bool) -> bool:
+    """The one rule that chooses the implementation: the Triton kernels when forced, or
+    under "auto" for CUDA tensors where Triton is installed; this torch reference otherwise."""
+    if backend in ("torch", "triton"):
+        return backend == "triton"
+    return on_cuda and triton_installed
+
+
+def triton_installed() -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -50,16 +47,18 @@ def use_kernels(visual: torch.Tensor, backend: str) -> bool:
     return True
 
 
+def use_kernels(visual: torch.Tensor, backend: str) -> bool:
+    return kernels_chosen(backend, visual.is_cuda, visual.is_cuda and triton_installed())
+
+
 def check_backend(backend: str, device_type: str) -> None:
     """Refuse, naming the setting, a backend this server's device cannot run: forced
     Triton kernels need a CUDA device (or Triton's interpreter, TRITON_INTERPRET=1)."""
     if backend != "triton":
         return
-    try:
-        import triton  # noqa: F401
-    except ImportError:
+    if not triton_installed():
         raise ParSettingError("par_backend: 'triton' needs the triton package, which this server "
-                              "lacks; use 'auto' or 'torch'", setting="par_backend") from None
+                              "lacks; use 'auto' or 'torch'", setting="par_backend")
     if device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ParSettingError(f"par_backend: 'triton' needs a CUDA device and this server runs on "
                               f"{device_type!r}; use 'auto' (kernels on GPU, torch elsewhere) or "
@@ -141,7 +140,7 @@ def near_duplicates(sim: torch.Tensor, retrieved: torch.Tensor, threshold: float
 def prompt_weight(rel: torch.Tensor, power: float, prompt_aware: torch.Tensor) -> torch.Tensor:
     """Relevance rescaled to [0, 1] within each image, to `power`: what centre scores are
     multiplied by. Min-max rather than raw cosines because a model's relevance can sit in a
-    narrow band (about 0.1 wide on the accuracy benchmark's model), where exp(r) or r itself
+    narrow band (as it does on the accuracy benchmark's model), where exp(r) or r itself
     would barely tell tokens apart. 1 everywhere at power 0, for an image without a prompt
     (its saliency is no prompt to steer by) and where relevance is flat."""
     low = rel.amin(dim=1, keepdim=True)
@@ -159,13 +158,13 @@ def density_peaks(sim: torch.Tensor, candidates: torch.Tensor, knn_k: int) -> to
     rho_i = exp(-mean squared distance to its k nearest candidates); delta_i = distance
     to the nearest denser candidate (the densest gets its farthest distance). Distances
     are Euclidean between unit vectors, d^2 = 2 - 2 cos. B x N, 0 off the candidates."""
-    num_tokens = sim.shape[-1]
-    index = torch.arange(num_tokens, device=sim.device)
+    num_visual = sim.shape[-1]
+    index = torch.arange(num_visual, device=sim.device)
     not_self = index[:, None] != index[None, :]
     pair = candidates[:, :, None] & candidates[:, None, :] & not_self
     dist2 = (2.0 - 2.0 * sim).clamp(min=0.0)
 
-    k = min(knn_k, num_tokens - 1)
+    k = min(knn_k, num_visual - 1)
     if k == 0:
         density = torch.ones_like(sim[..., 0])
     else:
@@ -194,7 +193,7 @@ def farthest_points(
     (1 if None), is largest, so centres cover what retrieval did not. Without retrieved
     tokens the most relevant candidate goes first. B x N: steps, steps - 1, ... for the
     picks in order, 0 elsewhere."""
-    batch, num_tokens = candidates.shape
+    batch, num_visual = candidates.shape
     rows = torch.arange(batch, device=sim.device)
     distance = 1.0 - sim
     nearest = distance.masked_fill(~retrieved[:, None, :], math.inf).amin(dim=-1)
@@ -204,7 +203,7 @@ def farthest_points(
         weight = torch.ones_like(rel)
     open_ = candidates.clone()
     score = torch.zeros_like(rel)
-    for step in range(min(steps, num_tokens)):
+    for step in range(min(steps, num_visual)):
         key = torch.where(seed, rel, nearest * weight).masked_fill(~open_, -math.inf)
         pick = key.argmax(dim=-1)
         valid = torch.isfinite(key[rows, pick])
@@ -239,9 +238,9 @@ def route(
     one; every other token to its most similar kept token, or with `separate` to its most
     similar cluster centre (any kept token where there is no centre). Returns B x N
     positions in kept."""
-    batch, num_tokens = retrieved.shape
+    batch, num_visual = retrieved.shape
     num_kept = kept.shape[1]
-    to_kept = sim.gather(2, kept[:, None, :].expand(batch, num_tokens, num_kept))
+    to_kept = sim.gather(2, kept[:, None, :].expand(batch, num_visual, num_kept))
     kept_is_retrieved = retrieved.gather(1, kept)
     closed = duplicates[:, :, None] & ~kept_is_retrieved[:, None, :]
     if separate:
@@ -253,16 +252,16 @@ def route(
     return assignment.scatter(1, kept, own)
 
 
-def route_merge(
+def merge(
     visual: torch.Tensor, weight: torch.Tensor, kept: torch.Tensor, assignment: torch.Tensor
 ) -> torch.Tensor:
     """Each kept token becomes the weighted mean of itself and the tokens routed to it.
     Weights are positive, so every output is a convex combination of its members."""
-    batch, num_tokens, dim = visual.shape
+    batch, num_visual, dim = visual.shape
     num_kept = kept.shape[1]
     w = weight.float()
     sums = visual.new_zeros(batch, num_kept, dim, dtype=torch.float32).scatter_add_(
-        1, assignment[..., None].expand(batch, num_tokens, dim), visual.float() * w[..., None]
+        1, assignment[..., None].expand(batch, num_visual, dim), visual.float() * w[..., None]
     )
     totals = w.new_zeros(batch, num_kept).scatter_add_(1, assignment, w)
     members = torch.zeros_like(totals).scatter_add_(1, assignment, torch.ones_like(w))
@@ -279,27 +278,24 @@ def par_reduce(
     num_kept: int,
     settings: ParSettings,
 ) -> Reduction:
-    """Reduce B images of N visual tokens to K each, guided by their prompts.
+    """Reduce B images of N visual tokens to K each, guided by their prompts: PAR itself
+    (par_vllm.dispatch.reduce_tokens chooses between PAR and a baseline by `settings.method`).
 
     visual: B x N x D; query: B x T x D prompt-token embeddings (T may be 0);
     query_mask: B x T bool, False on padding."""
-    batch, num_tokens, _ = visual.shape
+    batch, num_visual, _ = visual.shape
     if not 1 <= num_kept:
         raise ValueError(f"num_kept must be >= 1, got {num_kept}")
-    if num_kept >= num_tokens:
-        index = torch.arange(num_tokens, device=visual.device).expand(batch, num_tokens)
+    if num_kept >= num_visual:
+        index = torch.arange(num_visual, device=visual.device).expand(batch, num_visual)
         return Reduction(
             tokens=visual,
             kept_indices=index,
             assignment=index,
-            retrieved=torch.zeros(batch, num_tokens, dtype=torch.bool, device=visual.device),
+            retrieved=torch.zeros(batch, num_visual, dtype=torch.bool, device=visual.device),
             prompt_aware=query_mask.any(dim=-1),
         )
 
-    if settings.method != "par":
-        from .baselines import reduce_with
-
-        return reduce_with(settings.method, visual, query, query_mask, num_kept, settings)
     kernels = use_kernels(visual, settings.backend)
     visual_n = F.normalize(visual.float(), dim=-1)
     query_n = F.normalize(query.float(), dim=-1)
@@ -346,66 +342,11 @@ def reduce_by_relevance(
     # exp keeps weights positive and monotone in relevance (cosines lie in [-1, 1]).
     weight = torch.exp(rel)
     if kernels:
-        from .kernels import route_merge as kernel
+        from .kernels import route_merge
 
-        tokens, assignment = kernel.route_merge(visual, compared_n, weight, kept, retrieved, duplicates,
+        tokens, assignment = route_merge.route_merge(visual, compared_n, weight, kept, retrieved, duplicates,
                                                separate)
     else:
         assignment = route(sim, kept, retrieved, duplicates, separate)
-        tokens = route_merge(visual, weight, kept, assignment)
+        tokens = merge(visual, weight, kept, assignment)
     return Reduction(tokens, kept, assignment, retrieved, prompt_aware)
-
-
-def reduce_per_image(
-    features: list[torch.Tensor],
-    query_ids: list[torch.Tensor],
-    settings: list[ParSettings],
-    embed_tokens,
-    on_batch=None,
-    on_kernel_failure=None,
-) -> list[torch.Tensor]:
-    """What the model executor calls: one N_i x D tensor per image (possibly from
-    different requests, each with its own prompt and settings) to one K_i x D each.
-
-    Images with the same N and settings are reduced as one batch; prompts are embedded
-    with `embed_tokens` (the LLM's own input embedding table) in one call; each batch
-    reduced is reported as `on_batch(images, implementation)`. Should the kernels fail on
-    a batch, that batch is reduced again by this torch reference and `on_kernel_failure(error)`
-    is called: an exception here would stop the engine, and every request in it."""
-    out: list[torch.Tensor | None] = [None] * len(features)
-    groups: dict[tuple, list[int]] = {}
-    for i, (feature, setting) in enumerate(zip(features, settings)):
-        num_kept = setting.num_kept(feature.shape[0])
-        if num_kept >= feature.shape[0]:
-            out[i] = feature
-        else:
-            groups.setdefault((feature.shape, num_kept, setting), []).append(i)
-
-    for (_, num_kept, setting), members in groups.items():
-        visual = torch.stack([features[i] for i in members])
-        ids = [query_ids[i].to(visual.device) for i in members]
-        lengths = [len(q) for q in ids]
-        query = visual.new_zeros(len(members), max(lengths), visual.shape[-1])
-        if max(lengths) > 0:
-            embedded = embed_tokens(torch.cat(ids)).to(visual.dtype)
-            query = torch.nn.utils.rnn.pad_sequence(list(embedded.split(lengths)), batch_first=True)
-        query_mask = torch.arange(query.shape[1], device=visual.device)[None, :] < torch.tensor(
-            lengths, device=visual.device
-        )[:, None]
-        kernels = setting.method == "par" and use_kernels(visual, setting.backend)
-        try:
-            reduced = par_reduce(visual, query, query_mask, num_kept, setting)
-        except Exception as error:
-            if not kernels:
-                raise
-            logger.warning("PAR's Triton kernels failed on a batch of %d images; reducing it with "
-                           "the torch reference instead", len(members), exc_info=True)
-            if on_kernel_failure is not None:
-                on_kernel_failure(error)
-            kernels = False
-            reduced = par_reduce(visual, query, query_mask, num_kept, setting.model_copy(update={"backend": "torch"}))
-        if on_batch is not None:
-            on_batch(len(members), "triton" if kernels else "torch")
-        for row, i in enumerate(members):
-            out[i] = reduced.tokens[row]
-    return out

@@ -14,10 +14,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: starts a real vLLM engine or server (deselect with -m 'not slow')")
-
-
 @pytest.fixture(scope="session")
 def demo_model(tmp_path_factory):
     """The random-weight demo LLaVA (576 visual tokens per image), built once per session."""

@@ -14,12 +14,11 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import accuracy  # noqa: E402
-from composite_vqa import COLORS, SHAPES, TILE_PX, Composite, make_composites, tiles  # noqa: E402
+from benchmarks import accuracy, common
+from benchmarks.composite_vqa import COLORS, SHAPES, TILE_PX, Composite, make_composites, tiles
 
-from par_vllm.reduction import Reduction  # noqa: E402
+from par_vllm.reduction import Reduction
 
 # easy-VQA draws every shape in one flat colour from this palette.
 PALETTE = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
@@ -87,28 +86,29 @@ def test_placement_counts_merges_onto_other_tiles_as_lost():
     reduction = Reduction(tokens=torch.zeros(1, 2, 4), kept_indices=torch.tensor([[0, 2]]),
                           assignment=torch.tensor([[0, 0, 1, 1]]), retrieved=torch.zeros(1, 4, dtype=torch.bool),
                           prompt_aware=torch.tensor([True]))
-    assert accuracy.placement(reduction, tile, obj) == {"recall": 1.0, "object_recall": 1.0, "on_target": 0.5}
+    assert common.placement(reduction, tile, obj) == {"recall": 1.0, "object_recall": 1.0, "on_target": 0.5}
     # Now token 1 (on the tile) is merged into token 2, which is not: its content is lost.
     reduction.assignment = torch.tensor([[0, 1, 1, 1]])
-    assert accuracy.placement(reduction, tile, obj)["recall"] == 0.5
+    assert common.placement(reduction, tile, obj)["recall"] == 0.5
     # A pruning baseline drops token 0: dropped content is lost too.
     reduction.kept_indices = torch.tensor([[1, 2]])
     reduction.assignment = torch.tensor([[-1, 0, 1, -1]])
-    assert accuracy.placement(reduction, tile, obj) == {"recall": 0.5, "object_recall": 0.0, "on_target": 0.5}
+    assert common.placement(reduction, tile, obj) == {"recall": 0.5, "object_recall": 0.0, "on_target": 0.5}
 
 
 def test_answers_are_read_from_the_first_word():
-    assert accuracy.is_correct(" Red.", "red") and accuracy.is_correct("circle, I think", "circle")
-    assert not accuracy.is_correct("a red one", "red") and not accuracy.is_correct("", "red")
+    assert common.is_correct(" Red.", "red") and common.is_correct("circle, I think", "circle")
+    assert not common.is_correct("a red one", "red") and not common.is_correct("", "red")
 
 
+@pytest.mark.slow
 def test_evaluation_runs_end_to_end_through_vllm(tmp_path):
     from par_vllm.demo_model import make_demo_model
 
     model = make_demo_model(tmp_path / "tiny", image_size=3 * TILE_PX, patch_size=16)
     out = tmp_path / "results"
     result = subprocess.run(
-        [sys.executable, "benchmarks/accuracy.py", "--model", str(model), "--count", "6",
+        [sys.executable, "-m", "benchmarks.accuracy", "--model", str(model), "--count", "6",
          "--methods", "par", "pool", "topk", "--budgets", "0.25", "0.06", "--explain", "1",
          "--variant", "par-fps:centres=farthest_point,outlier_factor=1",
          "--max-num-seqs", "4", "--name", "tiny", "--out", str(out)],
@@ -134,7 +134,7 @@ def test_evaluation_runs_end_to_end_through_vllm(tmp_path):
 
 
 def test_variants_are_par_settings_checked_before_vllm_starts():
-    name, keys = accuracy.parse_variant("par-fps:centres=farthest_point,outlier_factor=1,retrieval_share=0.25")
+    name, keys = common.parse_variant("par-fps:centres=farthest_point,outlier_factor=1,retrieval_share=0.25")
     assert name == "par-fps"
     assert keys == {"par_centres": "farthest_point", "par_outlier_factor": 1, "par_retrieval_share": 0.25}
     configs = dict(accuracy.configs_for(["par"], [0.111], [(name, keys)]))
@@ -144,18 +144,18 @@ def test_variants_are_par_settings_checked_before_vllm_starts():
     assert configs["topk@0.111"] == {**base, "par_method": "topk", "par_keep_ratio": 0.111}
     assert configs["par-fps@0.111"]["par_positions"] == "consecutive"
     assert configs["full"] == {"par_enabled": False}
-    from par_vllm.config import ParSettingError
+    from par_vllm.settings import ParSettingError
 
     with pytest.raises(ParSettingError, match="par_centres"):
-        accuracy.parse_variant("bad:centres=kmeans")
+        common.parse_variant("bad:centres=kmeans")
     with pytest.raises(ValueError, match="NAME"):
-        accuracy.parse_variant("par:centres=farthest_point")
+        common.parse_variant("par:centres=farthest_point")
 
 
 def test_training_chats_ask_only_answerable_questions():
     import random
 
-    import train_vqa
+    from benchmarks import train_vqa
 
     for c in make_composites("train", 40, grid=3, seed=5):
         turns = train_vqa.conversation(c, random.Random(1), turns=4)
@@ -170,7 +170,7 @@ def test_training_chats_ask_only_answerable_questions():
 
 
 def test_training_continuations_draw_new_chats_and_keep_their_lineage():
-    import train_vqa
+    from benchmarks import train_vqa
 
     first = {"vision": {}, "align": {}, "tune": {}}
     assert train_vqa.tune_stage(None) == ("tune", 0)
@@ -187,7 +187,7 @@ def test_training_continuations_draw_new_chats_and_keep_their_lineage():
 
 
 def test_training_loss_sees_only_the_replies():
-    import train_vqa
+    from benchmarks import train_vqa
 
     marker, end = [1, 7, 9], 2
     ids = torch.tensor([[0, 0, 1, 5, 9, 1, 7, 9, 30, 31, 2, 4, 1, 7, 9, 40, 2, 4],
@@ -198,7 +198,7 @@ def test_training_loss_sees_only_the_replies():
 
 
 def test_centred_relevance_ignores_the_direction_all_visual_tokens_share():
-    import par_ablation
+    from benchmarks.diagnostics import par_ablation
 
     from par_vllm.reduction import relevance
 
@@ -218,10 +218,10 @@ def test_centred_relevance_ignores_the_direction_all_visual_tokens_share():
 def test_ablation_topk_prompt_is_the_plugins_topk_baseline():
     """The ablation compares PAR with top-k on the same questions only if its `topk_prompt`
     keeps exactly what the plugin's top-k baseline keeps."""
-    import par_ablation
+    from benchmarks.diagnostics import par_ablation
 
-    from par_vllm.config import ParSettings
-    from par_vllm.reduction import par_reduce
+    from par_vllm.settings import ParSettings
+    from par_vllm.dispatch import reduce_tokens
 
     torch.manual_seed(0)
     visual, query = torch.randn(1, 144, 32), torch.randn(1, 3, 32)
@@ -230,7 +230,7 @@ def test_ablation_topk_prompt_is_the_plugins_topk_baseline():
         settings = ParSettings(keep_ratio=budget)
         num_kept = settings.num_kept(144)
         ours = par_ablation.reduce("topk_prompt", visual, query, tile, obj, num_kept, settings)
-        plugin = par_reduce(visual, query, torch.ones(1, 3, dtype=torch.bool), num_kept,
+        plugin = reduce_tokens(visual, query, torch.ones(1, 3, dtype=torch.bool), num_kept,
                             ParSettings(keep_ratio=budget, method="topk"))
         assert torch.equal(ours.kept_indices, plugin.kept_indices) and torch.equal(ours.tokens, plugin.tokens)
         # and not PAR's selection, which would make the comparison empty
@@ -240,14 +240,14 @@ def test_ablation_topk_prompt_is_the_plugins_topk_baseline():
         for method in ("topk", "diverse", "pool"):
             baseline = ParSettings(keep_ratio=budget, method=method)
             variant = par_ablation.reduce("prompt", visual, query, tile, obj, num_kept, baseline)
-            plugin = par_reduce(visual, query, torch.ones(1, 3, dtype=torch.bool), num_kept, baseline)
+            plugin = reduce_tokens(visual, query, torch.ones(1, 3, dtype=torch.bool), num_kept, baseline)
             assert torch.equal(variant.kept_indices, plugin.kept_indices) and torch.equal(variant.tokens, plugin.tokens)
 
 
 def test_protected_merge_keeps_retrieved_tokens_to_their_near_duplicates():
-    import par_ablation
+    from benchmarks.diagnostics import par_ablation
 
-    from par_vllm.config import ParSettings
+    from par_vllm.settings import ParSettings
     from par_vllm.reduction import reduce_by_relevance
 
     torch.manual_seed(0)
@@ -275,9 +275,9 @@ def test_protected_merge_keeps_retrieved_tokens_to_their_near_duplicates():
 
 
 def test_routing_counts_account_for_every_token():
-    import routing_counts
+    from benchmarks.diagnostics import routing_counts
 
-    from par_vllm.config import ParSettings
+    from par_vllm.settings import ParSettings
 
     torch.manual_seed(0)
     visual = torch.randn(1, 144, 32)
@@ -298,9 +298,9 @@ def test_routing_counts_account_for_every_token():
 
 
 def test_merge_variants_keep_pars_tokens_and_change_only_the_merge():
-    import par_ablation
+    from benchmarks.diagnostics import par_ablation
 
-    from par_vllm.config import ParSettings
+    from par_vllm.settings import ParSettings
     from par_vllm.reduction import reduce_by_relevance
 
     torch.manual_seed(0)
@@ -353,7 +353,7 @@ def test_merge_variants_keep_pars_tokens_and_change_only_the_merge():
 def test_grid_average_takes_each_tokens_3x3_neighbourhood():
     score = torch.zeros(1, 16)
     score[0, 5] = 36.0  # row 1, column 1 of a 4 x 4 grid
-    smooth = accuracy.grid_average(score)
+    smooth = common.grid_average(score)
     assert smooth.shape == score.shape
     # Each token divides by the neighbours it has inside the grid: 9 inside, 6 on an edge,
     # 4 in a corner; tokens whose neighbourhood misses (1, 1) get nothing.
@@ -364,14 +364,14 @@ def test_grid_average_takes_each_tokens_3x3_neighbourhood():
 
 
 def test_mcnemar_is_the_exact_binomial_tail():
-    import par_ablation
 
-    assert par_ablation.mcnemar(0, 0) == 1.0
-    assert par_ablation.mcnemar(5, 5) == 1.0
-    assert par_ablation.mcnemar(0, 6) == par_ablation.mcnemar(6, 0) == 2 / 64
-    assert abs(par_ablation.mcnemar(2, 8) - 2 * 56 / 1024) < 1e-12
+    assert common.mcnemar(0, 0) == 1.0
+    assert common.mcnemar(5, 5) == 1.0
+    assert common.mcnemar(0, 6) == common.mcnemar(6, 0) == 2 / 64
+    assert abs(common.mcnemar(2, 8) - 2 * 56 / 1024) < 1e-12
 
 
+@pytest.mark.slow
 def test_diagnostics_run_on_a_tiny_model(tmp_path):
     """The relevance probe and the oracle ablation (benchmarks that explain the accuracy
     table) run end to end; on a random-weight model their numbers mean nothing."""
@@ -379,16 +379,17 @@ def test_diagnostics_run_on_a_tiny_model(tmp_path):
 
     model = make_demo_model(tmp_path / "tiny", image_size=3 * TILE_PX, patch_size=16)
     out = tmp_path / "results"
-    import par_ablation
+    from benchmarks.diagnostics import par_ablation
 
     ablation_args = ["--budgets", "0.111", "--sources", *par_ablation.SOURCES, *par_ablation.MERGES,
                      "--variant", "par-fps:centres=farthest_point", "--variant", "diversity:method=diverse",
                      "--base", "similarity=cosine,routing=nearest"]
     routing_args = ["--budgets", "0.111", "--variant", "par-dup98:duplicate_threshold=0.98",
                     "--base", "similarity=cosine"]
-    for script, extra in (("relevance_probe.py", []), ("par_ablation.py", ablation_args),
-                          ("routing_counts.py", routing_args)):
-        result = subprocess.run([sys.executable, f"benchmarks/{script}", "--model", str(model), "--count", "3",
+    for script, extra in (("relevance_probe", []), ("par_ablation", ablation_args),
+                          ("routing_counts", routing_args)):
+        result = subprocess.run([sys.executable, "-m", f"benchmarks.diagnostics.{script}", "--model", str(model),
+                                 "--count", "3",
                                  "--name", "tiny", "--out", str(out), *extra],
                                 cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-4000:]
@@ -410,7 +411,7 @@ def test_diagnostics_run_on_a_tiny_model(tmp_path):
     assert all(len(v) == 3 and set(v) <= {"0", "1"} for v in correct.values())
     assert "Question by question against prompt" in (out / "par-ablation-tiny.txt").read_text()
     # The breakdown rebuilds the file's questions and splits every row's answers by kind.
-    result = subprocess.run([sys.executable, "benchmarks/breakdown.py", str(out / "par-ablation-tiny.json"),
+    result = subprocess.run([sys.executable, "-m", "benchmarks.diagnostics.breakdown", str(out / "par-ablation-tiny.json"),
                              "--out", str(out / "breakdown-tiny.txt")],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -439,7 +440,7 @@ def test_stage2_captions_read_the_tokens_they_describe(tmp_path, unit, tokens_pe
     token showing that tile's shape) and is answered with that tile's colour and shape."""
     import random
 
-    import train_vqa
+    from benchmarks import train_vqa
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
     from par_vllm.demo_model import llava_processor, make_demo_model
@@ -475,13 +476,12 @@ def test_stage2_captions_read_the_tokens_they_describe(tmp_path, unit, tokens_pe
 
 
 def test_paired_counts_compare_the_same_question_in_two_files(tmp_path, capsys):
-    import paired
-    import par_ablation
+    from benchmarks.diagnostics import paired
 
-    assert par_ablation.discordant([1, 1, 0, 0], [1, 0, 1, 0]) == (1, 1)
-    assert par_ablation.discordant([1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]) == (4, 0)
+    assert common.discordant([1, 1, 0, 0], [1, 0, 1, 0]) == (1, 1)
+    assert common.discordant([1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]) == (4, 0)
     with pytest.raises(ValueError, match="same questions"):
-        par_ablation.discordant([1, 1], [1, 1, 0])
+        common.discordant([1, 1], [1, 1, 0])
     first = {"correct": {"prompt@0.111": "1110", "topk_prompt@0.111": "1111"}}
     second = {"correct": {"prompt@0.111": "0111"}}
     (header, row) = paired.paired_rows(first, second)

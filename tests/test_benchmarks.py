@@ -4,9 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 
-import flops  # noqa: E402
+from benchmarks import flops
 
 ROOT = Path(__file__).parents[1]
 
@@ -22,14 +21,14 @@ def test_flops_model_counts_what_reduction_removes():
 
 
 def test_kernel_benchmark_smoke_runs():
-    result = subprocess.run([sys.executable, "benchmarks/kernels.py", "--smoke"], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "benchmarks.kernels", "--smoke"], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rel tri" in result.stdout and "smoke" in result.stdout
 
 
 def test_serve_benchmark_times_pars_own_work(demo_model):
-    import serve
+    from benchmarks import serve
 
     work = serve.par_own_work(demo_model, 576, 64, "cpu", repeats=2)
     assert work["rewrite_s"] > 0 and set(work["reduce_s"]) == {64, 575}

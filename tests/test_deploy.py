@@ -14,6 +14,7 @@ import yaml
 from par_vllm import ARCHITECTURE
 from par_vllm.cli import main
 from par_vllm.positions import ROPE_OVERRIDES
+from par_vllm.settings import ParSettings
 
 ROOT = Path(__file__).parents[1]
 DEPLOY = ROOT / "deploy"
@@ -68,14 +69,49 @@ def test_serve_wrapper_rejects_a_bad_setting_by_name(capsys):
     assert "par_retrieval_share" in capsys.readouterr().err
 
 
-def test_serve_help_explains_each_setting(capsys):
+def test_serve_help_explains_each_setting_with_its_flags_and_variable(capsys):
+    from par_vllm.cli import env_name, flag_names
+
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
-    text = capsys.readouterr().out
-    for flag in ["--keep-ratio", "--num-tokens", "--outlier-factor", "--retrieval-share",
-                 "--duplicate-threshold", "--relevance", "--knn-k", "--backend", "--keep-question-type-words",
-                 "--disable"]:
-        assert flag in text
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for name, field in ParSettings.model_fields.items():
+        for flag in flag_names(name):
+            assert flag in text, flag
+        assert env_name(name) in text and " ".join(field.description.split()[:6]) in text, name
+
+
+def test_serve_reads_every_setting_from_its_variable_and_a_flag_wins(monkeypatch, capsys):
+    from par_vllm.cli import env_name
+
+    # A valid value for each setting other than its default, of the setting's own type.
+    values = {"enabled": "0", "keep_ratio": "0.25", "num_tokens": "9", "method": "topk",
+              "positions": "consecutive", "outlier_factor": "2", "retrieval_share": "0.75",
+              "min_retrieved": "3", "duplicate_threshold": "0.8", "relevance": "mean",
+              "drop_question_type_words": "false", "knn_k": "7", "similarity": "cosine",
+              "routing": "nearest", "centres": "farthest_point", "centre_relevance": "1",
+              "backend": "torch", "allowed_request_kwargs": "do_resize"}
+    assert set(values) == set(ParSettings.model_fields)
+    for name, text in values.items():
+        monkeypatch.setenv(env_name(name), text)
+    overrides = hf_overrides(dry_run(["serve", "m", "--knn-k", "11"], capsys))
+    settings = ParSettings.from_keys(overrides)
+    assert settings == ParSettings(enabled=False, keep_ratio=0.25, num_tokens=9, method="topk",
+                                   positions="consecutive", outlier_factor=2.0, retrieval_share=0.75,
+                                   min_retrieved=3, duplicate_threshold=0.8, relevance="mean",
+                                   drop_question_type_words=False, knn_k=11, similarity="cosine",
+                                   routing="nearest", centres="farthest_point", centre_relevance=1.0,
+                                   backend="torch", allowed_request_kwargs=("do_resize",))
+
+
+@pytest.mark.parametrize("variable, text, setting", [("PAR_KEEP_RATIO", "half", "par_keep_ratio"),
+                                                     ("PAR_ENABLED", "maybe", "par_enabled"),
+                                                     ("PAR_KEEP_RATO", "0.2", "PAR_KEEP_RATO")])
+def test_serve_refuses_a_bad_or_unknown_variable_by_name(monkeypatch, capsys, variable, text, setting):
+    monkeypatch.setenv(variable, text)
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--dry-run", "m"])
+    assert info.value.code == 2 and setting in capsys.readouterr().err
 
 
 def test_kubernetes_deployment_runs_the_entrypoint_with_health_probes():
@@ -131,17 +167,14 @@ def test_docker_entrypoint_fetches_only_from_allowed_domains_and_follows_no_redi
     assert json.loads(command[command.index("--limit-mm-per-prompt") + 1]) == {"image": 1}
 
 
-def test_docker_entrypoint_has_a_variable_for_every_serve_flag():
-    from par_vllm.cli import SETTING_FLAGS
+def test_every_setting_is_in_the_reference_and_the_reference_is_current():
+    from par_vllm.cli import env_name
+    from par_vllm.settings import reference_markdown
 
-    script = (DEPLOY / "docker-entrypoint.sh").read_text()
-    readme = (DEPLOY.parent / "README.md").read_text()
-    operating = (DEPLOY.parent / "docs/operating.md").read_text()
-    for name in SETTING_FLAGS:
-        assert f'--{name.replace("_", "-")} "${{PAR_{name.upper()}}}"' in script, name
-        # the README lists the serve flags, the operating guide the variables
-        assert f"--{name.replace('_', '-')}" in readme, name
-        assert f"`PAR_{name.upper()}`" in operating, name
+    reference = (DEPLOY.parent / "docs/settings.md").read_text()
+    assert reference.strip() == reference_markdown().strip(), "run: par-vllm settings --markdown > docs/settings.md"
+    for name in ParSettings.model_fields:
+        assert f"`par_{name}`" in reference and f"`{env_name(name)}`" in reference, name
 
 
 def test_compose_prometheus_and_grafana_provisioning_fit_together():

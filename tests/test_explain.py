@@ -31,3 +31,30 @@ def test_explain_shows_dropped_patches_for_a_pruning_baseline(demo_model, tmp_pa
     plain = np.asarray(demo_image().resize(drawn.shape[:2][::-1]), dtype=np.int16)
     darker = ((plain - drawn).sum(-1) > 100).mean()
     assert darker > 0.5, "most patches (512 of 576) are dropped and greyed out"
+
+
+def test_each_prompt_keeps_the_tokens_most_relevant_to_it(demo_model):
+    """The same image, reduced for two questions by the model's own features and embeddings:
+    each keeps (retrieves) the two tokens most relevant to its own question, which are not
+    the other question's two."""
+    import torch
+    import torch.nn.functional as F
+
+    from par_vllm.explain import Explainer
+    from par_vllm.reduction import relevance
+    from par_vllm.settings import ParSettings
+
+    explainer = Explainer(demo_model)
+    visual = explainer.visual_tokens(demo_image())
+    best = []
+    for question in ("What color is the triangle?", "Where is the blue circle?"):
+        query = explainer.query(question)
+        rel, _ = relevance(F.normalize(visual, dim=-1), F.normalize(query, dim=-1),
+                           torch.ones(1, query.shape[1], dtype=torch.bool), "max")
+        top2 = set(rel[0].topk(2).indices.tolist())
+        reduction = explainer.reduce(demo_image(), question, ParSettings())
+        kept = set(reduction.kept_indices[0].tolist())
+        assert len(kept) == 64 and top2 <= kept
+        assert top2 <= set(torch.nonzero(reduction.retrieved[0]).flatten().tolist())
+        best.append(top2)
+    assert best[0] != best[1], "the two questions point at different tokens"

@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from par_vllm.config import ParSettings
-from par_vllm.reduction import near_duplicates, par_reduce, reduce_per_image, retrieve, route_merge, token_space
+from par_vllm.settings import ParSettings
+from par_vllm.dispatch import reduce_per_image, reduce_tokens
+from par_vllm.reduction import merge, near_duplicates, par_reduce, retrieve, token_space
 
 
 def make_inputs(batch, n, d, t, seed=0, dtype=torch.float32):
@@ -64,12 +65,12 @@ def test_merged_tokens_are_convex_combinations_of_their_members():
                 assert (weights > -1e-4).all() and abs(weights.sum() - 1) < 1e-4
 
 
-def test_route_merge_is_the_weighted_mean():
+def test_merge_is_the_weighted_mean():
     visual = torch.tensor([[[0.0, 0.0], [2.0, 0.0], [0.0, 4.0], [9.0, 9.0]]])
     weight = torch.tensor([[1.0, 3.0, 1.0, 5.0]])
     kept = torch.tensor([[0, 3]])
     assignment = torch.tensor([[0, 0, 0, 1]])
-    merged = route_merge(visual, weight, kept, assignment)
+    merged = merge(visual, weight, kept, assignment)
     assert torch.allclose(merged[0, 0], torch.tensor([6.0 / 5, 4.0 / 5]))
     assert torch.equal(merged[0, 1], visual[0, 3])
 
@@ -236,12 +237,19 @@ def test_farthest_point_centres_start_from_retrieved_tokens():
     assert farthest_points(sim, ~retrieved, retrieved, rel, steps=1, weight=weight).tolist() == [[0.0, 0.0, 0.0, 1.0]]
 
 
-def test_different_prompts_keep_different_tokens():
-    visual, query, _ = make_inputs(1, 576, 64, 8, seed=7)
-    mask = torch.ones(1, 4, dtype=torch.bool)
-    a = par_reduce(visual, query[:, :4], mask, 64, ParSettings())
-    b = par_reduce(visual, query[:, 4:], mask, 64, ParSettings())
-    assert not torch.equal(a.kept_indices, b.kept_indices)
+def test_each_prompt_retrieves_the_tokens_that_match_it_and_not_the_others():
+    torch.manual_seed(7)
+    n, d = 576, 64
+    visual, words = torch.randn(1, n, d), torch.randn(1, 2, d)
+    planted = {0: [40, 200, 390], 1: [90, 310, 500]}  # tokens matching word 0, word 1
+    for word, tokens in planted.items():
+        for token in tokens:
+            visual[0, token] = words[0, word] + 0.05 * torch.randn(d)
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    for word, tokens in planted.items():
+        out = par_reduce(visual, words[:, word:word + 1], mask, 64, ParSettings())
+        retrieved = set(out.retrieved[0].nonzero().flatten().tolist())
+        assert set(tokens) <= retrieved and not set(planted[1 - word]) & retrieved
 
 
 def test_image_only_falls_back_to_a_prompt_agnostic_score():
@@ -283,10 +291,10 @@ def test_reduce_per_image_mixes_sizes_settings_and_prompts():
 @pytest.mark.parametrize("n, k", [(576, 64), (576, 29), (100, 7), (50, 1)])
 def test_baselines_give_exactly_k(method, n, k):
     visual, query, mask = make_inputs(2, n, 16, 4, seed=4)
-    out = par_reduce(visual, query, mask, k, ParSettings(method=method))
+    out = reduce_tokens(visual, query, mask, k, ParSettings(method=method))
     assert out.tokens.shape == (2, k, 16) and out.kept_indices.shape == (2, k)
     assert out.assignment.min() >= -1 and out.assignment.max() < k
-    a = par_reduce(visual, query, mask, k, ParSettings(method=method))
+    a = reduce_tokens(visual, query, mask, k, ParSettings(method=method))
     assert torch.equal(out.tokens, a.tokens), "deterministic"
     if method != "pool":
         for row in out.kept_indices:
@@ -298,8 +306,8 @@ def test_baselines_give_exactly_k(method, n, k):
 
 def test_uniform_pool_is_2d_average_pooling():
     visual = torch.randn(1, 576, 8)
-    out = par_reduce(visual, visual[:, :0], torch.zeros(1, 0, dtype=torch.bool), 64,
-                     ParSettings(method="pool"))
+    out = reduce_tokens(visual, visual[:, :0], torch.zeros(1, 0, dtype=torch.bool), 64,
+                        ParSettings(method="pool"))
     grid = visual.reshape(1, 24, 24, 8)
     assert torch.allclose(out.tokens[0, 0], grid[0, :3, :3].reshape(9, 8).mean(0), atol=1e-6)
     assert torch.allclose(out.tokens[0, 63], grid[0, 21:, 21:].reshape(9, 8).mean(0), atol=1e-6)
@@ -311,10 +319,10 @@ def test_topk_keeps_the_most_relevant_and_diverse_ignores_the_prompt():
     query = torch.randn(1, 1, 32)
     visual[0, 42] = query[0, 0]
     mask = torch.ones(1, 1, dtype=torch.bool)
-    assert 42 in par_reduce(visual, query, mask, 5, ParSettings(method="topk")).kept_indices[0]
+    assert 42 in reduce_tokens(visual, query, mask, 5, ParSettings(method="topk")).kept_indices[0]
     other = torch.randn(1, 1, 32)
-    a = par_reduce(visual, query, mask, 20, ParSettings(method="diverse"))
-    b = par_reduce(visual, other, mask, 20, ParSettings(method="diverse"))
+    a = reduce_tokens(visual, query, mask, 20, ParSettings(method="diverse"))
+    b = reduce_tokens(visual, other, mask, 20, ParSettings(method="diverse"))
     assert torch.equal(a.kept_indices, b.kept_indices)
 
 
@@ -373,7 +381,7 @@ def test_min_retrieved_keeps_the_best_match_through_par_reduce():
 
 
 def test_a_backend_the_device_cannot_run_is_refused_by_name(monkeypatch):
-    from par_vllm.config import ParSettingError
+    from par_vllm.settings import ParSettingError
     from par_vllm.reduction import check_backend
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

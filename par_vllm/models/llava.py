@@ -21,6 +21,7 @@ from functools import cached_property
 import torch
 from transformers import BatchFeature
 from vllm.exceptions import VLLMValidationError
+from vllm.logger import init_logger
 from vllm.model_executor.models.interfaces import SupportsMRoPE
 from vllm.model_executor.models.llava import (
     LlavaDummyInputsBuilder,
@@ -35,10 +36,11 @@ from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 from vllm.platforms import current_platform
 
 from .. import metrics
-from ..config import PREFIX, ParSettingError, ParSettings, settings_from_hf_config
+from ..settings import PREFIX, ParSettingError, ParSettings, settings_from_hf_config
 from ..positions import ROPE_OVERRIDES, declares_positions, image_positions, size_mrope_section
 from ..prompt import QueryRewriter
-from ..reduction import check_backend, reduce_per_image
+from ..dispatch import reduce_per_image
+from ..reduction import check_backend
 
 # Keys the processor adds to the mm processor kwargs after validating the request's.
 # vLLM hashes these kwargs into each image's cache identity.
@@ -47,6 +49,9 @@ QUERY_KEY = "par_query_ids"
 # Per-image field: N, the image's visual tokens before reduction (for its positions).
 FULL_KEY = "par_full_tokens"
 _UNSET = object()
+
+# Under vLLM's "vllm" logger, whose handler and level vLLM configures.
+logger = init_logger("vllm.plugins." + __name__)
 
 
 class ParRequestError(VLLMValidationError, ParSettingError):
@@ -73,7 +78,7 @@ class ParLlavaProcessingInfo(LlavaProcessingInfo):
             settings = ParSettings.from_keys(request_kwargs, base=self.server_settings, request=True)
             if settings.positions == "span" and not self.places_tokens:
                 raise positions_error()
-            return settings
+            return settings.with_positions(self.places_tokens)
         except ParSettingError as error:
             raise ParRequestError(error) from None
 
@@ -218,6 +223,12 @@ class ParLlavaForConditionalGeneration(LlavaForConditionalGeneration, SupportsMR
                                       "with par_positions='consecutive'", setting="par_positions") from None
         elif server_settings.positions == "span":
             raise positions_error()
+        positions = server_settings.with_positions(declares_positions(config)).positions
+        logger.info("PAR: images reduced to K tokens by default (par_keep_ratio=%s); kept tokens at %s "
+                    "positions%s", server_settings.keep_ratio, positions,
+                    "" if positions == "span" or server_settings.positions == "consecutive" else
+                    f" (add {json.dumps(ROPE_OVERRIDES)} to --hf-overrides, as par-vllm serve does, to "
+                    "place them over the whole image's positions)")
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.par_server_settings = server_settings
         self.par_model_name = vllm_config.model_config.served_model_name

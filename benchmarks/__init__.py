@@ -1,0 +1,1 @@
+"""Benchmarks a user runs, from the repository root: `python -m benchmarks.NAME`."""

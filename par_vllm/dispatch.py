@@ -1,0 +1,81 @@
+"""What the model executor calls: images of several requests, each with its own prompt
+and settings, batched, reduced by PAR or the baseline the settings name, with the torch
+reference standing in for kernels that fail."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .baselines import reduce_with
+from .reduction import Reduction, par_reduce, use_kernels
+from .settings import ParSettings
+
+# Under vLLM's "vllm" logger, whose handler and level vLLM configures (no import of vLLM here).
+logger = logging.getLogger("vllm.plugins." + __name__)
+
+
+def reduce_tokens(
+    visual: torch.Tensor, query: torch.Tensor, query_mask: torch.Tensor, num_kept: int, settings: ParSettings
+) -> Reduction:
+    """B images of N tokens to K each by `settings.method`: PAR, or a baseline at the same
+    budget. Arguments as par_vllm.reduction.par_reduce."""
+    if settings.method == "par" or num_kept >= visual.shape[1]:
+        return par_reduce(visual, query, query_mask, num_kept, settings)
+    return reduce_with(settings.method, visual, query, query_mask, num_kept, settings)
+
+
+def reduce_per_image(
+    features: list[torch.Tensor],
+    query_ids: list[torch.Tensor],
+    settings: list[ParSettings],
+    embed_tokens,
+    on_batch=None,
+    on_kernel_failure=None,
+) -> list[torch.Tensor]:
+    """What the model executor calls: one N_i x D tensor per image (possibly from
+    different requests, each with its own prompt and settings) to one K_i x D each.
+
+    Images with the same N and settings are reduced as one batch; prompts are embedded
+    with `embed_tokens` (the LLM's own input embedding table) in one call; each batch
+    reduced is reported as `on_batch(images, implementation)`. Should the kernels fail on
+    a batch, that batch is reduced again by this torch reference and `on_kernel_failure(error)`
+    is called: an exception here would stop the engine, and every request in it."""
+    out: list[torch.Tensor | None] = [None] * len(features)
+    groups: dict[tuple, list[int]] = {}
+    for i, (feature, setting) in enumerate(zip(features, settings)):
+        num_kept = setting.num_kept(feature.shape[0])
+        if num_kept >= feature.shape[0]:
+            out[i] = feature
+        else:
+            groups.setdefault((feature.shape, num_kept, setting), []).append(i)
+
+    for (_, num_kept, setting), members in groups.items():
+        visual = torch.stack([features[i] for i in members])
+        ids = [query_ids[i].to(visual.device) for i in members]
+        lengths = [len(q) for q in ids]
+        query = visual.new_zeros(len(members), max(lengths), visual.shape[-1])
+        if max(lengths) > 0:
+            embedded = embed_tokens(torch.cat(ids)).to(visual.dtype)
+            query = torch.nn.utils.rnn.pad_sequence(list(embedded.split(lengths)), batch_first=True)
+        query_mask = torch.arange(query.shape[1], device=visual.device)[None, :] < torch.tensor(
+            lengths, device=visual.device
+        )[:, None]
+        kernels = setting.method == "par" and use_kernels(visual, setting.backend)
+        try:
+            reduced = reduce_tokens(visual, query, query_mask, num_kept, setting)
+        except Exception as error:
+            if not kernels:
+                raise
+            logger.warning("PAR's Triton kernels failed on a batch of %d images; reducing it with "
+                           "the torch reference instead", len(members), exc_info=True)
+            if on_kernel_failure is not None:
+                on_kernel_failure(error)
+            kernels = False
+            reduced = par_reduce(visual, query, query_mask, num_kept, setting.model_copy(update={"backend": "torch"}))
+        if on_batch is not None:
+            on_batch(len(members), "triton" if kernels else "torch")
+        for row, i in enumerate(members):
+            out[i] = reduced.tokens[row]
+    return out
