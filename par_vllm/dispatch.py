@@ -40,7 +40,7 @@ def reduce_per_image(
     Images with the same N and settings are reduced as one batch; prompts are embedded
     with `embed_tokens` (the LLM's own input embedding table) in one call; each batch
     reduced is reported as `on_batch(images, implementation)`. Should the kernels fail on
-    a batch, that batch is reduced again by this torch reference and `on_kernel_failure(error)`
+    a batch, that batch is reduced again by the torch reference and `on_kernel_failure(error)`
     is called: an exception here would stop the engine, and every request in it."""
     out: list[torch.Tensor | None] = [None] * len(features)
     groups: dict[tuple, list[int]] = {}

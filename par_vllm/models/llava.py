@@ -214,7 +214,8 @@ class ParLlavaForConditionalGeneration(LlavaForConditionalGeneration, SupportsMR
         # Fail at start-up, naming the key, if --hf-overrides holds a bad default.
         server_settings = settings_from_hf_config(config)
         check_backend(server_settings.backend, current_platform.device_type)
-        if declares_positions(config):
+        places_tokens = declares_positions(config)
+        if places_tokens:
             try:
                 size_mrope_section(config.get_text_config())  # before the language model is built
             except ValueError as error:
@@ -223,14 +224,8 @@ class ParLlavaForConditionalGeneration(LlavaForConditionalGeneration, SupportsMR
                                       "with par_positions='consecutive'", setting="par_positions") from None
         elif server_settings.positions == "span":
             raise positions_error()
-        positions = server_settings.with_positions(declares_positions(config)).positions
-        logger.info("PAR: images reduced to K tokens by default (par_keep_ratio=%s); kept tokens at %s "
-                    "positions%s", server_settings.keep_ratio, positions,
-                    "" if positions == "span" or server_settings.positions == "consecutive" else
-                    f" (add {json.dumps(ROPE_OVERRIDES)} to --hf-overrides, as par-vllm serve does, to "
-                    "place them over the whole image's positions)")
+        log_defaults(server_settings, places_tokens)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.par_server_settings = server_settings
         self.par_model_name = vllm_config.model_config.served_model_name
 
     def get_mrope_input_positions(
@@ -271,6 +266,23 @@ class ParLlavaForConditionalGeneration(LlavaForConditionalGeneration, SupportsMR
 
     def _count_kernel_failure(self, error: Exception) -> None:
         metrics.kernel_fallbacks.labels(model_name=self.par_model_name).inc()
+
+
+def log_defaults(settings: ParSettings, places_tokens: bool) -> None:
+    """One start-up line: the default budget, and where kept tokens sit (par_positions="auto"
+    made concrete)."""
+    if not settings.enabled:
+        budget = "off by default (par_enabled=false)"
+    elif settings.num_tokens is not None:
+        budget = f"K = par_num_tokens={settings.num_tokens} per image by default"
+    else:
+        budget = f"K = ceil(N x par_keep_ratio={settings.keep_ratio}) per image by default"
+    positions = settings.with_positions(places_tokens).positions
+    hint = ""
+    if positions == "consecutive" and settings.positions == "auto":
+        hint = (f" (add {json.dumps(ROPE_OVERRIDES)} to --hf-overrides, as par-vllm serve does, to place "
+                "them over the whole image's positions)")
+    logger.info("PAR: %s; kept tokens at %s positions%s", budget, positions, hint)
 
 
 def positions_error() -> ParSettingError:
