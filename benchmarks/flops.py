@@ -52,12 +52,13 @@ class VisionTower:
 class Llava:
     name: str
     decoder: Decoder
-    visual_tokens: int  # per image, after the projector
-    crops: int          # vision-tower passes per image
+    visual_tokens: int   # per image, what PAR reduces
+    crops: int           # vision-tower passes per image (336 px each)
+    separators: int = 0  # LLaVA-NeXT's row-end image_newline rows; PAR keeps one
 
     def projector(self) -> float:
         h = self.decoder.hidden
-        return 2 * self.visual_tokens * (1024 * h + h * h)
+        return 2 * self.crops * 576 * (1024 * h + h * h)
 
 
 def par_flops(n: int, d: int, t: int, k: int, knn_k: int = 5) -> float:
@@ -65,24 +66,30 @@ def par_flops(n: int, d: int, t: int, k: int, knn_k: int = 5) -> float:
     return 2 * n * t * d + 2 * n * n * d + 10 * n * n + n * n * knn_k + 2 * n * k * d + 3 * n * d
 
 
+VICUNA_7B = Decoder(32, 4096, 11008, 32000)
 MODELS = [
     # Vicuna-7B / 13B (LLaMA-2 architecture), published configs.
-    Llava("LLaVA-1.5-7B", Decoder(32, 4096, 11008, 32000), 576, 1),
+    Llava("LLaVA-1.5-7B", VICUNA_7B, 576, 1),
     Llava("LLaVA-1.5-13B", Decoder(40, 5120, 13824, 32000), 576, 1),
-    # llava-v1.6-vicuna-7b: AnyRes, base + 4 tiles at 336 px = 5 x 576 = 2880 tokens.
-    Llava("LLaVA-NeXT-7B", Decoder(32, 4096, 11008, 32000), 2880, 5),
+    # llava-v1.6-vicuna-7b, AnyRes: the 576-token base view, then the unpadded tile grid,
+    # each grid row ending in an image_newline, as vLLM counts them for each image size
+    # (672x672: 576 + 2,304 visual tokens and 48 separators; not the nominal 5 x 576).
+    Llava("LLaVA-NeXT-7B 672x672", VICUNA_7B, 576 + 2304, 5, separators=48),
+    Llava("LLaVA-NeXT-7B 640x480", VICUNA_7B, 576 + 1728, 5, separators=36),
+    Llava("LLaVA-NeXT-7B 336x336", VICUNA_7B, 576 + 576, 3, separators=24),
 ]
 
 
 def table(text_tokens: int, budget_ratio: float) -> list[dict]:
     rows = []
     for model in MODELS:
-        n = model.visual_tokens
-        k = max(1, round(n * budget_ratio))
+        n = model.visual_tokens + model.separators
+        kept_visual = max(1, round(model.visual_tokens * budget_ratio))
+        k = kept_visual + (1 if model.separators else 0)
         full_llm = model.decoder.prefill(text_tokens + n)
         par_llm = model.decoder.prefill(text_tokens + k)
         vision = VisionTower().flops(model.crops) + model.projector()
-        par_cost = par_flops(n, model.decoder.hidden, text_tokens, k)
+        par_cost = par_flops(model.visual_tokens, model.decoder.hidden, text_tokens, kept_visual)
         rows.append({
             "model": model.name, "visual_tokens": n, "kept": k, "text_tokens": text_tokens,
             "compression_pct": 100 * (1 - k / n),
@@ -97,11 +104,11 @@ def table(text_tokens: int, budget_ratio: float) -> list[dict]:
 
 
 def print_rows(rows: list[dict]) -> str:
-    lines = [f"{'model':<14} {'N':>5} {'K':>4} {'text':>4} {'compr%':>6} {'LLM TF full':>11} "
+    lines = [f"{'model':<22} {'N':>5} {'K':>4} {'text':>4} {'compr%':>6} {'LLM TF full':>11} "
              f"{'LLM TF PAR':>10} {'LLM -%':>6} {'total -%':>8} {'PAR GF':>7}"]
     for r in rows:
         lines.append(
-            f"{r['model']:<14} {r['visual_tokens']:>5} {r['kept']:>4} {r['text_tokens']:>4} "
+            f"{r['model']:<22} {r['visual_tokens']:>5} {r['kept']:>4} {r['text_tokens']:>4} "
             f"{r['compression_pct']:>6.1f} {r['llm_tflops_full']:>11.2f} {r['llm_tflops_par']:>10.2f} "
             f"{r['llm_reduction_pct']:>6.1f} {r['total_reduction_pct']:>8.1f} {r['par_own_gflops']:>7.2f}"
         )
@@ -116,7 +123,9 @@ def main() -> None:
     args = parser.parse_args()
     ratio = args.budget / 576
 
-    out = [f"Prefill FLOPs, budget {args.budget}/576 per image ({100 * (1 - ratio):.1f}% compression)"]
+    out = [f"Prefill FLOPs, budget {args.budget}/576 of each image's visual tokens "
+           f"({100 * (1 - ratio):.1f}% compression); N and K count every row the language model "
+           "prefills, LLaVA-NeXT's separators included (PAR keeps one per image)"]
     rows = table(args.text_tokens, ratio)
     out.append(print_rows(rows))
     out.append("\nSensitivity to the text length (LLaVA-1.5-7B):")

@@ -16,6 +16,7 @@ prefill. Per series: time to first token (p50, p95), end-to-end latency, request
 second, prompt tokens per request, peak KV-cache usage sampled from /metrics.
 
     python -m benchmarks.serve --model smollm        # LLaVA with SmolLM2-135M-Instruct
+    python -m benchmarks.serve --model smollm-next --keep-ratio 0.111   # the same in a LLaVA-NeXT, 672 px
     python -m benchmarks.serve --model demo          # tiny random-weight LLaVA
     python -m benchmarks.serve --model DIR --gpu     # any LLaVA checkpoint on a GPU
 Writes benchmarks/results/serve-<model>.{txt,json,png}.
@@ -37,9 +38,11 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from benchmarks.common import make_smollm_llava
+from benchmarks.common import make_smollm_llava, make_smollm_llava_next
+from par_vllm import par_architecture
 from par_vllm.demo import image_data_url
 from par_vllm.server import CPU_ENGINE_ARGS, VllmServer, par_overrides
+from par_vllm.settings import ParSettings
 
 ROOT = Path(__file__).parents[1]
 RESULTS = Path(__file__).parent / "results"
@@ -53,6 +56,9 @@ def model_dir(name: str) -> tuple[Path, str]:
         "demo": (make_demo_model, "tiny random-weight LLaVA (2-layer, hidden 128)"),
         "smollm": (make_smollm_llava, "LLaVA with SmolLM2-135M-Instruct (real weights) and a "
                                       "small random-weight vision tower, 576 tokens per image"),
+        "smollm-next": (make_smollm_llava_next, "LLaVA-NeXT with SmolLM2-135M-Instruct (real weights) and a "
+                                                "small random-weight vision tower, 672x672 images: 2,880 "
+                                                "visual tokens and 48 separators"),
     }
     if name not in builders:
         return Path(name), name
@@ -63,9 +69,9 @@ def model_dir(name: str) -> tuple[Path, str]:
     return path, about
 
 
-def request_image(i: int) -> Image.Image:
+def request_image(i: int, size: int) -> Image.Image:
     rng = np.random.default_rng(i)  # a different image per request: no cache can help
-    return Image.fromarray(rng.integers(0, 256, (336, 336, 3), dtype=np.uint8))
+    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
 
 
 class KvPeak:
@@ -91,7 +97,7 @@ class KvPeak:
         self._thread.join()
 
 
-def one_request(client, index: int, max_tokens: int, extra: dict) -> dict:
+def one_request(client, index: int, max_tokens: int, extra: dict, size: int) -> dict:
     start = time.perf_counter()
     first = None
     usage = None
@@ -99,7 +105,7 @@ def one_request(client, index: int, max_tokens: int, extra: dict) -> dict:
         model="par-demo", max_tokens=max_tokens, temperature=0.0, stream=True,
         stream_options={"include_usage": True}, extra_body=extra or None,
         messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": image_data_url(request_image(index))}},
+            {"type": "image_url", "image_url": {"url": image_data_url(request_image(index, size))}},
             {"type": "text", "text": QUESTION}]}],
     )
     for chunk in stream:
@@ -112,11 +118,11 @@ def one_request(client, index: int, max_tokens: int, extra: dict) -> dict:
             "prompt_tokens": usage.prompt_tokens}
 
 
-def run_batch(server, concurrency, requests, first_index, max_tokens, extra, bar) -> dict:
+def run_batch(server, concurrency, requests, first_index, max_tokens, extra, size, bar) -> dict:
     client = server.client()
     with KvPeak(server) as kv, ThreadPoolExecutor(concurrency) as pool:
         start = time.perf_counter()
-        futures = [pool.submit(one_request, client, first_index + i, max_tokens, extra)
+        futures = [pool.submit(one_request, client, first_index + i, max_tokens, extra, size)
                    for i in range(requests)]
         results = []
         for future in futures:
@@ -154,6 +160,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm", help="demo, smollm, or a checkpoint directory")
     parser.add_argument("--budget", type=int, default=64, help="PAR tokens per image (K)")
+    parser.add_argument("--keep-ratio", type=float, help="PAR's budget as a share of each image's visual "
+                        "tokens instead of --budget")
     parser.add_argument("--concurrency", default="1,4")
     parser.add_argument("--requests", type=int, default=8, help="requests per batch")
     parser.add_argument("--repeats", type=int, default=3)
@@ -164,17 +172,20 @@ def main() -> None:
 
     path, about = model_dir(args.model)
     levels = [int(c) for c in args.concurrency.split(",")]
-    engine = ["--max-model-len", "4096"] if args.gpu else CPU_ENGINE_ARGS
+    engine = ["--max-model-len", "4096"] if args.gpu else [*CPU_ENGINE_ARGS, "--max-model-len", "4096"]
     common = [*engine, "--no-enable-prefix-caching", "--mm-processor-cache-gb", "0",
               "--trust-request-mm-kwargs"]
-    n_tokens = json.loads((path / "par_model.json").read_text())["visual_tokens_per_image"] \
-        if (path / "par_model.json").exists() else 576
+    saved = json.loads((path / "par_model.json").read_text()) if (path / "par_model.json").exists() else {}
+    n_tokens, size = saved.get("visual_tokens_per_image", 576), saved.get("image_size", 336)
+    architecture = par_architecture(json.loads((path / "config.json").read_text())["architectures"])
+    budget = {"keep_ratio": args.keep_ratio} if args.keep_ratio else {"num_tokens": args.budget}
+    kept = ParSettings(**budget).num_kept(n_tokens)
     series = [("vLLM", "stock", {}),
-              (f"vLLM+PAR K={args.budget}", "par", {}),
+              (f"vLLM+PAR K={kept}", "par", {}),
               (f"vLLM+PAR K={n_tokens - 1} (overhead)", "par", {"mm_processor_kwargs": {"par_num_tokens": n_tokens - 1}})]
 
     stock = VllmServer(path, extra_args=common, log_path=RESULTS / "serve-stock.log")
-    par = VllmServer(path, hf_overrides=par_overrides(num_tokens=args.budget), extra_args=common,
+    par = VllmServer(path, hf_overrides=par_overrides(architecture=architecture, **budget), extra_args=common,
                      log_path=RESULTS / "serve-par.log")
     RESULTS.mkdir(exist_ok=True)
     runs: dict[tuple[str, int], list[dict]] = {}
@@ -183,24 +194,24 @@ def main() -> None:
         servers = {"stock": stock, "par": par}
         for name in servers:  # warm-up, not measured
             for i in range(2):
-                one_request(servers[name].client(), 10**6 + i, args.max_tokens, {})
+                one_request(servers[name].client(), 10**6 + i, args.max_tokens, {}, size)
         index = 0
         order = random.Random(args.seed)
         for _ in range(args.repeats):
             for concurrency in levels:
                 for label, which, extra in order.sample(series, len(series)):
                     result = run_batch(servers[which], concurrency, args.requests, index,
-                                       args.max_tokens, extra, bar)
+                                       args.max_tokens, extra, size, bar)
                     runs.setdefault((label, concurrency), []).append(result)
                     index += args.requests
     for log in ("serve-stock.log", "serve-par.log"):
         (RESULTS / log).unlink(missing_ok=True)
     # Timed after the servers are gone, so nothing else competes for the cores.
-    own_work = par_own_work(path, n_tokens, args.budget, "cuda" if args.gpu else "cpu")
+    own_work = par_own_work(path, n_tokens, kept, "cuda" if args.gpu else "cpu")
 
     summary = {f"{label} @c{c}": summarize(r) for (label, c), r in runs.items()}
     device = describe_device(args.gpu)
-    lines = [f"model: {about}; device: {device}; {args.requests} requests x {args.repeats} repeats "
+    lines = [f"model: {about}; images {size}x{size}; device: {device}; {args.requests} requests x {args.repeats} repeats "
              f"per cell, {args.max_tokens} output tokens, caches off; median [min-max] over repeats",
              f"{'series':<34} {'conc':>4} {'TTFT p50 s':>18} {'TTFT p95 s':>8} {'latency s':>9} "
              f"{'req/s':>16} {'prompt tok':>10} {'KV peak':>8}"]
@@ -254,7 +265,6 @@ def par_own_work(path: Path, n_tokens: int, budget: int, device: str, repeats: i
 
     from par_vllm.dispatch import reduce_per_image
     from par_vllm.prompt import QueryRewriter
-    from par_vllm.settings import ParSettings
 
     config = AutoConfig.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -7,6 +7,8 @@ set -euo pipefail
 
 args=(serve "${MODEL}" --par-api --host 0.0.0.0 --port "${PORT:-8000}")
 [ "${PAR_TRUST_REQUEST_SETTINGS:-0}" = "1" ] && args+=(--trust-request-mm-kwargs)
+# The PAR class comes from the checkpoint's config; name its architecture where that cannot be read.
+[ -n "${PAR_ARCHITECTURE:-}" ] && args+=(--architecture "${PAR_ARCHITECTURE}")
 
 # Media URLs: none are fetched unless PAR_ALLOWED_MEDIA_DOMAINS lists the hosts that may be
 # (comma-separated); then redirects are not followed either, so an allowed host cannot

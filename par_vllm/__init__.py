@@ -1,11 +1,17 @@
-"""par-vllm: Prompt-Aware Token Reduction (PAR) for LLaVA served by vLLM."""
+"""par-vllm: Prompt-Aware Token Reduction (PAR) for multimodal models served by vLLM."""
 
-ARCHITECTURE = "ParLlavaForConditionalGeneration"
+# The checkpoint's architecture -> the PAR class that serves it, and where vLLM finds it.
+FAMILIES = {
+    "LlavaForConditionalGeneration": ("ParLlavaForConditionalGeneration", "par_vllm.models.llava"),
+    "LlavaNextForConditionalGeneration": ("ParLlavaNextForConditionalGeneration", "par_vllm.models.llava_next"),
+}
+ARCHITECTURES = {par: module for par, module in FAMILIES.values()}
+ARCHITECTURE = FAMILIES["LlavaForConditionalGeneration"][0]  # LLaVA-1.5's, the demo model's
 __version__ = "0.1.0"
 
 
 def register() -> None:
-    """vLLM general plugin: make the PAR architecture and the no-URL-fetch media connector
+    """vLLM general plugin: make the PAR architectures and the no-URL-fetch media connector
     available (idempotent; vLLM calls this in every process: API server, engine core,
     workers)."""
     from vllm import ModelRegistry
@@ -13,7 +19,19 @@ def register() -> None:
     from .media import register as register_media_connector
 
     register_media_connector()
-    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(
-            ARCHITECTURE, "par_vllm.models.llava:ParLlavaForConditionalGeneration"
-        )
+    supported = ModelRegistry.get_supported_archs()
+    for architecture, module in ARCHITECTURES.items():
+        if architecture not in supported:
+            ModelRegistry.register_model(architecture, f"{module}:{architecture}")
+
+
+def par_architecture(architectures: list[str]) -> str:
+    """The PAR class for a checkpoint's `architectures`; ValueError naming the supported
+    families otherwise."""
+    for name in architectures:
+        if name in FAMILIES:
+            return FAMILIES[name][0]
+        if name in ARCHITECTURES:
+            return name
+    raise ValueError(f"PAR does not serve {', '.join(architectures) or 'this architecture'} yet; "
+                     f"supported: {', '.join(FAMILIES)}")

@@ -9,6 +9,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from . import FAMILIES, par_architecture
 from .server import par_overrides
 from .settings import CHOICES, FIELD_TYPES, PREFIX, ParSettingError, ParSettings, extra
 
@@ -18,7 +19,7 @@ EXPOSURE_ENV = ("VLLM_MEDIA_CONNECTOR", "VLLM_MEDIA_URL_ALLOW_REDIRECTS", "VLLM_
                 "PAR_MAX_REQUEST_BYTES", "PROMETHEUS_MULTIPROC_DIR", "VLLM_PLUGINS")
 # PAR_* variables that are not settings: the Docker entrypoint's (docs/operating.md).
 DEPLOY_ENV = ("PAR_TRUST_REQUEST_SETTINGS", "PAR_ALLOWED_MEDIA_DOMAINS", "PAR_MAX_IMAGES_PER_REQUEST",
-              "PAR_MAX_REQUEST_BYTES")
+              "PAR_MAX_REQUEST_BYTES", "PAR_ARCHITECTURE")
 
 
 def env_name(name: str) -> str:
@@ -88,10 +89,27 @@ def setting_keys(args: argparse.Namespace, environ: dict[str, str] | None = None
     return keys, ParSettings.from_keys(keys)
 
 
+def checkpoint_architectures(model: str) -> list[str]:
+    """The `architectures` of a checkpoint's config: a local directory's config.json, or
+    through transformers (its cache, or the hub)."""
+    config = Path(model) / "config.json"
+    if config.is_file():
+        return json.loads(config.read_text()).get("architectures") or []
+    try:
+        from transformers import AutoConfig
+
+        return list(AutoConfig.from_pretrained(model).architectures or [])
+    except Exception as error:  # noqa: BLE001 - any failure means: ask the user
+        raise ValueError(f"cannot read {model}'s config to choose the PAR class ({type(error).__name__}); "
+                         "pass --architecture with the checkpoint's own architecture") from None
+
+
 def serve_command(
     args: argparse.Namespace, keys: dict[str, object], vllm_args: list[str]
 ) -> tuple[list[str], dict]:
-    overrides = {**par_overrides(), **keys}
+    architecture = par_architecture([args.architecture] if args.architecture else
+                                    checkpoint_architectures(args.model))
+    overrides = {**par_overrides(architecture=architecture), **keys}
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
                "--model", args.model, "--hf-overrides", json.dumps(overrides), *vllm_args]
     env = dict(os.environ)
@@ -107,14 +125,16 @@ def main(argv: list[str] | None = None) -> None:
 
     serve = commands.add_parser(
         "serve",
-        help="run vLLM's OpenAI server on a LLaVA checkpoint with PAR",
+        help="run vLLM's OpenAI server on a checkpoint with PAR",
         description="Start vLLM's OpenAI-compatible server with PAR. Flags below set the "
                     "server's PAR defaults; every other argument goes to vLLM unchanged. "
                     "Requests can override a default with the same `par_*` key in "
                     "mm_processor_kwargs if vLLM runs with --trust-request-mm-kwargs.",
     )
-    serve.add_argument("model", help="checkpoint directory or name (an unmodified LLaVA)")
+    serve.add_argument("model", help="checkpoint directory or name (an unmodified LLaVA-1.5 or LLaVA-NeXT)")
     add_setting_flags(serve)
+    serve.add_argument("--architecture", help="the checkpoint's architecture, when its config cannot be "
+                       f"read here (default: from the config; supported: {', '.join(FAMILIES)})")
     serve.add_argument("--par-api", action="store_true",
                        help="also expose GET /v1/par/config (sets VLLM_PLUGINS)")
     serve.add_argument("--dry-run", action="store_true", help="print the vLLM command, do not run it")
@@ -161,7 +181,10 @@ def main(argv: list[str] | None = None) -> None:
         except ParSettingError as error:
             parser.exit(2, f"par-vllm {args.command}: {error}\n")
     if args.command == "serve":
-        command, env = serve_command(args, keys, rest)
+        try:
+            command, env = serve_command(args, keys, rest)
+        except ValueError as error:
+            parser.exit(2, f"par-vllm serve: {error}\n")
         if args.dry_run:
             print(shlex.join([f"{name}={env[name]}" for name in EXPOSURE_ENV if name in env] + command))
             return

@@ -119,6 +119,89 @@ def make_demo_model(
     return out
 
 
+# LLaVA-NeXT's AnyRes grids (height, width): up to 2x2 tiles of 336 px, or 1x3.
+NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+
+def make_demo_next_model(
+    out_dir: str | Path,
+    *,
+    vision_hidden: int = 64,
+    text_hidden: int = 128,
+    num_layers: int = 2,
+    initializer_range: float = 0.02,
+    seed: int = 0,
+) -> Path:
+    """Save a random-weight LLaVA-NeXT (AnyRes: a 336 px base view plus up to four 336 px
+    tiles, 2,928 visual tokens for a 672x672 image) to out_dir and return the path."""
+    import torch
+    from transformers import LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    config = LlavaNextConfig(
+        vision_config=vision_config(336, 14, vision_hidden, num_layers),
+        text_config=LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=text_hidden, intermediate_size=text_hidden * 2,
+            num_hidden_layers=num_layers, num_attention_heads=text_hidden // 64,
+            num_key_value_heads=text_hidden // 64, max_position_embeddings=8192,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, initializer_range=initializer_range,
+        ),
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_grid_pinpoints=NEXT_PINPOINTS,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        projector_hidden_act="gelu",
+        initializer_range=initializer_range,
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    save_llava_next(model, tokenizer, out, {"random_weights": True, "seed": seed})
+    return out
+
+
+def save_llava_next(model, tokenizer, out: Path, about: dict, image_size: int = 672) -> None:
+    """Save a LLaVA-NeXT in the layout vLLM loads, with its visual token count (separators
+    excluded) for a square image of image_size in par_model.json, counted on the model's
+    own output: rows other than its image_newline."""
+    import torch
+    from PIL import Image
+
+    out.mkdir(parents=True, exist_ok=True)
+    processor = next_processor(tokenizer)
+    inputs = processor(images=Image.new("RGB", (image_size, image_size)), text=IMAGE_TOKEN, return_tensors="pt")
+    with torch.no_grad():
+        features = model.model.get_image_features(
+            pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
+            vision_feature_layer=model.config.vision_feature_layer,
+            vision_feature_select_strategy=model.config.vision_feature_select_strategy).pooler_output[0]
+    visual = int((features != model.model.image_newline).any(dim=-1).sum())
+    model.save_pretrained(out)
+    _rename_vision_keys_for_vllm(out)
+    processor.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    about = {**about, "family": "llava_next", "image_size": image_size, "visual_tokens_per_image": visual}
+    (out / "par_model.json").write_text(json.dumps(about, indent=2))
+
+
+def next_processor(tokenizer):
+    """LLaVA-NeXT's preprocessing: CLIP normalisation, a 336 px base view and AnyRes tiles."""
+    from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+        image_grid_pinpoints=NEXT_PINPOINTS, do_center_crop=True,
+        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    return LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        image_token=IMAGE_TOKEN, chat_template=tokenizer.chat_template,
+    )
+
+
 def vision_config(image_size: int = 336, patch_size: int = 14, hidden: int = 64, layers: int = 2):
     """A small CLIP tower with LLaVA-1.5's geometry: (336 / 14)^2 = 576 visual tokens."""
     from transformers import CLIPVisionConfig

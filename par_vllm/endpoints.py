@@ -12,7 +12,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from pydantic import BaseModel
 
-from . import ARCHITECTURE
+from . import ARCHITECTURES
 from .positions import declares_positions
 from .settings import ParSettings, settings_from_hf_config
 
@@ -25,7 +25,7 @@ class ParConfigResponse(BaseModel):
 
 
 def server_config(hf_config, model: str, trust_request_settings: bool) -> ParConfigResponse:
-    active = hf_config is not None and ARCHITECTURE in (getattr(hf_config, "architectures", None) or [])
+    active = hf_config is not None and bool(set(ARCHITECTURES) & set(getattr(hf_config, "architectures", None) or []))
     settings = ParSettings()
     if hf_config is not None:
         settings = settings_from_hf_config(hf_config).with_positions(declares_positions(hf_config))

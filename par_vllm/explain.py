@@ -4,7 +4,10 @@ Runs the checkpoint's own vision tower, projector and word-embedding table (tran
 float32, the same functions vLLM runs) and the reduction of `par_vllm.reduction`, then
 draws the patch grid over the image: each kept patch outlined (thick where retrieval kept
 it for the prompt), each merged patch tinted with the colour of the kept patch it joined,
-dropped patches (pruning baselines) greyed out.
+dropped patches (pruning baselines) greyed out. For LLaVA-NeXT (AnyRes) two panels: the
+base view's grid over the whole image squashed to a square, as the base view sees it, and
+the tiles' unpadded grid over the image at its own aspect; the row separators are not
+visual tokens and are not drawn.
 """
 
 from __future__ import annotations
@@ -24,27 +27,44 @@ from .reduction import Reduction
 
 class Explainer:
     def __init__(self, model_dir: str | Path):
-        from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
+        from transformers import (AutoConfig, AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration,
+                                  LlavaNextForConditionalGeneration)
 
-        self.model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.anyres = AutoConfig.from_pretrained(model_dir).model_type == "llava_next"
+        model_class = LlavaNextForConditionalGeneration if self.anyres else LlavaForConditionalGeneration
+        self.model = model_class.from_pretrained(model_dir, dtype=torch.float32).eval()
         self.processor = AutoProcessor.from_pretrained(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.rewriter = QueryRewriter(self.tokenizer, self.processor.image_token)
         self.config = self.model.config
 
-    @torch.no_grad()
     def visual_tokens(self, image: Image.Image) -> torch.Tensor:
-        """1 x N x D: the projected visual tokens the language model would see."""
-        pixels = self.processor.image_processor(image.convert("RGB"), return_tensors="pt")["pixel_values"]
+        """1 x N x D: the projected visual tokens the language model would see (separators
+        excluded)."""
+        return self.features(image)[0]
+
+    @torch.no_grad()
+    def features(self, image: Image.Image) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """The visual tokens, and the (rows, columns) of each grid they lie on in raster
+        order: the base view's, then for AnyRes the tiles' unpadded grid."""
+        inputs = self.processor.image_processor(image.convert("RGB"), return_tensors="pt")
+        extra = {"image_sizes": inputs["image_sizes"]} if self.anyres else {}
         features = self.model.get_image_features(
-            pixel_values=pixels,
+            pixel_values=inputs["pixel_values"],
             vision_feature_layer=self.config.vision_feature_layer,
             vision_feature_select_strategy=self.config.vision_feature_select_strategy,
+            **extra,
         )
         features = getattr(features, "pooler_output", features)
         if isinstance(features, (list, tuple)):
             features = torch.stack(list(features))
-        return features
+        side = self.config.vision_config.image_size // self.config.vision_config.patch_size
+        if not self.anyres:
+            return features, [(side, side)]
+        separators = (features[0] == self.model.model.image_newline).all(dim=-1)
+        rows = int(separators.sum())
+        visual = features[:, ~separators]
+        return visual, [(side, side), (rows, (visual.shape[1] - side * side) // rows)]
 
     @torch.no_grad()
     def query(self, prompt: str, drop_question_type: bool = True) -> torch.Tensor:
@@ -53,41 +73,67 @@ class Explainer:
         return self.model.get_input_embeddings()(torch.tensor(ids, dtype=torch.long))[None]
 
     def reduce(self, image: Image.Image, prompt: str, settings: ParSettings) -> Reduction:
-        visual = self.visual_tokens(image)
+        return self.reduce_visual(self.visual_tokens(image), prompt, settings)
+
+    def reduce_visual(self, visual: torch.Tensor, prompt: str, settings: ParSettings) -> Reduction:
         query = self.query(prompt, settings.drop_question_type_words)
         mask = torch.ones(1, query.shape[1], dtype=torch.bool)
         return reduce_tokens(visual, query, mask, settings.num_kept(visual.shape[1]), settings)
 
 
-def render(image: Image.Image, reduction: Reduction, size: int = 672) -> Image.Image:
-    """The image with PAR's decisions drawn on its patch grid (first image of the batch)."""
+def render(image: Image.Image, reduction: Reduction, grids: list[tuple[int, int]] | None = None,
+           size: int = 672) -> Image.Image:
+    """The image with PAR's decisions drawn on its patch grids (first image of the batch),
+    one panel per grid: LLaVA-1.5's one square grid; for AnyRes the base view's over the
+    image squashed to a square, then the tiles' over the image at its own aspect."""
     kept = reduction.kept_indices[0].tolist()
     assignment = reduction.assignment[0].tolist()
     retrieved = set(reduction.retrieved[0].nonzero().flatten().tolist())
-    side = math.isqrt(len(assignment))
-    cell = size / side
-    base = image.convert("RGB").resize((size, size))
-    overlay = Image.new("RGBA", base.size, (0, 0, 0, 0))
-    draw = ImageDraw.Draw(overlay)
+    if grids is None:
+        side = math.isqrt(len(assignment))
+        grids = [(side, side)]
     golden = 0.618033988749895
     colours = [tuple(int(255 * c) for c in colorsys.hsv_to_rgb((k * golden) % 1.0, 0.85, 1.0))
                for k in range(len(kept))]
-    for token, group in enumerate(assignment):
-        r, c = divmod(token, side)
-        box = [c * cell, r * cell, (c + 1) * cell - 1, (r + 1) * cell - 1]
-        if group < 0:
-            draw.rectangle(box, fill=(40, 40, 40, 170))
-        elif token not in kept:
-            draw.rectangle(box, fill=(*colours[group], 90))
-    for slot, token in enumerate(kept):
-        r, c = divmod(token, side)
-        box = [c * cell, r * cell, (c + 1) * cell - 1, (r + 1) * cell - 1]
-        draw.rectangle(box, outline=(*colours[slot], 255), width=4 if token in retrieved else 2)
-    return Image.alpha_composite(base.convert("RGBA"), overlay).convert("RGB")
+    image = image.convert("RGB")
+    scale = size / max(image.size)
+    views = [image.resize((size, size)), image.resize((round(image.width * scale), round(image.height * scale)))]
+    panels, first = [], 0
+    for panel, (rows, cols) in zip(views, grids):
+        cell_w, cell_h = panel.width / cols, panel.height / rows
+        overlay = Image.new("RGBA", panel.size, (0, 0, 0, 0))
+        draw = ImageDraw.Draw(overlay)
+
+        def box(token):
+            r, c = divmod(token - first, cols)
+            return [c * cell_w, r * cell_h, (c + 1) * cell_w - 1, (r + 1) * cell_h - 1]
+
+        tokens = range(first, first + rows * cols)
+        for token in tokens:
+            group = assignment[token]
+            if group < 0:
+                draw.rectangle(box(token), fill=(40, 40, 40, 170))
+            elif token not in kept:
+                draw.rectangle(box(token), fill=(*colours[group], 90))
+        for slot, token in enumerate(kept):
+            if token in tokens:
+                draw.rectangle(box(token), outline=(*colours[slot], 255), width=4 if token in retrieved else 2)
+        panels.append(Image.alpha_composite(panel.convert("RGBA"), overlay).convert("RGB"))
+        first += rows * cols
+    if len(panels) == 1:
+        return panels[0]
+    out = Image.new("RGB", (sum(p.width for p in panels) + 16 * (len(panels) - 1), max(p.height for p in panels)),
+                    (255, 255, 255))
+    x = 0
+    for panel in panels:
+        out.paste(panel, (x, 0))
+        x += panel.width + 16
+    return out
 
 
 def explain(model_dir, image_path, prompt: str, out: str | Path, settings: ParSettings) -> Path:
     image = Image.open(image_path)
-    reduction = Explainer(model_dir).reduce(image, prompt, settings)
-    render(image, reduction).save(out)
+    explainer = Explainer(model_dir)
+    visual, grids = explainer.features(image)
+    render(image, explainer.reduce_visual(visual, prompt, settings), grids).save(out)
     return Path(out)

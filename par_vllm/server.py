@@ -34,10 +34,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def par_overrides(par: bool = True, **settings: object) -> dict:
+def par_overrides(par: bool = True, architecture: str = ARCHITECTURE, **settings: object) -> dict:
     """The --hf-overrides JSON: the PAR architecture, the positions switch that
     `par_positions="span"` needs, and `par_*` server defaults."""
-    overrides: dict = {"architectures": [ARCHITECTURE], **ROPE_OVERRIDES} if par else {}
+    overrides: dict = {"architectures": [architecture], **ROPE_OVERRIDES} if par else {}
     overrides.update({f"par_{k}": v for k, v in settings.items()})
     return overrides
 

@@ -57,8 +57,8 @@ class ParSettings(BaseModel):
         "Reduce images at all; false serves every image whole, exactly as vLLM's own model.",
         group=USER, off_flag="disable")] = True
     keep_ratio: Annotated[float, setting(
-        "Share of each image's N visual tokens to keep: K = ceil(N x ratio), at least 1. "
-        "0.111 keeps 64 of LLaVA-1.5's 576.", group=USER, gt=0, le=1, allow_inf_nan=False)] = 0.111
+        "Share of each image's N visual tokens to keep: K = ceil(N x ratio), at least 1 "
+        "(LLaVA-NeXT's row separators are not visual tokens). 0.111 keeps 64 of LLaVA-1.5's 576.", group=USER, gt=0, le=1, allow_inf_nan=False)] = 0.111
     num_tokens: Annotated[int | None, setting(
         "An explicit K per image, clamped to the image's N; wins over keep_ratio.",
         group=USER, ge=1)] = None

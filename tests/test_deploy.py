@@ -4,6 +4,7 @@ import json
 import os
 import shlex
 import shutil
+import tempfile
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,16 @@ from par_vllm.settings import ParSettings
 
 ROOT = Path(__file__).parents[1]
 DEPLOY = ROOT / "deploy"
+
+
+def checkpoint(architecture: str) -> str:
+    """A checkpoint directory as far as `par-vllm serve` reads it: its config's architecture."""
+    directory = Path(tempfile.mkdtemp())
+    (directory / "config.json").write_text(json.dumps({"architectures": [architecture]}))
+    return str(directory)
+
+
+LLAVA = checkpoint("LlavaForConditionalGeneration")
 
 
 def dry_run(argv, capsys):
@@ -48,23 +59,47 @@ def hf_overrides(command):
 
 
 def test_serve_wrapper_builds_the_hf_overrides(capsys):
-    command = dry_run(["serve", "some/llava", "--keep-ratio", "0.2", "--knn-k", "7",
+    command = dry_run(["serve", LLAVA, "--keep-ratio", "0.2", "--knn-k", "7",
                        "--relevance", "mean", "--", "--port", "9000"], capsys)
     assert command[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
-    assert command[command.index("--model") + 1] == "some/llava"
+    assert command[command.index("--model") + 1] == LLAVA
     assert hf_overrides(command) == {"architectures": [ARCHITECTURE], **ROPE_OVERRIDES, "par_keep_ratio": 0.2,
                                      "par_knn_k": 7, "par_relevance": "mean"}
     assert command[-2:] == ["--port", "9000"]
 
 
+def test_serve_picks_the_par_class_from_the_checkpoints_architecture(capsys):
+    from par_vllm import FAMILIES
+
+    for family, (par_class, _) in FAMILIES.items():
+        assert hf_overrides(dry_run(["serve", checkpoint(family)], capsys))["architectures"] == [par_class]
+        named = dry_run(["serve", "org/not-here", "--architecture", family], capsys)
+        assert hf_overrides(named)["architectures"] == [par_class]
+
+
+def test_serve_refuses_an_unsupported_family_listing_the_supported_ones(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--dry-run", checkpoint("Qwen2_5_VLForConditionalGeneration")])
+    error = capsys.readouterr().err
+    assert info.value.code == 2 and "Qwen2_5_VLForConditionalGeneration" in error
+    assert "LlavaForConditionalGeneration" in error and "LlavaNextForConditionalGeneration" in error
+
+
+def test_serve_asks_for_the_architecture_when_the_config_cannot_be_read(capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--dry-run", "org/not-here"])
+    assert info.value.code == 2 and "--architecture" in capsys.readouterr().err
+
+
 def test_serve_wrapper_can_keep_question_type_words(capsys):
-    command = dry_run(["serve", "m", "--keep-question-type-words"], capsys)
+    command = dry_run(["serve", LLAVA, "--keep-question-type-words"], capsys)
     assert hf_overrides(command) == {"architectures": [ARCHITECTURE], **ROPE_OVERRIDES, "par_drop_question_type_words": False}
 
 
 def test_serve_wrapper_rejects_a_bad_setting_by_name(capsys):
     with pytest.raises(SystemExit) as info:
-        main(["serve", "--dry-run", "m", "--retrieval-share", "1.5"])
+        main(["serve", "--dry-run", LLAVA, "--retrieval-share", "1.5"])
     assert info.value.code == 2
     assert "par_retrieval_share" in capsys.readouterr().err
 
@@ -94,7 +129,7 @@ def test_serve_reads_every_setting_from_its_variable_and_a_flag_wins(monkeypatch
     assert set(values) == set(ParSettings.model_fields)
     for name, text in values.items():
         monkeypatch.setenv(env_name(name), text)
-    overrides = hf_overrides(dry_run(["serve", "m", "--knn-k", "11"], capsys))
+    overrides = hf_overrides(dry_run(["serve", LLAVA, "--knn-k", "11"], capsys))
     settings = ParSettings.from_keys(overrides)
     assert settings == ParSettings(enabled=False, keep_ratio=0.25, num_tokens=9, method="topk",
                                    positions="consecutive", outlier_factor=2.0, retrieval_share=0.75,
@@ -110,7 +145,7 @@ def test_serve_reads_every_setting_from_its_variable_and_a_flag_wins(monkeypatch
 def test_serve_refuses_a_bad_or_unknown_variable_by_name(monkeypatch, capsys, variable, text, setting):
     monkeypatch.setenv(variable, text)
     with pytest.raises(SystemExit) as info:
-        main(["serve", "--dry-run", "m"])
+        main(["serve", "--dry-run", LLAVA])
     assert info.value.code == 2 and setting in capsys.readouterr().err
 
 
@@ -121,7 +156,9 @@ def test_kubernetes_deployment_runs_the_entrypoint_with_health_probes():
     assert container["resources"]["limits"]["nvidia.com/gpu"] >= 1
     assert container["readinessProbe"]["httpGet"]["path"] == "/health"
     assert "command" not in container and "args" not in container  # the image's entrypoint
-    env, command = run_entrypoint({e["name"]: e["value"] for e in container["env"]})
+    env = {e["name"]: e["value"] for e in container["env"]}
+    env, command = run_entrypoint({**env, "PAR_ARCHITECTURE": "LlavaForConditionalGeneration"})  # no hub here
+    assert command[command.index("--model") + 1] == "llava-hf/llava-1.5-7b-hf"
     assert hf_overrides(command)["architectures"] == [ARCHITECTURE]
     assert hf_overrides(command)["par_keep_ratio"] == 0.111
     assert "--trust-request-mm-kwargs" not in command
@@ -136,7 +173,7 @@ def test_kubernetes_deployment_runs_the_entrypoint_with_health_probes():
 
 def test_docker_entrypoint_turns_env_into_flags():
     env, command = run_entrypoint({
-        "MODEL": "some/llava", "PAR_KEEP_RATIO": "0.25", "PAR_KNN_K": "8", "PAR_CENTRES": "farthest_point",
+        "MODEL": LLAVA, "PAR_KEEP_RATIO": "0.25", "PAR_KNN_K": "8", "PAR_CENTRES": "farthest_point",
         "PAR_SIMILARITY": "cosine", "PAR_ROUTING": "nearest", "PAR_DROP_QUESTION_TYPE_WORDS": "0",
         "PAR_ALLOWED_REQUEST_KWARGS": "do_resize", "PAR_TRUST_REQUEST_SETTINGS": "1"})
     assert hf_overrides(command) == {"architectures": [ARCHITECTURE], **ROPE_OVERRIDES, "par_keep_ratio": 0.25,
@@ -148,7 +185,7 @@ def test_docker_entrypoint_turns_env_into_flags():
 
 
 def test_docker_entrypoint_exposes_little_by_default():
-    env, command = run_entrypoint({"MODEL": "some/llava"})
+    env, command = run_entrypoint({"MODEL": LLAVA})
     assert "--trust-request-mm-kwargs" not in command
     assert "--allowed-media-domains" not in command and env["VLLM_MEDIA_CONNECTOR"] == "par_no_url_fetch"
     assert json.loads(command[command.index("--limit-mm-per-prompt") + 1]) == {"image": 4}
@@ -159,7 +196,7 @@ def test_docker_entrypoint_exposes_little_by_default():
 
 
 def test_docker_entrypoint_fetches_only_from_allowed_domains_and_follows_no_redirect():
-    env, command = run_entrypoint({"MODEL": "m", "PAR_ALLOWED_MEDIA_DOMAINS": "images.example.com,cdn.example.com",
+    env, command = run_entrypoint({"MODEL": LLAVA, "PAR_ALLOWED_MEDIA_DOMAINS": "images.example.com,cdn.example.com",
                                    "PAR_MAX_IMAGES_PER_REQUEST": "1"})
     at = command.index("--allowed-media-domains")
     assert command[at + 1:at + 3] == ["images.example.com", "cdn.example.com"]

@@ -1,0 +1,342 @@
+"""PAR's glue to vLLM, for every model family: mixins placed before vLLM's own classes.
+
+- ParProcessingInfo: resolves PAR settings (server defaults from the HF config's `par_*`
+  keys, per-request overrides from `mm_processor_kwargs`, every key checked), rewrites
+  prompts, and says how many placeholders an image reserves.
+- ParMultiModalProcessor: folds the rewritten prompt and the settings into the processor
+  kwargs, which vLLM hashes into every image's identity (processor cache, encoder cache,
+  prefix-cache block hashes); reserves the reduced count of placeholders; ships the
+  prompt's token ids, the settings and the image's layout to the model as per-image fields.
+- ParModel: runs the family's vision tower and projector, then PAR on the visual rows,
+  returning exactly the reserved count of rows per image; with `par_positions="span"`,
+  places each image's rows over the N positions the whole image would take
+  (par_vllm/positions.py), through vLLM's M-RoPE interface.
+
+A family supplies its image layout: how many rows its model emits for an image (N), and
+which of them are separators rather than visual tokens (LLaVA-NeXT's row-end
+`image_newline`), from the processor's own outputs (`Layout`, `image_layout`,
+`processed_layouts`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from functools import cached_property
+
+import torch
+from transformers import BatchFeature
+from vllm.exceptions import VLLMValidationError
+from vllm.logger import init_logger
+from vllm.multimodal.inputs import MultiModalFeatureSpec, MultiModalFieldConfig, MultiModalKwargsItems
+from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems, MultiModalDataItems
+from vllm.multimodal.processing import PromptReplacement, PromptUpdate
+from vllm.platforms import current_platform
+
+from .. import metrics
+from ..dispatch import reduce_per_image
+from ..positions import ROPE_OVERRIDES, declares_positions, image_positions, size_mrope_section
+from ..prompt import QueryRewriter
+from ..reduction import check_backend
+from ..settings import PREFIX, ParSettingError, ParSettings, settings_from_hf_config
+
+# Keys the processor adds to the mm processor kwargs after validating the request's.
+# vLLM hashes these kwargs into each image's cache identity.
+SETTINGS_KEY = "par_settings"
+QUERY_KEY = "par_query_ids"
+# Per-image field: the image's Layout, packed (for the reduction and its positions).
+LAYOUT_KEY = "par_layout"
+_UNSET = object()
+
+# Under vLLM's "vllm" logger, whose handler and level vLLM configures.
+logger = init_logger("vllm.plugins." + __name__)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The rows a model emits for one image: `full` in all (N), of which the last of every
+    one of `rows` tile-grid rows (each `row_width` visual tokens long) is a separator, and
+    everything before the grid a visual token (LLaVA-NeXT's base view). Without a grid
+    (`rows` 0) every row is a visual token."""
+
+    full: int
+    rows: int = 0
+    row_width: int = 0
+
+    @property
+    def num_visual(self) -> int:
+        return self.full - self.rows
+
+    def visual_mask(self) -> torch.Tensor:
+        mask = torch.ones(self.full, dtype=torch.bool)
+        grid_start = self.full - self.rows * (self.row_width + 1)
+        mask[grid_start + self.row_width::self.row_width + 1] = False
+        return mask
+
+    def placeholders(self, settings: ParSettings) -> int:
+        """Rows reserved for the image: all N when nothing is removed; otherwise the K kept
+        visual tokens and, for an image with separators, one separator after them."""
+        kept = settings.num_kept(self.num_visual)
+        if kept >= self.num_visual:
+            return self.full
+        return kept + (1 if self.rows else 0)
+
+    def pack(self) -> torch.Tensor:
+        return torch.tensor([self.full, self.rows, self.row_width])
+
+    @classmethod
+    def unpack(cls, packed: torch.Tensor) -> Layout:
+        return cls(*(int(x) for x in packed.tolist()))
+
+
+class ParRequestError(VLLMValidationError, ParSettingError):
+    """A bad PAR setting in a request: vLLM answers 400 and names the parameter."""
+
+    def __init__(self, error: ParSettingError):
+        super().__init__(str(error), parameter=f"mm_processor_kwargs.{error.setting}")
+        self.setting = error.setting
+
+
+class ParProcessingInfo:
+    """Mixed in before a family's vLLM ProcessingInfo."""
+
+    @cached_property
+    def server_settings(self) -> ParSettings:
+        return settings_from_hf_config(self.get_hf_config())
+
+    def request_settings(self, request_kwargs: Mapping[str, object]) -> ParSettings:
+        """A request's settings from its mm_processor_kwargs, on top of the server's.
+
+        Every key is checked here, in the API server, before anything reaches the engine:
+        a bad value, a server setting, an unknown `par_` key, or a key of the image
+        processor's the operator has not allowed is a ParRequestError (HTTP 400)."""
+        try:
+            self.check_processor_keys(request_kwargs)
+            settings = ParSettings.from_keys(request_kwargs, base=self.server_settings, request=True)
+            if settings.positions == "span" and not self.places_tokens:
+                raise positions_error()
+            return settings.with_positions(self.places_tokens)
+        except ParSettingError as error:
+            raise ParRequestError(error) from None
+
+    def check_processor_keys(self, request_kwargs: Mapping[str, object]) -> None:
+        allowed = self.server_settings.allowed_request_kwargs
+        configured = self.ctx.model_config.get_multimodal_config().mm_processor_kwargs or {}
+        for key, value in request_kwargs.items():
+            if key.startswith(PREFIX) or key in allowed or configured.get(key, _UNSET) == value:
+                continue
+            raise ParSettingError(
+                f"{key}: not a PAR setting; this server takes only par_* keys in mm_processor_kwargs "
+                "(its operator can allow others with par_allowed_request_kwargs)", setting=key)
+
+    @staticmethod
+    def resolved_settings(mm_kwargs: Mapping[str, object]) -> ParSettings:
+        """The settings apply() resolved and put into the processor kwargs."""
+        return ParSettings(**mm_kwargs[SETTINGS_KEY])
+
+    @cached_property
+    def places_tokens(self) -> bool:
+        return declares_positions(self.get_hf_config())
+
+    @cached_property
+    def query_rewriter(self) -> QueryRewriter:
+        return QueryRewriter(self.get_tokenizer(), self.get_hf_processor().image_token)
+
+    def image_layout(self, width: int, height: int) -> Layout:
+        """Family hook: the rows the model emits for an image of this original size."""
+        return Layout(self.get_num_image_tokens(image_width=width, image_height=height))
+
+
+class ParMultiModalProcessor:
+    """Mixed in before a family's vLLM MultiModalProcessor."""
+
+    info: ParProcessingInfo
+    _profiling = False
+
+    def processed_layouts(self, processed_data: BatchFeature) -> list[Layout] | None:
+        """Family hook: each image's Layout from the HF processor's outputs (None when the
+        request has no image)."""
+        raise NotImplementedError
+
+    def apply(self, inputs, timing_ctx):
+        request_kwargs = inputs.hf_processor_mm_kwargs
+        settings = self.info.request_settings(request_kwargs)
+        query = () if settings.reduces_nothing else tuple(
+            self.info.query_rewriter(inputs.prompt, settings.drop_question_type_words))
+        kwargs = {k: v for k, v in request_kwargs.items() if not k.startswith(PREFIX)}
+        kwargs[SETTINGS_KEY] = {k: v for k, v in settings.request_fields().items() if v is not None}
+        kwargs[QUERY_KEY] = query
+        result = super().apply(replace(inputs, hf_processor_mm_kwargs=kwargs), timing_ctx)
+        if not self._profiling and "image" in inputs.mm_data_items:
+            metrics.record_request(
+                self.info.ctx.model_config.served_model_name,
+                full=[layout.full for layout in self._layouts(inputs.mm_data_items)],
+                kept=[r.get_num_embeds() for r in result["mm_placeholders"]["image"]],
+                disabled=settings.reduces_nothing,
+                prompt_agnostic=not query,
+            )
+        return result
+
+    def get_dummy_mm_inputs(self, *args, **kwargs):
+        # Start-up profiling and warm-up process dummy images: keep them out of the metrics.
+        self._profiling = True
+        try:
+            return super().get_dummy_mm_inputs(*args, **kwargs)
+        finally:
+            self._profiling = False
+
+    def _layouts(self, mm_items: MultiModalDataItems) -> list[Layout]:
+        images = mm_items.get_items("image", (ImageEmbeddingItems, ImageProcessorItems))
+        if isinstance(images, ImageEmbeddingItems):
+            return [Layout(images.get_feature_size(i)) for i in range(len(images))]
+        sizes = [images.get_image_size(i) for i in range(len(images))]
+        return [self.info.image_layout(s.width, s.height) for s in sizes]
+
+    def _call_hf_processor(self, hf_data, hf_kwargs):
+        hf_kwargs = {k: v for k, v in hf_kwargs.items() if k not in (SETTINGS_KEY, QUERY_KEY)}
+        return super()._call_hf_processor(hf_data, hf_kwargs)
+
+    def _postprocess_hf_mm_data(
+        self,
+        mm_inputs: Mapping[str, object],
+        hf_processor_mm_kwargs: Mapping[str, object],
+        processed_data: BatchFeature,
+    ) -> BatchFeature:
+        processed_data = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)
+        layouts = self.processed_layouts(processed_data)
+        if layouts is None:
+            return processed_data
+        # Every image of a request is scored against the same prompt. The field is always
+        # present (empty for image-only prompts) so items of different requests batch.
+        query = torch.tensor(hf_processor_mm_kwargs.get(QUERY_KEY, ()), dtype=torch.long)
+        packed = self.info.resolved_settings(hf_processor_mm_kwargs).to_tensor()
+        processed_data[QUERY_KEY] = [query] * len(layouts)
+        processed_data[SETTINGS_KEY] = packed.expand(len(layouts), -1).clone()
+        processed_data[LAYOUT_KEY] = torch.stack([layout.pack() for layout in layouts])
+        return processed_data
+
+    def _get_mm_fields_config(
+        self,
+        hf_inputs: BatchFeature,
+        hf_processor_mm_kwargs: Mapping[str, object],
+    ) -> Mapping[str, MultiModalFieldConfig]:
+        return {
+            **super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),
+            QUERY_KEY: MultiModalFieldConfig.batched("image"),
+            SETTINGS_KEY: MultiModalFieldConfig.batched("image", keep_on_cpu=True),
+            LAYOUT_KEY: MultiModalFieldConfig.batched("image", keep_on_cpu=True),
+        }
+
+    def _get_prompt_updates(
+        self,
+        mm_items: MultiModalDataItems,
+        hf_processor_mm_kwargs: Mapping[str, object],
+        out_mm_kwargs: MultiModalKwargsItems,
+    ) -> Sequence[PromptUpdate]:
+        settings = self.info.resolved_settings(hf_processor_mm_kwargs)
+        (full,) = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+
+        def reduced(item_idx: int) -> list[int]:
+            # Asked only for the items mm_items holds (those not already cached).
+            placeholders = full.replacement(item_idx)
+            return placeholders[: self._layouts(mm_items)[item_idx].placeholders(settings)]
+
+        return [PromptReplacement(modality=full.modality, target=full.target, replacement=reduced)]
+
+
+class ParModel:
+    """Mixed in before a family's vLLM model class (which must also declare SupportsMRoPE)."""
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        config = vllm_config.model_config.hf_config
+        # Fail at start-up, naming the key, if --hf-overrides holds a bad default.
+        server_settings = settings_from_hf_config(config)
+        check_backend(server_settings.backend, current_platform.device_type)
+        places_tokens = declares_positions(config)
+        if places_tokens:
+            try:
+                size_mrope_section(config.get_text_config())  # before the language model is built
+            except ValueError as error:
+                raise ParSettingError(f"par_positions: {error}; serve without "
+                                      "the text_config.rope_parameters.mrope_section override, "
+                                      "with par_positions='consecutive'", setting="par_positions") from None
+        elif server_settings.positions == "span":
+            raise positions_error()
+        log_defaults(server_settings, places_tokens)
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.par_model_name = vllm_config.model_config.served_model_name
+
+    def get_mrope_input_positions(
+        self, input_tokens: list[int], mm_features: list[MultiModalFeatureSpec]
+    ) -> tuple[torch.Tensor, int]:
+        """vLLM asks once per request, before any image is encoded: only the reserved rows,
+        N and the settings are needed, not which tokens PAR will keep."""
+        images = []
+        for feature in mm_features:
+            if feature.modality != "image":
+                continue
+            assert feature.data is not None, "vLLM hands the model every image's fields"
+            settings = ParSettings.from_tensor(feature.data[SETTINGS_KEY].data)
+            full = Layout.unpack(feature.data[LAYOUT_KEY].data).full
+            images.append((feature.mm_position.offset, feature.mm_position.length, full,
+                           settings.positions == "span"))
+        return image_positions(len(input_tokens), images)
+
+    def embed_multimodal(self, **kwargs: object):
+        query_ids = kwargs.pop(QUERY_KEY, None)
+        packed_settings = kwargs.pop(SETTINGS_KEY, None)
+        packed_layouts = kwargs.pop(LAYOUT_KEY, None)
+        features = super().embed_multimodal(**kwargs)
+        if packed_settings is None or len(features) == 0:
+            return features
+        settings = [ParSettings.from_tensor(row) for row in packed_settings]
+        layouts = [Layout.unpack(row) for row in packed_layouts]
+        masks = [layout.visual_mask().to(feature.device) for layout, feature in zip(layouts, features)]
+        reduced = reduce_per_image(
+            [feature[mask] for feature, mask in zip(features, masks)],
+            list(query_ids),
+            settings,
+            embed_tokens=self.get_language_model().embed_input_ids,
+            on_batch=self._count_batch,
+            on_kernel_failure=self._count_kernel_failure,
+        )
+        out = []
+        for feature, mask, layout, setting, visual in zip(features, masks, layouts, settings, reduced):
+            if layout.placeholders(setting) == layout.full:
+                out.append(feature)  # nothing removed: the model's own rows, separators and all
+            elif layout.rows:
+                out.append(torch.cat([visual, feature[~mask][-1:]]))  # one separator after the image
+            else:
+                out.append(visual)
+        return out
+
+    def _count_batch(self, images: int, implementation: str) -> None:
+        metrics.engine_batches.labels(model_name=self.par_model_name, implementation=implementation).inc()
+
+    def _count_kernel_failure(self, error: Exception) -> None:
+        metrics.kernel_fallbacks.labels(model_name=self.par_model_name).inc()
+
+
+def log_defaults(settings: ParSettings, places_tokens: bool) -> None:
+    """One start-up line: the default budget, and where kept tokens sit (par_positions="auto"
+    made concrete)."""
+    if not settings.enabled:
+        budget = "off by default (par_enabled=false)"
+    elif settings.num_tokens is not None:
+        budget = f"K = par_num_tokens={settings.num_tokens} per image by default"
+    else:
+        budget = f"K = ceil(N x par_keep_ratio={settings.keep_ratio}) per image by default"
+    positions = settings.with_positions(places_tokens).positions
+    hint = ""
+    if positions == "consecutive" and settings.positions == "auto":
+        hint = (f" (add {json.dumps(ROPE_OVERRIDES)} to --hf-overrides, as par-vllm serve does, to place "
+                "them over the whole image's positions)")
+    logger.info("PAR: %s; kept tokens at %s positions%s", budget, positions, hint)
+
+
+def positions_error() -> ParSettingError:
+    return ParSettingError(
+        "par_positions: 'span' places each image's kept tokens through vLLM's M-RoPE positions, which "
+        f"this server's config does not switch on: add {json.dumps(ROPE_OVERRIDES)} to --hf-overrides "
+        "(`par-vllm serve` does) or set par_positions to 'consecutive'", setting="par_positions")

@@ -1,0 +1,209 @@
+"""LLaVA-NeXT (AnyRes) with PAR, on a tiny random-weight LLaVA-NeXT built here: one budget
+over the base view and the tiles, the row separators never scored or merged, and with
+nothing removed exactly vLLM's own LLaVA-NeXT."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from par_vllm.demo import demo_image
+from par_vllm.models.base import Layout
+from par_vllm.server import par_overrides
+
+NEXT = "ParLlavaNextForConditionalGeneration"
+PROMPT = "USER: <image>\nWhat color is the triangle?\nASSISTANT:"
+OTHER = "USER: <image>\nWhere is the blue circle?\nASSISTANT:"
+TWO_IMAGES = "USER: <image>\n<image>\nWhich shape is larger?\nASSISTANT:"
+# (width, height): (N, grid rows, row width) as vLLM counts them: the 576-token base view,
+# then each unpadded grid row of visual tokens followed by one image_newline.
+LAYOUTS = {(672, 672): (2928, 48, 48), (640, 480): (2340, 36, 48), (336, 336): (1176, 24, 24)}
+# At par_keep_ratio 0.111: K = ceil(visual x 0.111) visual tokens, then one separator.
+RESERVED = {(672, 672): 320 + 1, (640, 480): 256 + 1, (336, 336): 128 + 1}
+
+
+def image(size):
+    return demo_image().resize(size)
+
+
+@pytest.fixture(scope="module")
+def next_model(tmp_path_factory):
+    from par_vllm.demo_model import make_demo_next_model
+
+    return make_demo_next_model(tmp_path_factory.mktemp("models") / "next")
+
+
+@pytest.mark.parametrize("size", LAYOUTS)
+def test_separators_sit_where_the_model_puts_image_newline(next_model, size):
+    """The layout's separator rows are exactly the rows transformers' LLaVA-NeXT fills with
+    its learned image_newline, for a square, a landscape and a single-tile image."""
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    model = LlavaNextForConditionalGeneration.from_pretrained(next_model, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(next_model)
+    inputs = processor(images=image(size), text=PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        features = model.model.get_image_features(
+            pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
+            vision_feature_layer=-2, vision_feature_select_strategy="default").pooler_output[0]
+    layout = Layout(*LAYOUTS[size])
+    assert features.shape[0] == layout.full
+    newline = (features == model.model.image_newline).all(dim=-1)
+    assert torch.equal(~layout.visual_mask(), newline)
+    assert layout.num_visual == layout.full - layout.rows
+
+
+def test_reserved_rows_count_visual_tokens_only():
+    from par_vllm.settings import ParSettings
+
+    layout = Layout(*LAYOUTS[(672, 672)])
+    assert layout.placeholders(ParSettings()) == RESERVED[(672, 672)]
+    assert layout.placeholders(ParSettings(num_tokens=10)) == 11
+    assert layout.placeholders(ParSettings(keep_ratio=1.0)) == layout.full  # nothing removed: as stock
+    assert layout.placeholders(ParSettings(enabled=False)) == layout.full
+    assert layout.placeholders(ParSettings(num_tokens=layout.num_visual)) == layout.full
+    assert Layout(576).placeholders(ParSettings()) == 64  # LLaVA-1.5: no separators
+
+
+def make_llm(model, overrides=None, **engine_args):
+    from vllm import LLM
+
+    return LLM(str(model), hf_overrides=overrides or {}, enforce_eager=True, dtype="float32",
+               max_model_len=8192, max_num_seqs=4, limit_mm_per_prompt={"image": 2}, seed=0, **engine_args)
+
+
+def close(llm) -> None:
+    llm.llm_engine.engine_core.shutdown()
+    gc.collect()
+
+
+def generate(llm, prompt, images, mm_kwargs=None):
+    from vllm import SamplingParams
+
+    request = {"prompt": prompt, "multi_modal_data": {"image": images}}
+    if mm_kwargs is not None:
+        request["mm_processor_kwargs"] = mm_kwargs
+    (out,) = llm.generate(request, SamplingParams(max_tokens=6, temperature=0.0, logprobs=2), use_tqdm=False)
+    return out
+
+
+def text_tokens(tokenizer, prompt):
+    ids = tokenizer.encode(prompt)
+    return len(ids) - ids.count(tokenizer.convert_tokens_to_ids("<image>"))
+
+
+@pytest.fixture(scope="module")
+def runs(next_model):
+    """Everything the engine tests check, from three engines: PAR (vLLM's positions on, as
+    par-vllm serve starts it), PAR with the prefix cache on, and vLLM's own LLaVA-NeXT."""
+    res = {}
+    llm = make_llm(next_model, par_overrides(architecture=NEXT), enable_prefix_caching=False)
+    for size in LAYOUTS:
+        res["par", size] = generate(llm, PROMPT, image(size))
+        res["whole", size] = generate(llm, PROMPT, image(size), {"par_keep_ratio": 1.0})
+    res["off"] = generate(llm, PROMPT, image((640, 480)), {"par_enabled": False})
+    res["par", "two"] = generate(llm, TWO_IMAGES, [image((672, 672)), image((640, 480))])
+    res["whole", "two"] = generate(llm, TWO_IMAGES, [image((672, 672)), image((640, 480))], {"par_keep_ratio": 1.0})
+    res["fresh"] = [generate(llm, q, image((672, 672))) for q in (PROMPT, OTHER)]
+    try:
+        generate(llm, PROMPT, image((672, 672)), {"par_keep_ratio": 2})
+    except ValueError as error:
+        res["bad"] = error
+    res["after_bad"] = generate(llm, PROMPT, image((672, 672)))
+    close(llm)
+    llm = make_llm(next_model, par_overrides(architecture=NEXT), enable_prefix_caching=True)
+    res["cached"] = [generate(llm, q, image((672, 672))) for q in (OTHER, PROMPT, OTHER, PROMPT)]
+    close(llm)
+    llm = make_llm(next_model)  # vLLM's own LlavaNextForConditionalGeneration
+    for size in LAYOUTS:
+        res["stock", size] = generate(llm, PROMPT, image(size))
+    res["stock", "two"] = generate(llm, TWO_IMAGES, [image((672, 672)), image((640, 480))])
+    close(llm)
+    return res
+
+
+def apart(a, b, tolerance=1e-4) -> bool:
+    """Whether two answers differ by more than `same` tolerates."""
+    if a.outputs[0].token_ids != b.outputs[0].token_ids:
+        return True
+    return any(abs(lp.logprob - step_b[token].logprob) >= tolerance
+               for step_a, step_b in zip(a.outputs[0].logprobs, b.outputs[0].logprobs)
+               for token, lp in step_a.items() if token in step_b)
+
+
+def same(a, b, tolerance=1e-4):
+    assert a.prompt_token_ids == b.prompt_token_ids
+    assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    for step_a, step_b in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+        for token, lp in step_a.items():
+            assert abs(lp.logprob - step_b[token].logprob) < tolerance
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size", LAYOUTS)
+def test_each_image_reserves_k_visual_tokens_and_one_separator(runs, tokenizer, size):
+    assert len(runs["par", size].prompt_token_ids) == text_tokens(tokenizer, PROMPT) + RESERVED[size]
+
+
+@pytest.mark.slow
+def test_two_images_of_different_shapes_each_get_their_own_k(runs, tokenizer):
+    reserved = RESERVED[(672, 672)] + RESERVED[(640, 480)]
+    assert len(runs["par", "two"].prompt_token_ids) == text_tokens(tokenizer, TWO_IMAGES) + reserved
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size", [*LAYOUTS, "two"])
+def test_nothing_removed_serves_exactly_as_vllms_own_llava_next(runs, size):
+    same(runs["whole", size], runs["stock", size])
+
+
+@pytest.mark.slow
+def test_par_disabled_serves_exactly_as_vllms_own_llava_next(runs):
+    same(runs["off"], runs["stock", (640, 480)])
+
+
+@pytest.mark.slow
+def test_the_prefix_cache_never_hands_one_prompts_image_tokens_to_another(runs):
+    """The same image with two questions, asked in turn on an engine with the prefix cache on,
+    answers each question as the cache-free engine did; the two questions' answers are
+    further apart than the comparison's tolerance, so a shared cache entry would show."""
+    fresh = dict(zip((PROMPT, OTHER), runs["fresh"]))
+    assert apart(fresh[PROMPT], fresh[OTHER])
+    for question, out in zip((OTHER, PROMPT, OTHER, PROMPT), runs["cached"]):
+        same(out, fresh[question])
+
+
+@pytest.mark.slow
+def test_a_bad_setting_is_refused_by_name_and_the_engine_keeps_serving(runs, tokenizer):
+    assert "par_keep_ratio" in str(runs["bad"])
+    assert runs["after_bad"].outputs[0].token_ids == runs["par", (672, 672)].outputs[0].token_ids
+
+
+@pytest.fixture(scope="module")
+def tokenizer(next_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(next_model)
+
+
+def test_explain_draws_the_base_view_and_the_tiles_of_an_anyres_image(next_model, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from par_vllm.cli import main
+
+    path = tmp_path / "wide.png"
+    image((640, 480)).save(path)
+    out = tmp_path / "kept.png"
+    main(["explain", str(path), "What color is the triangle?", "--model", str(next_model), "--out", str(out),
+          "--keep-ratio", "0.05"])
+    assert capsys.readouterr().out.strip() == str(out)
+    drawn = np.asarray(Image.open(out).convert("RGB"), dtype=np.int16)
+    # Two panels side by side: the base view's centre square (672 px) and the whole 4:3 image (672 px wide).
+    assert drawn.shape == (672, 672 + 16 + 672, 3)
+    tiles = drawn[:504, 672 + 16:]
+    plain = np.asarray(image((640, 480)).resize((672, 504)), dtype=np.int16)
+    changed = (np.abs(tiles - plain).sum(-1) > 30).mean()
+    assert 0.3 < changed < 1.0, "the tiles' grid is drawn over the whole image"
