@@ -55,6 +55,38 @@ def test_separators_sit_where_the_model_puts_image_newline(next_model, size):
     assert layout.num_visual == layout.full - layout.rows
 
 
+@pytest.mark.parametrize("method", ["par", "pool", "topk"])
+def test_the_reduced_rows_are_k_visual_tokens_then_one_separator(next_model, method):
+    """What the model hands vLLM for two images of different shapes, computed by the plugin's
+    own function on the rows transformers' LLaVA-NeXT emits: K rows built from visual tokens
+    only (none is the separator), then exactly one separator."""
+    from transformers import AutoProcessor, AutoTokenizer, LlavaNextForConditionalGeneration
+
+    from par_vllm.models.base import reduce_images
+    from par_vllm.settings import ParSettings
+
+    model = LlavaNextForConditionalGeneration.from_pretrained(next_model, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(next_model)
+    tokenizer = AutoTokenizer.from_pretrained(next_model)
+    sizes = [(672, 672), (640, 480)]
+    features = []
+    with torch.no_grad():
+        for size in sizes:
+            inputs = processor(images=image(size), text=PROMPT, return_tensors="pt")
+            features.append(model.model.get_image_features(
+                pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
+                vision_feature_layer=-2, vision_feature_select_strategy="default").pooler_output[0])
+        settings = [ParSettings(method=method)] * 2
+        query = [torch.tensor(tokenizer.encode("triangle", add_special_tokens=False))] * 2
+        out = reduce_images(features, [Layout(*LAYOUTS[size]) for size in sizes], settings, query,
+                            embed_tokens=model.get_input_embeddings())
+    newline = model.model.image_newline
+    for rows, size in zip(out, sizes):
+        assert rows.shape[0] == RESERVED[size]
+        is_newline = (rows == newline).all(dim=-1)
+        assert is_newline.tolist() == [False] * (RESERVED[size] - 1) + [True]
+
+
 def test_reserved_rows_count_visual_tokens_only():
     from par_vllm.settings import ParSettings
 

@@ -290,32 +290,39 @@ class ParModel:
         features = super().embed_multimodal(**kwargs)
         if packed_settings is None or len(features) == 0:
             return features
-        settings = [ParSettings.from_tensor(row) for row in packed_settings]
-        layouts = [Layout.unpack(row) for row in packed_layouts]
-        masks = [layout.visual_mask().to(feature.device) for layout, feature in zip(layouts, features)]
-        reduced = reduce_per_image(
-            [feature[mask] for feature, mask in zip(features, masks)],
-            list(query_ids),
-            settings,
+        return reduce_images(
+            list(features), [Layout.unpack(row) for row in packed_layouts],
+            [ParSettings.from_tensor(row) for row in packed_settings], list(query_ids),
             embed_tokens=self.get_language_model().embed_input_ids,
             on_batch=self._count_batch,
             on_kernel_failure=self._count_kernel_failure,
         )
-        out = []
-        for feature, mask, layout, setting, visual in zip(features, masks, layouts, settings, reduced):
-            if layout.placeholders(setting) == layout.full:
-                out.append(feature)  # nothing removed: the model's own rows, separators and all
-            elif layout.rows:
-                out.append(torch.cat([visual, feature[~mask][-1:]]))  # one separator after the image
-            else:
-                out.append(visual)
-        return out
 
     def _count_batch(self, images: int, implementation: str) -> None:
         metrics.engine_batches.labels(model_name=self.par_model_name, implementation=implementation).inc()
 
     def _count_kernel_failure(self, error: Exception) -> None:
         metrics.kernel_fallbacks.labels(model_name=self.par_model_name).inc()
+
+
+def reduce_images(
+    features: list[torch.Tensor], layouts: list[Layout], settings: list[ParSettings],
+    query_ids: list[torch.Tensor], embed_tokens, **callbacks,
+) -> list[torch.Tensor]:
+    """Each image's rows (N x D, as its family's model emits them) to the rows reserved for
+    it: PAR on the visual rows only, then, for an image with separators, one of them."""
+    masks = [layout.visual_mask().to(feature.device) for layout, feature in zip(layouts, features)]
+    reduced = reduce_per_image([feature[mask] for feature, mask in zip(features, masks)], query_ids, settings,
+                               embed_tokens=embed_tokens, **callbacks)
+    out = []
+    for feature, mask, layout, setting, visual in zip(features, masks, layouts, settings, reduced):
+        if layout.placeholders(setting) == layout.full:
+            out.append(feature)  # nothing removed: the model's own rows, separators and all
+        elif layout.rows:
+            out.append(torch.cat([visual, feature[~mask][-1:]]))  # one separator after the image
+        else:
+            out.append(visual)
+    return out
 
 
 def log_defaults(settings: ParSettings, places_tokens: bool) -> None:
