@@ -172,7 +172,10 @@ def main() -> None:
 
     path, about = model_dir(args.model)
     levels = [int(c) for c in args.concurrency.split(",")]
-    engine = ["--max-model-len", "4096"] if args.gpu else [*CPU_ENGINE_ARGS, "--max-model-len", "4096"]
+    # Room for a whole LLaVA-NeXT image (2,928 rows at 672 px) in one prefill and in the
+    # encoder cache, which vLLM sizes from --max-num-batched-tokens.
+    long_images = ["--max-model-len", "4096", "--max-num-batched-tokens", "4096"]
+    engine = long_images if args.gpu else [*CPU_ENGINE_ARGS, *long_images]
     common = [*engine, "--no-enable-prefix-caching", "--mm-processor-cache-gb", "0",
               "--trust-request-mm-kwargs"]
     saved = json.loads((path / "par_model.json").read_text()) if (path / "par_model.json").exists() else {}
