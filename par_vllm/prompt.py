@@ -1,22 +1,19 @@
-"""Prompt rewriting: from a full chat prompt to the words the image is scored against.
+"""Prompt rewriting: from a full chat prompt to the words an image is scored against.
 
-PAR scores visual tokens against the user's question, not against the chat
-template, the image placeholder or function words ("what", "the", "is"), which
-would match every image alike. The rewrite works on words, not token ids, because a
-role marker like "ASSISTANT:" is several sub-word tokens in most vocabularies.
+PAR scores visual tokens against what the user asked, not against the system prompt,
+the assistant's replies, the chat template, the image placeholder or function words
+("what", "the", "is"), which would match every image alike. Which parts of a prompt are
+the user's is read from the model's own chat template (`ChatTurns`), not from role names.
+The rewrite works on words, not token ids, because a marker like "ASSISTANT:" is several
+sub-word tokens in most vocabularies.
 """
 
 from __future__ import annotations
 
+import os
 import re
+from dataclasses import dataclass
 
-# Role markers of the common chat templates: "USER:", "ASSISTANT:" (LLaVA-1.5/Vicuna),
-# "Human:", and ChatML's bare role names left at a line start once special tokens go.
-_ROLE_MARKERS = re.compile(
-    r"\b(?:USER|ASSISTANT|SYSTEM|Human|Assistant|User|System|GPT)\s*:"
-    r"|^\s*(?:user|assistant|system)\s*$",
-    flags=re.MULTILINE,
-)
 _WORD = re.compile(r"[^\W_]+(?:['-][^\W_]+)*")
 
 # English function words, plus question words that every VQA prompt carries.
@@ -46,22 +43,94 @@ QUESTION_TYPE_WORDS = frozenset("color colour colors colours shape shapes kind k
 
 
 def query_words(text: str, drop_question_type: bool = True) -> list[str]:
-    """The content words of a prompt's text, in order (template markers and stop words
-    gone, and the question-type words unless `drop_question_type` is false)."""
-    text = _ROLE_MARKERS.sub(" ", text)
+    """The content words of a text, in order (stop words gone, and the question-type words
+    unless `drop_question_type` is false)."""
     drop = STOP_WORDS | QUESTION_TYPE_WORDS if drop_question_type else STOP_WORDS
     return [w for w in _WORD.findall(text) if w.lower() not in drop]
 
 
+# Private-use characters: no real message contains them, so they locate a template's markers.
+_PROBE = {name: f"\ue000{name}\ue001" for name in ("system", "user1", "assistant1", "user2")}
+
+
+@dataclass(frozen=True)
+class ChatTurns:
+    """Where user turns start and end in a prompt rendered by one chat template: the text
+    the template writes before every user message (`opens`) and after it (`closes`),
+    found by rendering a probe conversation through the template itself."""
+
+    opens: str
+    closes: str
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer) -> ChatTurns | None:
+        """None where the tokenizer has no chat template, or its markers cannot be told."""
+        if not getattr(tokenizer, "chat_template", None):
+            return None
+
+        def render(*roles: str, generation: bool = True) -> str:
+            messages = [{"role": role.rstrip("12"), "content": _PROBE[role]} for role in roles]
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+
+        try:
+            two_turns = render("user1", "assistant1", "user2")
+            with_system = render("system", "user1")
+        except Exception:  # noqa: BLE001 - a template may refuse a role; then no structure
+            return None
+        # What every user message follows: at the start, after a system prompt, after a reply.
+        before = [two_turns.split(_PROBE["user1"])[0],
+                  with_system.split(_PROBE["user1"])[0].split(_PROBE["system"])[-1],
+                  two_turns.split(_PROBE["assistant1"])[1].split(_PROBE["user2"])[0]]
+        after_user = two_turns.split(_PROBE["user1"])[1].split(_PROBE["assistant1"])[0]
+        at_end = two_turns.split(_PROBE["user2"])[1]
+        opens = os.path.commonprefix([b[::-1] for b in before])[::-1]
+        closes = os.path.commonprefix([after_user, at_end])
+        if not opens.strip() or not closes.strip():
+            return None
+        return cls(opens, closes)
+
+    def user_turns(self, text: str) -> list[tuple[int, int]]:
+        """(start, end) of every user message in a rendered prompt, in order."""
+        spans, at = [], 0
+        while (start := text.find(self.opens, at)) >= 0:
+            start += len(self.opens)
+            end = text.find(self.closes, start)
+            end = len(text) if end < 0 else end
+            spans.append((start, end))
+            at = end
+        return spans
+
+
 class QueryRewriter:
-    """Turns a tokenized chat prompt into the token ids of its content words."""
+    """Turns a tokenized chat prompt into the token ids of the content words its images are
+    scored against.
+
+    `turn` says which user words: "image", those of the user turns that carry an image (in
+    a conversation about one image, the words that came with it, so its reduced tokens do
+    not change as the conversation goes on and the prefix cache is reused), or "latest",
+    the last user turn (the image follows the conversation, at the price of a new prefill
+    every turn). A prompt the template's markers do not structure (a raw completion
+    prompt) is one user turn."""
 
     def __init__(self, tokenizer, image_token: str):
         self.tokenizer = tokenizer
         self.image_token = image_token
+        self.turns = ChatTurns.from_tokenizer(tokenizer)
+        self._special = [t for t in tokenizer.all_special_tokens if t]
 
-    def __call__(self, prompt_ids: list[int], drop_question_type: bool = True) -> list[int]:
-        text = self.tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    def __call__(self, prompt_ids: list[int], drop_question_type: bool = True, turn: str = "image") -> list[int]:
+        text = self.tokenizer.decode(prompt_ids, skip_special_tokens=False)
+        spans = self.turns.user_turns(text) if self.turns else []
+        users = [text[start:end] for start, end in spans] or [text]
+        if turn == "latest":
+            chosen = users[-1:]
+        else:
+            chosen = [t for t in users if self.image_token in t] or users[-1:]
+        return self._encode(" ".join(chosen), drop_question_type)
+
+    def _encode(self, text: str, drop_question_type: bool) -> list[int]:
+        for token in self._special:
+            text = text.replace(token, " ")
         words = query_words(text.replace(self.image_token, " "), drop_question_type)
         if not words:
             return []

@@ -89,6 +89,12 @@ class ParSettings(BaseModel):
         "instead of competing for a cluster centre.", gt=0, le=1, allow_inf_nan=False)] = 0.9
     relevance: Annotated[Literal["max", "mean"], setting(
         "How a visual token's similarities to the prompt's words reduce to one relevance.")] = "max"
+    query_turn: Annotated[Literal["image", "latest"], setting(
+        "Which user words of a conversation the images are scored against: image, those of "
+        "the user turns that carry an image (a conversation's later turns leave the reduced "
+        "image unchanged, so vLLM's prefix cache is reused); latest, the last user turn (the "
+        "image follows the conversation, with a new prefill every turn). System prompts and "
+        "assistant turns never count.")] = "image"
     drop_question_type_words: Annotated[bool, setting(
         "Prompt rewriting also drops the words that name the kind of answer asked for "
         "(color, shape, kind, type, ...), which match every patch with a colour or a shape, so "

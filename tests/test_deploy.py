@@ -123,7 +123,7 @@ def test_serve_reads_every_setting_from_its_variable_and_a_flag_wins(monkeypatch
     values = {"enabled": "0", "keep_ratio": "0.25", "num_tokens": "9", "method": "topk",
               "positions": "consecutive", "outlier_factor": "2", "retrieval_share": "0.75",
               "min_retrieved": "3", "duplicate_threshold": "0.8", "relevance": "mean",
-              "drop_question_type_words": "false", "knn_k": "7", "similarity": "cosine",
+              "drop_question_type_words": "false", "query_turn": "latest", "knn_k": "7", "similarity": "cosine",
               "routing": "nearest", "centres": "farthest_point", "centre_relevance": "1",
               "backend": "torch", "allowed_request_kwargs": "do_resize"}
     assert set(values) == set(ParSettings.model_fields)
@@ -134,7 +134,7 @@ def test_serve_reads_every_setting_from_its_variable_and_a_flag_wins(monkeypatch
     assert settings == ParSettings(enabled=False, keep_ratio=0.25, num_tokens=9, method="topk",
                                    positions="consecutive", outlier_factor=2.0, retrieval_share=0.75,
                                    min_retrieved=3, duplicate_threshold=0.8, relevance="mean",
-                                   drop_question_type_words=False, knn_k=11, similarity="cosine",
+                                   drop_question_type_words=False, query_turn="latest", knn_k=11, similarity="cosine",
                                    routing="nearest", centres="farthest_point", centre_relevance=1.0,
                                    backend="torch", allowed_request_kwargs=("do_resize",))
 

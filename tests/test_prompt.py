@@ -3,9 +3,8 @@ import pytest
 from par_vllm.prompt import QUESTION_TYPE_WORDS, QueryRewriter, query_words
 
 
-def test_llava_template_markers_and_stop_words_go():
-    text = "USER: <image>\nWhat color is the triangle in the top left?\nASSISTANT:"
-    assert query_words(text.replace("<image>", " ")) == ["triangle", "top", "left"]
+def test_stop_words_go():
+    assert query_words("What color is the triangle in the top left?") == ["triangle", "top", "left"]
 
 
 @pytest.mark.parametrize("question, subject", [
@@ -21,11 +20,6 @@ def test_question_type_words_go_unless_kept(question, subject):
     kept = query_words(question, drop_question_type=False)
     assert [w for w in kept if w.lower() not in QUESTION_TYPE_WORDS] == subject
     assert len(kept) > len(subject)
-
-
-def test_chatml_role_lines_go():
-    text = "system\nYou are a helpful assistant.\nuser\nHow many dogs are there?\nassistant\n"
-    assert query_words(text) == ["helpful", "assistant", "many", "dogs"]
 
 
 def test_a_question_of_question_type_words_only_has_no_query():
@@ -46,3 +40,80 @@ def test_query_ids_are_the_content_words(tokenizer):
     assert tokenizer.decode(rewriter(ids)).split() == ["circle"]
     assert tokenizer.decode(rewriter(ids, drop_question_type=False)).split() == ["color", "circle"]
     assert tokenizer.convert_tokens_to_ids("<image>") not in rewriter(ids)
+
+
+# ChatML as SmolLM2 writes it, and as Qwen-VL writes it: a default system prompt when the
+# conversation has none.
+CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+QWEN = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "{% endif %}" + CHATML)
+TEMPLATES = {"llava": None, "chatml": CHATML, "qwen": QWEN}
+
+
+@pytest.fixture(params=list(TEMPLATES))
+def rewriter(request, tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    if TEMPLATES[request.param]:
+        tok.chat_template = TEMPLATES[request.param]
+    return QueryRewriter(tok, "<image>")
+
+
+def query(rewriter, messages, turn="image"):
+    ids = rewriter.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    words = rewriter.tokenizer.decode(rewriter(rewriter.tokenizer.encode(ids), turn=turn))
+    return words.split()
+
+
+def test_each_template_has_its_user_turn_markers_found(rewriter):
+    assert rewriter.turns is not None
+    assert rewriter.turns.opens.strip() and rewriter.turns.closes.strip()
+
+
+def test_the_system_prompt_is_never_in_the_query(rewriter):
+    messages = [{"role": "system", "content": "You describe the red car and the green star."},
+                {"role": "user", "content": "<image>\nWhat color is the triangle?"}]
+    assert query(rewriter, messages) == ["triangle"]
+    assert query(rewriter, messages[1:]) == ["triangle"]  # a template's default system prompt too
+
+
+CONVERSATION = [
+    {"role": "user", "content": "<image>\nWhere is the triangle?"},
+    {"role": "assistant", "content": "At the top left corner, next to a house."},
+    {"role": "user", "content": "And the circle?"},
+    {"role": "assistant", "content": "Bottom right, below the tree."},
+    {"role": "user", "content": "Is the square yellow?"},
+    {"role": "assistant", "content": "Yes, bright yellow."},
+    {"role": "user", "content": "What about the star?"},
+]
+
+
+@pytest.mark.parametrize("turns, latest", [(1, "triangle"), (2, "circle"), (3, "square yellow"), (4, "star")])
+def test_a_conversations_query_under_each_rule(rewriter, turns, latest):
+    messages = CONVERSATION[:2 * turns - 1]
+    # The image came with the first question: under "image" every turn scores it against that.
+    assert query(rewriter, messages, "image") == ["triangle"]
+    assert query(rewriter, messages, "latest") == latest.split()
+
+
+def test_images_in_two_turns_are_scored_against_both_turns(rewriter):
+    messages = [*CONVERSATION[:4], {"role": "user", "content": "<image>\nIs the boat in this one?"}]
+    assert query(rewriter, messages, "image") == ["triangle", "boat"]
+
+
+def test_a_raw_prompt_without_the_templates_markers_is_one_user_turn(tokenizer):
+    rewriter = QueryRewriter(tokenizer, "<image>")
+    ids = tokenizer.encode("<image>\nWhat is the red car?")
+    assert tokenizer.decode(rewriter(ids)).split() == ["red", "car"]
+
+
+def test_a_tokenizer_without_a_chat_template_has_no_turns(tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = None
+    rewriter = QueryRewriter(tok, "<image>")
+    assert rewriter.turns is None
+    assert tok.decode(rewriter(tok.encode("<image>\nWhere is the dog?"))).split() == ["dog"]

@@ -67,12 +67,37 @@ def fresh_start(demo_model):
     with VllmServer(demo_model, hf_overrides=par_overrides(),
                     extra_args=SERVER_ARGS + CACHING_OFF) as server:
         metrics_at_start = par_samples(server)
-        return metrics_at_start, [ask(server, chat_messages(q, demo_image())) for q in QUESTIONS]
+        answers = [ask(server, chat_messages(q, demo_image())) for q in QUESTIONS]
+        return metrics_at_start, answers, {first: converse(server, first) for first in QUESTIONS}
 
 
 @pytest.fixture(scope="module")
 def fresh_answers(fresh_start):
     return fresh_start[1]
+
+
+LATER_TURNS = ["And the circle?", "Is the square yellow?", "What about the star?"]
+
+
+def converse(server, first_question, answers=None):
+    """A four-turn conversation about one image, each later turn asking about another part
+    of it; the assistant turns are `answers` (the cache-free server's, so that both servers
+    see the same prompts) or, where none are given, the server's own. Each turn's answer,
+    and the prefix-cache hits the turn added."""
+    messages = chat_messages(first_question, demo_image())
+    turns = []
+    for i, question in enumerate([None, *LATER_TURNS]):
+        if question is not None:
+            reply = (answers or turns)[i - 1]["text"]
+            messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": question}]
+        before = cache_hits(server)
+        turns.append({**ask(server, messages), "cache_hits": cache_hits(server) - before})
+    return turns
+
+
+def cache_hits(server) -> float:
+    lines = [line for line in server.get("/metrics").splitlines() if line.startswith("vllm:prefix_cache_hits_total")]
+    return sum(float(line.split()[-1]) for line in lines)
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +130,20 @@ def test_caches_never_hand_one_prompts_tokens_to_another(server, fresh_answers):
     metrics = server.get("/metrics")
     hits = [line for line in metrics.splitlines() if line.startswith("vllm:prefix_cache_hits_total")]
     assert hits and float(hits[0].split()[-1]) > 0, "the prefix cache was in use"
+
+
+def test_later_turns_of_a_conversation_reuse_the_prefix_cache_and_answer_as_without_it(server, fresh_start):
+    """Under the default query_turn="image" the image is scored against the question it came
+    with, so turns 2-4 find its reduced tokens (and the first turn) in the prefix cache; two
+    conversations about the same image with different first questions still never share
+    them: every turn answers as the cache-free server did."""
+    fresh = fresh_start[2]
+    for first in QUESTIONS:
+        turns = converse(server, first, answers=fresh[first])
+        for turn, cache_free in zip(turns, fresh[first]):
+            same_answer(turn, cache_free)
+            assert turn["image_tokens"] == K
+        assert all(turn["cache_hits"] >= K for turn in turns[1:]), [t["cache_hits"] for t in turns]
 
 
 def post_chat(server, body: str):
@@ -193,7 +232,7 @@ def metric(samples, name):
 
 
 def test_warm_up_and_profiling_do_not_count(fresh_start):
-    metrics_at_start, _ = fresh_start
+    metrics_at_start = fresh_start[0]
     assert all(value == 0 for value in metrics_at_start.values())
 
 

@@ -163,7 +163,7 @@ class ParMultiModalProcessor:
         request_kwargs = inputs.hf_processor_mm_kwargs
         settings = self.info.request_settings(request_kwargs)
         query = () if settings.reduces_nothing else tuple(
-            self.info.query_rewriter(inputs.prompt, settings.drop_question_type_words))
+            self.info.query_rewriter(inputs.prompt, settings.drop_question_type_words, settings.query_turn))
         kwargs = {k: v for k, v in request_kwargs.items() if not k.startswith(PREFIX)}
         kwargs[SETTINGS_KEY] = {k: v for k, v in settings.request_fields().items() if v is not None}
         kwargs[QUERY_KEY] = query
