@@ -236,11 +236,15 @@ class ParMultiModalProcessor:
     ) -> Sequence[PromptUpdate]:
         settings = self.info.resolved_settings(hf_processor_mm_kwargs)
         (full,) = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        layouts: list[Layout] = []
 
         def reduced(item_idx: int) -> list[int]:
-            # Asked only for the items mm_items holds (those not already cached).
+            # Asked only for the items mm_items holds (those not already cached), so the
+            # layouts are read on the first call, not before.
+            if not layouts:
+                layouts.extend(self._layouts(mm_items))
             placeholders = full.replacement(item_idx)
-            return placeholders[: self._layouts(mm_items)[item_idx].placeholders(settings)]
+            return placeholders[: layouts[item_idx].placeholders(settings)]
 
         return [PromptReplacement(modality=full.modality, target=full.target, replacement=reduced)]
 
