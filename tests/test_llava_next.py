@@ -4,14 +4,15 @@ nothing removed exactly vLLM's own LLaVA-NeXT."""
 
 from __future__ import annotations
 
-import gc
-
 import pytest
 import torch
 
 from par_vllm.demo import demo_image
 from par_vllm.models.base import Layout
 from par_vllm.server import par_overrides
+
+import offline_engine
+from offline_engine import close, text_tokens
 
 NEXT = "ParLlavaNextForConditionalGeneration"
 PROMPT = "USER: <image>\nWhat color is the triangle?\nASSISTANT:"
@@ -100,30 +101,11 @@ def test_reserved_rows_count_visual_tokens_only():
 
 
 def make_llm(model, overrides=None, **engine_args):
-    from vllm import LLM
-
-    return LLM(str(model), hf_overrides=overrides or {}, enforce_eager=True, dtype="float32",
-               max_model_len=8192, max_num_seqs=4, limit_mm_per_prompt={"image": 2}, seed=0, **engine_args)
-
-
-def close(llm) -> None:
-    llm.llm_engine.engine_core.shutdown()
-    gc.collect()
+    return offline_engine.make_llm(model, overrides, max_model_len=8192, **engine_args)
 
 
 def generate(llm, prompt, images, mm_kwargs=None):
-    from vllm import SamplingParams
-
-    request = {"prompt": prompt, "multi_modal_data": {"image": images}}
-    if mm_kwargs is not None:
-        request["mm_processor_kwargs"] = mm_kwargs
-    (out,) = llm.generate(request, SamplingParams(max_tokens=6, temperature=0.0, logprobs=2), use_tqdm=False)
-    return out
-
-
-def text_tokens(tokenizer, prompt):
-    ids = tokenizer.encode(prompt)
-    return len(ids) - ids.count(tokenizer.convert_tokens_to_ids("<image>"))
+    return offline_engine.generate(llm, prompt, images, mm_kwargs, logprobs=2)
 
 
 @pytest.fixture(scope="module")

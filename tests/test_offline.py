@@ -1,12 +1,12 @@
 """Offline vLLM engine (LLM.generate) with the PAR plugin: what the KV cache holds."""
 
-import gc
-
 import pytest
 
 from par_vllm import ARCHITECTURE
 from par_vllm.demo import demo_image
 from par_vllm.server import par_overrides
+
+from offline_engine import close, generate, make_llm, text_tokens
 
 pytestmark = pytest.mark.slow  # real vLLM engines
 
@@ -14,38 +14,6 @@ N = 576  # visual tokens per 336 px image at patch 14
 PROMPT = "USER: <image>\nWhat color is the triangle?\nASSISTANT:"
 QUESTION_TYPE_PROMPT = "USER: <image>\nWhat kind of shape is red?\nASSISTANT:"
 TWO_IMAGES = "USER: <image>\n<image>\nWhich shape is larger?\nASSISTANT:"
-
-
-def make_llm(model, overrides=None, **engine_args):
-    from vllm import LLM
-
-    return LLM(str(model), hf_overrides=overrides or {}, enforce_eager=True, dtype="float32",
-               max_model_len=2048, max_num_seqs=4, limit_mm_per_prompt={"image": 2},
-               seed=0, **engine_args)
-
-
-def close(llm) -> None:
-    """Stop the engine's processes now: left to the interpreter's exit, vLLM's shutdown
-    logs into streams pytest has already closed."""
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
-
-
-def generate(llm, prompt, images, mm_kwargs=None, max_tokens=6):
-    from vllm import SamplingParams
-
-    request = {"prompt": prompt, "multi_modal_data": {"image": images}}
-    if mm_kwargs is not None:
-        request["mm_processor_kwargs"] = mm_kwargs
-    (out,) = llm.generate(request, SamplingParams(max_tokens=max_tokens, temperature=0.0,
-                                                  logprobs=1), use_tqdm=False)
-    return out
-
-
-def text_tokens(tokenizer, prompt):
-    ids = tokenizer.encode(prompt)
-    return len(ids) - ids.count(tokenizer.convert_tokens_to_ids("<image>"))
 
 
 @pytest.fixture(scope="module")

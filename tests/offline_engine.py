@@ -1,0 +1,36 @@
+"""An offline vLLM engine (LLM.generate) for the engine tests: started, asked, shut down."""
+
+import gc
+
+
+def make_llm(model, overrides=None, max_model_len=2048, **engine_args):
+    from vllm import LLM
+
+    return LLM(str(model), hf_overrides=overrides or {}, enforce_eager=True, dtype="float32",
+               max_model_len=max_model_len, max_num_seqs=4, limit_mm_per_prompt={"image": 2},
+               seed=0, **engine_args)
+
+
+def close(llm) -> None:
+    """Stop the engine's processes now: left to the interpreter's exit, vLLM's shutdown
+    logs into streams pytest has already closed."""
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+def generate(llm, prompt, images, mm_kwargs=None, max_tokens=6, logprobs=1):
+    from vllm import SamplingParams
+
+    request = {"prompt": prompt, "multi_modal_data": {"image": images}}
+    if mm_kwargs is not None:
+        request["mm_processor_kwargs"] = mm_kwargs
+    (out,) = llm.generate(request, SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                                                  logprobs=logprobs), use_tqdm=False)
+    return out
+
+
+def text_tokens(tokenizer, prompt):
+    """Prompt tokens other than the image placeholders."""
+    ids = tokenizer.encode(prompt)
+    return len(ids) - ids.count(tokenizer.convert_tokens_to_ids("<image>"))
