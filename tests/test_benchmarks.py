@@ -1,5 +1,6 @@
 """The benchmark scripts stay runnable (they are measured on other machines)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -33,3 +34,13 @@ def test_serve_benchmark_times_pars_own_work(demo_model):
     work = serve.par_own_work(demo_model, 576, 64, "cpu", repeats=2)
     assert work["rewrite_s"] > 0 and set(work["reduce_s"]) == {64, 575}
     assert all(0 < s < 5 for s in work["reduce_s"].values())
+
+
+def test_par_cost_benchmark_measures_each_size_in_its_own_process(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "benchmarks.par_cost", "--sizes", "64", "256", "--dim", "16",
+                             "--repeats", "1", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "par-cost-cpu.json").read_text())["rows"]
+    assert [(r["num_visual"], r["kept"]) for r in rows] == [(64, 8), (256, 29)]  # K = ceil(0.111 N)
+    assert all(r["seconds"] > 0 and r["peak_extra_bytes"] >= 0 for r in rows)

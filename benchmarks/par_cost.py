@@ -1,0 +1,113 @@
+"""PAR's own time and peak extra memory per image, as the number of visual tokens grows.
+
+A dynamic-resolution model gives one photo thousands of visual tokens (Qwen2.5-VL: a
+3584x3584 image is over 16,000). PAR's pairwise steps (near-duplicates, density peaks,
+routing) compare tokens with each other; this measures what one image costs the plugin's
+own reduction (`par_vllm.dispatch.reduce_per_image`, default settings, K = ceil(0.111 N))
+at N = 1,024, 4,096 and 16,384 tokens of width D (Qwen2.5-VL-7B's 3,584 by default).
+
+Each N runs in a fresh process: peak extra memory is that process's peak resident set (or
+on a GPU the allocator's peak) during the reduction, less what it held before it.
+
+    python -m benchmarks.par_cost [--sizes 1024 4096 16384] [--dim 3584] [--gpu]
+Writes benchmarks/results/par-cost-{cpu,gpu}.{txt,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def measure(num_visual: int, dim: int, device: str, repeats: int) -> dict:
+    """One N, in this process: median seconds per image and peak extra bytes."""
+    import torch
+
+    from par_vllm.dispatch import reduce_per_image
+    from par_vllm.settings import ParSettings
+
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(num_visual, dim, generator=generator).to(device)
+    embed = torch.nn.Embedding(1000, dim).to(device)
+    query = torch.tensor([11, 42, 97], device=device)
+    settings = ParSettings()
+
+    def run():
+        with torch.no_grad():
+            out = reduce_per_image([features], [query], [settings], embed)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        kept = run()[0].shape[0]
+        extra = torch.cuda.max_memory_allocated() - before
+    else:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        kept = run()[0].shape[0]
+        extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return {"num_visual": num_visual, "kept": kept, "dim": dim, "seconds": statistics.median(times),
+            "peak_extra_bytes": extra, "repeats": repeats}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--dim", type=int, default=3584)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--gpu", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the results files")
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # the child process's N
+    args = parser.parse_args()
+    device = "cuda" if args.gpu else "cpu"
+    if args.one:
+        print(json.dumps(measure(args.one, args.dim, device, args.repeats)))
+        return
+
+    rows = []
+    for n in args.sizes:
+        command = [sys.executable, "-m", "benchmarks.par_cost", "--one", str(n), "--dim", str(args.dim),
+                   "--repeats", str(args.repeats), *(["--gpu"] if args.gpu else [])]
+        result = subprocess.run(command, capture_output=True, text=True, check=True)
+        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    if args.gpu:
+        import torch
+
+        where = f"GPU ({torch.cuda.get_device_name(0)})"
+    else:
+        import torch
+
+        where = f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+    lines = [f"PAR's own reduction of one image (reduce_per_image, default settings, torch reference), "
+             f"D = {args.dim}, random tokens; {where}; median of {args.repeats}",
+             f"{'N':>7} {'K':>6} {'seconds':>9} {'peak extra MiB':>15}"]
+    for row in rows:
+        lines.append(f"{row['num_visual']:>7} {row['kept']:>6} {row['seconds']:>9.3f} "
+                     f"{row['peak_extra_bytes'] / 2**20:>15.1f}")
+    report = "\n".join(lines)
+    print(report)
+    name = f"par-cost-{device if device == 'cpu' else 'gpu'}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{name}.txt").write_text(report + "\n")
+    (args.out / f"{name}.json").write_text(json.dumps({"device": where, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
