@@ -74,13 +74,15 @@ class ChatTurns:
 
         try:
             two_turns = render("user1", "assistant1", "user2")
-            with_system = render("system", "user1")
-        except Exception:  # noqa: BLE001 - a template may refuse a role; then no structure
+        except Exception:  # noqa: BLE001 - a template that cannot render a plain chat: no structure
             return None
-        # What every user message follows: at the start, after a system prompt, after a reply.
+        # What every user message follows: at the start, after a reply, after a system prompt.
         before = [two_turns.split(_PROBE["user1"])[0],
-                  with_system.split(_PROBE["user1"])[0].split(_PROBE["system"])[-1],
                   two_turns.split(_PROBE["assistant1"])[1].split(_PROBE["user2"])[0]]
+        try:
+            before.append(render("system", "user1").split(_PROBE["user1"])[0].split(_PROBE["system"])[-1])
+        except Exception:  # noqa: BLE001 - some templates refuse a system role
+            pass
         after_user = two_turns.split(_PROBE["user1"])[1].split(_PROBE["assistant1"])[0]
         at_end = two_turns.split(_PROBE["user2"])[1]
         opens = os.path.commonprefix([b[::-1] for b in before])[::-1]

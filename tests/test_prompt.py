@@ -48,6 +48,10 @@ CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ me
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 QWEN = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
         "{% endif %}" + CHATML)
+# Mistral-style: [INST] ... [/INST], and no system role at all.
+INST = ("{% for message in messages %}{% if message['role'] == 'system' %}{{ raise_exception('no system role') }}"
+        "{% elif message['role'] == 'user' %}[INST] {{ message['content'] }} [/INST]{% else %} {{ message['content'] }}"
+        "</s>{% endif %}{% endfor %}")
 TEMPLATES = {"llava": None, "chatml": CHATML, "qwen": QWEN}
 
 
@@ -117,3 +121,14 @@ def test_a_tokenizer_without_a_chat_template_has_no_turns(tokenizer):
     rewriter = QueryRewriter(tok, "<image>")
     assert rewriter.turns is None
     assert tok.decode(rewriter(tok.encode("<image>\nWhere is the dog?"))).split() == ["dog"]
+
+
+def test_a_template_without_a_system_role_still_has_its_user_turns(tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = INST
+    rewriter = QueryRewriter(tok, "<image>")
+    assert rewriter.turns is not None and rewriter.turns.opens.strip() == "[INST]"
+    assert query(rewriter, CONVERSATION[:3], "image") == ["triangle"]
+    assert query(rewriter, CONVERSATION[:3], "latest") == ["circle"]
