@@ -85,29 +85,14 @@ def make_demo_model(
 ) -> Path:
     """Save a random-weight LLaVA to out_dir and return the path."""
     import torch
-    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-
     config = LlavaConfig(
         vision_config=vision_config(image_size, patch_size, vision_hidden, num_layers),
-        text_config=LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=text_hidden,
-            intermediate_size=text_hidden * 2,
-            num_hidden_layers=num_layers,
-            # vLLM's CPU paged attention supports head_dim 64, not tiny ones.
-            num_attention_heads=text_hidden // 64,
-            num_key_value_heads=text_hidden // 64,
-            max_position_embeddings=4096,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
-        image_token_index=image_token_id,
+        text_config=tiny_text_config(tokenizer, text_hidden, num_layers, max_positions=4096),
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         vision_feature_select_strategy="default",
         vision_feature_layer=-2,
         projector_hidden_act="gelu",
@@ -117,6 +102,25 @@ def make_demo_model(
     save_llava(model, tokenizer, out, image_size, patch_size,
                 {"random_weights": True, "seed": seed})
     return out
+
+
+def tiny_text_config(tokenizer, hidden: int, layers: int, max_positions: int):
+    """A tiny Llama language model over `tokenizer`'s vocabulary."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        # vLLM's CPU paged attention supports head_dim 64, not tiny ones.
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        max_position_embeddings=max_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
 
 
 # LLaVA-NeXT's AnyRes grids (height, width): up to 2x2 tiles of 336 px, or 1x3.
@@ -129,32 +133,24 @@ def make_demo_next_model(
     vision_hidden: int = 64,
     text_hidden: int = 128,
     num_layers: int = 2,
-    initializer_range: float = 0.02,
     seed: int = 0,
 ) -> Path:
     """Save a random-weight LLaVA-NeXT (AnyRes: a 336 px base view plus up to four 336 px
     tiles, 2,928 visual tokens for a 672x672 image) to out_dir and return the path."""
     import torch
-    from transformers import LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     config = LlavaNextConfig(
         vision_config=vision_config(336, 14, vision_hidden, num_layers),
-        text_config=LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=text_hidden, intermediate_size=text_hidden * 2,
-            num_hidden_layers=num_layers, num_attention_heads=text_hidden // 64,
-            num_key_value_heads=text_hidden // 64, max_position_embeddings=8192,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, initializer_range=initializer_range,
-        ),
+        text_config=tiny_text_config(tokenizer, text_hidden, num_layers, max_positions=8192),
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         image_grid_pinpoints=NEXT_PINPOINTS,
         vision_feature_select_strategy="default",
         vision_feature_layer=-2,
         projector_hidden_act="gelu",
-        initializer_range=initializer_range,
+        initializer_range=0.02,
     )
     torch.manual_seed(seed)
     model = LlavaNextForConditionalGeneration(config).eval()
@@ -169,7 +165,6 @@ def save_llava_next(model, tokenizer, out: Path, about: dict, image_size: int = 
     import torch
     from PIL import Image
 
-    out.mkdir(parents=True, exist_ok=True)
     processor = next_processor(tokenizer)
     inputs = processor(images=Image.new("RGB", (image_size, image_size)), text=IMAGE_TOKEN, return_tensors="pt")
     with torch.no_grad():
@@ -178,12 +173,8 @@ def save_llava_next(model, tokenizer, out: Path, about: dict, image_size: int = 
             vision_feature_layer=model.config.vision_feature_layer,
             vision_feature_select_strategy=model.config.vision_feature_select_strategy).pooler_output[0]
     visual = int((features != model.model.image_newline).any(dim=-1).sum())
-    model.save_pretrained(out)
-    _rename_vision_keys_for_vllm(out)
-    processor.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    about = {**about, "family": "llava_next", "image_size": image_size, "visual_tokens_per_image": visual}
-    (out / "par_model.json").write_text(json.dumps(about, indent=2))
+    _save(model, tokenizer, processor, out,
+          {**about, "family": "llava_next", "image_size": image_size, "visual_tokens_per_image": visual})
 
 
 def next_processor(tokenizer):
@@ -214,12 +205,17 @@ def vision_config(image_size: int = 336, patch_size: int = 14, hidden: int = 64,
 
 
 def save_llava(model, tokenizer, out: Path, image_size: int, patch_size: int, about: dict) -> None:
+    _save(model, tokenizer, llava_processor(tokenizer, image_size, patch_size), out,
+          {**about, "visual_tokens_per_image": (image_size // patch_size) ** 2})
+
+
+def _save(model, tokenizer, processor, out: Path, about: dict) -> None:
+    """The checkpoint in the layout vLLM loads, and what it is in par_model.json."""
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     _rename_vision_keys_for_vllm(out)
-    llava_processor(tokenizer, image_size, patch_size).save_pretrained(out)
+    processor.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    about = {**about, "visual_tokens_per_image": (image_size // patch_size) ** 2}
     (out / "par_model.json").write_text(json.dumps(about, indent=2))
 
 
