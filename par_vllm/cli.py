@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import FAMILIES, par_architecture
 from .server import par_overrides
-from .settings import CHOICES, FIELD_TYPES, PREFIX, ParSettingError, ParSettings, extra
+from .settings import CHOICES, FIELD_TYPES, GROUPS, PREFIX, ParSettingError, ParSettings, extra
 
 # Environment the server reads that decides what it exposes (docs/operating.md);
 # `serve --dry-run` shows those that are set.
@@ -87,6 +87,39 @@ def setting_keys(args: argparse.Namespace, environ: dict[str, str] | None = None
         if value is not None:
             keys[PREFIX + name] = _parse(name, value) if isinstance(value, str) else value
     return keys, ParSettings.from_keys(keys)
+
+
+def reference_markdown() -> str:
+    """docs/settings.md: every setting, grouped, from the declarations above."""
+    lines = ["# PAR settings", "",
+             "Generated from `par_vllm/settings.py` by `par-vllm settings --markdown > docs/settings.md`.",
+             "A server default is a `par_` key in `--hf-overrides`, a `par-vllm serve` flag, or a",
+             "`PAR_*` variable of `par-vllm serve` and the Docker image; a request sets the same key",
+             "in `mm_processor_kwargs` (with `--trust-request-mm-kwargs`; see docs/operating.md).", ""]
+    for group, title in GROUPS.items():
+        lines += [f"## {title}", "", "| key | default | flag / variable | meaning |", "| --- | --- | --- | --- |"]
+        for name, field in ParSettings.model_fields.items():
+            if extra(name)["group"] != group:
+                continue
+            kind = FIELD_TYPES[name]
+            choices = " (" + " \\| ".join(f"`{c}`" for c in kind) + ")" if name in CHOICES else ""
+            default = "none" if field.default is None else f"`{json.dumps(ParSettings().to_keys()[PREFIX + name])}`"
+            note = f" **Experimental** ({extra(name)['experimental']}): see below." if extra(name)["experimental"] else ""
+            flags = " ".join(f"`{flag}`" for flag in flag_names(name))
+            lines.append(f"| `{PREFIX}{name}` | {default} | {flags} `{env_name(name)}` | "
+                         f"{field.description}{choices}{note} |")
+        lines.append("")
+    lines += ["## Experimental", "",
+              "Kept for comparisons, not recommended: on the accuracy benchmark's model (trained here,",
+              "docs/accuracy.md) neither measurably gained anything over the defaults.", "",
+              "- `par_centre_relevance` 0.5, 1 and 2: on 300 training-split questions, between 2 answers",
+              "  fewer and 1 more than the default at 25 / 11 / 6% of the tokens, measured before",
+              "  `par_min_retrieved=2` became the default",
+              "  (`benchmarks/results/par-ablation-vqa-v4-train-seed1-variants.txt`, rows cr05, cr1, cr2).",
+              "- `par_centres=farthest_point`: on the same 300 questions, 298 / 298 / 292 right against the",
+              "  default's 298 / 295 / 291 at 25 / 11 / 6% (3 and 1 answers ahead, p 0.25 and 1.0)",
+              "  (`benchmarks/results/par-ablation-vqa-v4-train-seed1-min-retrieved-fps.txt`).", ""]
+    return "\n".join(lines)
 
 
 def checkpoint_architectures(model: str) -> list[str]:
@@ -194,8 +227,6 @@ def main(argv: list[str] | None = None) -> None:
 
         print(run_explain(args.model, args.image, args.prompt, args.out, settings))
     elif args.command == "settings":
-        from .settings import reference_markdown
-
         if args.markdown:
             print(reference_markdown())
         else:

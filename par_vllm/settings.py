@@ -13,7 +13,6 @@ config); a request overrides them with the same keys in vLLM's per-request
 
 from __future__ import annotations
 
-import json
 import math
 import types
 import typing
@@ -246,38 +245,3 @@ def settings_from_hf_config(hf_config: object) -> ParSettings:
     """Server defaults: the `par_*` attributes that `--hf-overrides` put on the HF config."""
     keys = {k: v for k, v in vars(hf_config).items() if k.startswith(PREFIX)}
     return ParSettings.from_keys(keys)
-
-
-def reference_markdown() -> str:
-    """docs/settings.md: every setting, grouped, from the declarations above."""
-    from .cli import env_name, flag_names
-
-    lines = ["# PAR settings", "",
-             "Generated from `par_vllm/settings.py` by `par-vllm settings --markdown > docs/settings.md`.",
-             "A server default is a `par_` key in `--hf-overrides`, a `par-vllm serve` flag, or a",
-             "`PAR_*` variable of `par-vllm serve` and the Docker image; a request sets the same key",
-             "in `mm_processor_kwargs` (with `--trust-request-mm-kwargs`; see docs/operating.md).", ""]
-    for group, title in GROUPS.items():
-        lines += [f"## {title}", "", "| key | default | flag / variable | meaning |", "| --- | --- | --- | --- |"]
-        for name, field in ParSettings.model_fields.items():
-            if extra(name)["group"] != group:
-                continue
-            kind = FIELD_TYPES[name]
-            choices = " (" + " \\| ".join(f"`{c}`" for c in kind) + ")" if name in CHOICES else ""
-            default = "none" if field.default is None else f"`{json.dumps(ParSettings().to_keys()[PREFIX + name])}`"
-            note = f" **Experimental** ({extra(name)['experimental']}): see below." if extra(name)["experimental"] else ""
-            flags = " ".join(f"`{flag}`" for flag in flag_names(name))
-            lines.append(f"| `{PREFIX}{name}` | {default} | {flags} `{env_name(name)}` | "
-                         f"{field.description}{choices}{note} |")
-        lines.append("")
-    lines += ["## Experimental", "",
-              "Kept for comparisons, not recommended: on the accuracy benchmark's model (trained here,",
-              "docs/accuracy.md) neither measurably gained anything over the defaults.", "",
-              "- `par_centre_relevance` 0.5, 1 and 2: on 300 training-split questions, between 2 answers",
-              "  fewer and 1 more than the default at 25 / 11 / 6% of the tokens, measured before",
-              "  `par_min_retrieved=2` became the default",
-              "  (`benchmarks/results/par-ablation-vqa-v4-train-seed1-variants.txt`, rows cr05, cr1, cr2).",
-              "- `par_centres=farthest_point`: on the same 300 questions, 298 / 298 / 292 right against the",
-              "  default's 298 / 295 / 291 at 25 / 11 / 6% (3 and 1 answers ahead, p 0.25 and 1.0)",
-              "  (`benchmarks/results/par-ablation-vqa-v4-train-seed1-min-retrieved-fps.txt`).", ""]
-    return "\n".join(lines)

@@ -206,7 +206,7 @@ def test_docker_entrypoint_fetches_only_from_allowed_domains_and_follows_no_redi
 
 def test_every_setting_is_in_the_reference_and_the_reference_is_current():
     from par_vllm.cli import env_name
-    from par_vllm.settings import reference_markdown
+    from par_vllm.cli import reference_markdown
 
     reference = (DEPLOY.parent / "docs/settings.md").read_text()
     assert reference.strip() == reference_markdown().strip(), "run: par-vllm settings --markdown > docs/settings.md"
