@@ -260,9 +260,7 @@ def server(demo_model, tmp_path_factory):
         yield server
 
 
-def test_the_server_runs_the_entrypoints_safe_defaults(server):
-    log = server.log_path.read_text(errors="replace")
-    assert "--trust-request-mm-kwargs" in log or json.loads(server.get("/v1/par/config"))["per_request_overrides"]
+def test_the_server_runs_par_with_per_request_settings_on(server):
     config = json.loads(server.get("/v1/par/config"))
     assert config["par_active"] and config["per_request_overrides"]
 
