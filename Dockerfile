@@ -6,8 +6,10 @@ FROM vllm/vllm-openai:v0.33.0
 COPY setup.py README.md /opt/par-vllm/
 COPY par_vllm /opt/par-vllm/par_vllm
 COPY kernels /opt/par-vllm/kernels
-# --no-deps: the image already has vllm, torch, triton, pydantic and prometheus-client.
-RUN python3 -m pip install --no-cache-dir --no-deps /opt/par-vllm
+# --no-deps: the image already has vllm, torch, triton, pydantic and prometheus-client;
+# the word lists and segmenters are the only dependencies it lacks.
+RUN python3 -m pip install --no-cache-dir stopwordsiso==0.7.1 jieba==0.42.1 tinysegmenter==0.4 \
+ && python3 -m pip install --no-cache-dir --no-deps /opt/par-vllm
 
 COPY deploy/docker-entrypoint.sh /usr/local/bin/par-vllm-entrypoint
 RUN chmod +x /usr/local/bin/par-vllm-entrypoint

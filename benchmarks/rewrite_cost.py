@@ -1,0 +1,98 @@
+"""What the prompt rewrite costs per request: from a chat prompt's token ids to the query
+ids PAR scores the image against (`par_vllm.prompt.QueryRewriter`: decode, find the user
+turns, drop function words, segment Chinese and Japanese, encode), in each language it
+covers and for long conversations.
+
+    python -m benchmarks.rewrite_cost [--model DIR]
+`--model`: a checkpoint whose tokenizer and chat template to use (default: the tiny demo
+model's, built here). Writes benchmarks/results/rewrite-cost-cpu.{txt,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import write_results
+
+RESULTS = Path(__file__).parent / "results"
+
+QUESTIONS = {
+    "English": "What color is the triangle on the left? Answer with one word.",
+    "Spanish": "¿De qué color es el triángulo de la izquierda? Responde con una palabra.",
+    "French": "De quelle couleur est le triangle à gauche dans l'image ? Réponds en un mot.",
+    "German": "Welche Farbe hat das Dreieck links auf dem Bild? Antworte mit einem Wort.",
+    "Chinese": "左边的三角形是什么颜色？请用一个词回答。",
+    "Japanese": "左にある三角形は何色ですか？一言で答えてください。",
+    "Russian (kept whole)": "Какого цвета треугольник слева? Ответьте одним словом.",
+}
+SYSTEM = ("You are a careful visual assistant. Look at the whole image before you answer, say "
+          "when you are unsure, and keep answers short unless the user asks for detail.")
+
+
+def conversation(turns: int, image_token: str) -> list[dict]:
+    messages = [{"role": "system", "content": SYSTEM}]
+    for turn in range(turns):
+        question = QUESTIONS["English"] if turn == 0 else f"And what about the shape in corner number {turn}?"
+        messages.append({"role": "user", "content": f"{image_token}\n{question}" if turn == 0 else question})
+        if turn < turns - 1:
+            messages.append({"role": "assistant", "content": "It is a red triangle, next to a blue circle."})
+    return messages
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, help="checkpoint whose tokenizer to use")
+    parser.add_argument("--repeats", type=int, default=2000)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    from transformers import AutoTokenizer
+
+    from par_vllm.demo_model import IMAGE_TOKEN, make_demo_model
+    from par_vllm.prompt import QueryRewriter
+
+    if args.model:
+        model, model_words = args.model, str(args.model)
+    else:
+        model, model_words = Path(make_demo_model(tempfile.mkdtemp())), "the tiny demo model (tokenizer built here)"
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    start = time.perf_counter()
+    rewriter = QueryRewriter(tokenizer, IMAGE_TOKEN)
+    set_up = time.perf_counter() - start
+
+    cases = {f"{name}, one turn": [{"role": "user", "content": f"{IMAGE_TOKEN}\n{q}"}] for name, q in QUESTIONS.items()}
+    cases |= {f"English, system prompt + {n} turns": conversation(n, IMAGE_TOKEN) for n in (4, 16)}
+    rows = []
+    for name, messages in cases.items():
+        ids = tokenizer.encode(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                               add_special_tokens=False)
+        for _ in range(20):
+            query = rewriter(ids)
+        times = []
+        for _ in range(args.repeats):
+            begin = time.perf_counter()
+            rewriter(ids)
+            times.append(time.perf_counter() - begin)
+        times.sort()
+        rows.append({"prompt": name, "prompt_tokens": len(ids), "query_words": tokenizer.decode(query).split(),
+                     "median_ms": 1e3 * statistics.median(times), "p99_ms": 1e3 * times[int(0.99 * len(times))]})
+
+    where = f"{platform.processor() or platform.machine()}, one thread of Python"
+    lines = [f"Prompt rewrite per request (QueryRewriter), {model_words}; {where}; {args.repeats} runs each.",
+             f"Set-up once per server (stop lists, jieba's dictionary): {set_up:.2f} s.",
+             "", f"{'prompt':<34} {'tokens':>6} {'median ms':>10} {'p99 ms':>8}  query"]
+    for row in rows:
+        lines.append(f"{row['prompt']:<34} {row['prompt_tokens']:>6} {row['median_ms']:>10.3f} {row['p99_ms']:>8.3f}  "
+                     f"{' '.join(row['query_words'])}")
+    text = "\n".join(lines)
+    print(text)
+    write_results(args.out / "rewrite-cost-cpu", text, {"model": model_words, "set_up_seconds": set_up, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""Content words: what is left of a user's text once its function words are gone.
+
+PAR scores an image against the words that say what to look at. Function words ("the",
+"是", "の") and words about the request itself ("image", "answer") match every image
+alike, so they go. Languages covered: English, Spanish, French, German (Latin script,
+told apart by which language's stop words a sentence uses most), Chinese (segmented by
+jieba) and Japanese (any kana in the text; segmented by TinySegmenter). Stop words come
+from stopwords-iso. Words in any other script are kept: an unknown language loses
+nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+import stopwordsiso
+
+LATIN_LANGUAGES = ("en", "es", "fr", "de")
+LANGUAGES = (*LATIN_LANGUAGES, "zh", "ja")
+
+# Nouns that name the kind of answer asked for, not the thing to look at: in "what color
+# is the triangle?" the triangle is where the answer is, while "color" is close to every
+# coloured patch alike and, under max-over-words relevance, can outscore the word that
+# picks the object out (the measurement: docs/how-it-works.md). Dropped unless the
+# `drop_question_type_words` setting is off.
+QUESTION_TYPE_WORDS = {
+    "en": "color colour colors colours shape shapes kind kinds type types sort",
+    "es": "color colores forma formas tipo tipos clase clases",
+    "fr": "couleur couleurs forme formes type types sorte sortes genre",
+    "de": "farbe farben form formen art arten sorte sorten typ typen",
+    "zh": "颜色 顏色 形状 種類 种类 类型 類型 什么颜色 什么形状",
+    "ja": "色 何色 形 図形 形状 種類 タイプ どんな",
+}
+# Words about the request rather than the image (every patch is part of "the image").
+REQUEST_WORDS = {
+    "en": "image images picture pictures photo photos photograph answer question word words single",
+    "es": "imagen imágenes foto fotos fotografía respuesta responde responda pregunta palabra palabras",
+    "fr": "image images photo photos réponse réponds répondez question mot mots",
+    "de": "bild bilder foto fotos antwort antworte antworten frage wort wörter",
+    "zh": "图片 圖片 图像 圖像 照片 图 圖 回答 问题 問題 词 詞 请 請",
+    "ja": "画像 写真 絵 答え 回答 質問 単語 一言 ください",
+}
+
+_WORD = re.compile(r"[^\W_]+(?:['-][^\W_]+)*")
+# Han (with 々 and ー, which join Japanese words) and kana: scripts written without spaces.
+_CJK = re.compile(r"[\u3005\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
+_KANA = re.compile(r"[\u3040-\u30ff]")
+_HIRAGANA = re.compile(r"[\u3040-\u309f]+")
+_PARTS = re.compile(r"['-]")
+_SENTENCE_END = re.compile(r"[.!?;:\n。！？；：]+")
+# French elision: l'image, d'un, qu'est-ce.
+_ELIDED = re.compile(r"^(?:c|d|j|l|m|n|s|t|qu|jusqu|lorsqu|puisqu)'(?=\w)", re.IGNORECASE)
+
+
+@lru_cache(maxsize=None)
+def function_words(language: str) -> frozenset[str]:
+    """stopwords-iso's list for `language`."""
+    return frozenset(stopwordsiso.stopwords(language))
+
+
+@lru_cache(maxsize=None)
+def stop_words(language: str, drop_question_type: bool = True) -> frozenset[str]:
+    """Everything dropped from `language` text."""
+    words = function_words(language) | set(REQUEST_WORDS[language].split())
+    if drop_question_type:
+        words |= set(QUESTION_TYPE_WORDS[language].split())
+    return frozenset(words)
+
+
+@lru_cache(maxsize=1)
+def _jieba():
+    import logging
+    import warnings
+
+    with warnings.catch_warnings():  # jieba imports pkg_resources where it exists, which warns
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import jieba
+
+    jieba.setLogLevel(logging.WARNING)
+    tokenizer = jieba.Tokenizer()
+    tokenizer.initialize()
+    return tokenizer
+
+
+@lru_cache(maxsize=1)
+def _tiny_segmenter():
+    import tinysegmenter
+
+    return tinysegmenter.TinySegmenter()
+
+
+def warm_up() -> None:
+    """Load the segmenters' dictionaries now (jieba's takes about a second), so no request
+    waits for them."""
+    _jieba()
+    _tiny_segmenter()
+    for language in LANGUAGES:
+        stop_words(language)
+
+
+def _is_latin(word: str) -> bool:
+    return all(ch < "\u0250" for ch in word)
+
+
+def latin_language(words: list[str], default: str = "en") -> str:
+    """The Latin-script language whose stop words `words` use most; `default` on a tie."""
+    lowered = [part for w in words for part in _PARTS.split(w.lower())]
+    hits = {lang: sum(w in function_words(lang) for w in lowered) for lang in LATIN_LANGUAGES}
+    best = max(hits.values())
+    return default if hits.get(default, 0) == best else max(LATIN_LANGUAGES, key=hits.__getitem__)
+
+
+def _only_function_kana(token: str, stops: frozenset[str]) -> bool:
+    """A hiragana token that is nothing but stop words run together ("ますか" is ます + か):
+    TinySegmenter leaves some such runs whole."""
+    if not _HIRAGANA.fullmatch(token):
+        return False
+    ends = {0}
+    for end in range(1, len(token) + 1):
+        if any(start in ends and token[start:end] in stops for start in range(end)):
+            ends.add(end)
+    return len(token) in ends
+
+
+_KANJI = re.compile(r"[\u3005\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
+_KATAKANA = re.compile(r"[\u30a0-\u30ff]+")
+
+
+def _japanese_tokens(run: str) -> list[str]:
+    """TinySegmenter's tokens, with the compounds it splits joined again: adjacent tokens
+    all in kanji (三 + 角形) or all in katakana are one word. "ください" (please) goes
+    first, as TinySegmenter cuts it mid-word."""
+    tokens: list[str] = []
+    for token in _tiny_segmenter().tokenize(run.replace("ください", " ")):
+        token = token.strip()
+        if not token:
+            continue
+        if tokens and any(script.fullmatch(token) and script.fullmatch(tokens[-1]) for script in (_KANJI, _KATAKANA)):
+            tokens[-1] += token
+        else:
+            tokens.append(token)
+    return tokens
+
+
+def _cjk_words(run: str, japanese: bool, drop_question_type: bool) -> list[str]:
+    if japanese:
+        stops = stop_words("ja", drop_question_type)
+        # A lone kana is never a word on its own: a particle or a fragment of one.
+        return [t for t in _japanese_tokens(run) if t not in stops and not _only_function_kana(t, stops)
+                and not (len(t) == 1 and _KANA.match(t))]
+    stops = stop_words("zh", drop_question_type)
+    return [t for t in _jieba().lcut(run) if t.strip() and t not in stops]
+
+
+def content_words(text: str, drop_question_type: bool = True) -> list[str]:
+    """The content words of `text`, in order."""
+    text = text.replace("\u2019", "'")
+    japanese = bool(_KANA.search(text))
+    sentences = [s for s in _SENTENCE_END.split(text) if s.strip()]
+    words_by_sentence = [_WORD.findall(_CJK.sub(" ", s)) for s in sentences]
+    prompt_language = latin_language([w for ws in words_by_sentence for w in ws if _is_latin(w)])
+    kept: list[str] = []
+    for sentence, words in zip(sentences, words_by_sentence):
+        latin = [w for w in words if _is_latin(w)]
+        language = latin_language(latin, default=prompt_language)
+        stops = stop_words(language, drop_question_type)
+        # Walk the sentence in order: CJK runs and the words between them.
+        at = 0
+        for match in [*_CJK.finditer(sentence), None]:
+            between = sentence[at:match.start() if match else len(sentence)]
+            for word in _WORD.findall(between):
+                if not _is_latin(word):
+                    kept.append(word)  # a script with no stop list here: keep it
+                    continue
+                # "c'est", "qu'est-ce": dropped when every part is a stop word.
+                if not all(part in stops for part in _PARTS.split(word.lower())):
+                    kept.append(_ELIDED.sub("", word) if language == "fr" else word)
+            if match:
+                kept.extend(_cjk_words(match.group(), japanese, drop_question_type))
+                at = match.end()
+    return [w for w in kept if _WORD.fullmatch(w)]
