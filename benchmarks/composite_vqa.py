@@ -138,6 +138,23 @@ def make_composites(split: str, count: int, *, grid: int = 3, seed: int = 0) -> 
     return out
 
 
+def other_questions(composite: Composite, rng: random.Random) -> list[tuple[int, str, str]]:
+    """(tile index, question, answer) about every other tile that an attribute no other
+    tile shares names (so its answer is defined), in raster order, the colour-named
+    question first where a tile has both."""
+    colors = [t.color for t in composite.tiles]
+    shapes = [t.shape for t in composite.tiles]
+    out = []
+    for i, tile in enumerate(composite.tiles):
+        if i == composite.target:
+            continue
+        if colors.count(tile.color) == 1:
+            out.append((i, rng.choice(SHAPE_QUESTIONS).format(color=tile.color), tile.shape))
+        if shapes.count(tile.shape) == 1:
+            out.append((i, rng.choice(COLOR_QUESTIONS).format(shape=tile.shape), tile.color))
+    return out
+
+
 def chat_prompt(tokenizer, question: str) -> str:
     """The prompt a chat request for this question becomes: vLLM puts the image
     placeholder before the text for string-content chat templates."""

@@ -44,13 +44,12 @@ import torch.nn.functional as F
 
 from benchmarks.common import smollm_llava
 from benchmarks.composite_vqa import (
-    COLOR_QUESTIONS,
     COLORS,
-    SHAPE_QUESTIONS,
     SHAPES,
     TILE_PX,
     Composite,
     make_composites,
+    other_questions,
 )
 from par_vllm.demo_model import IMAGE_TOKEN, llava_processor, save_llava, vision_config
 from par_vllm.prompt import QueryRewriter
@@ -68,16 +67,7 @@ def build(grid: int, patch: int, hidden: int, layers: int, seed: int):
 def conversation(composite: Composite, rng: random.Random, turns: int) -> list[tuple[str, str]]:
     """The composite's own question plus up to turns - 1 more about other tiles, each
     naming its tile by an attribute no other tile shares (so every answer is defined)."""
-    colors = [t.color for t in composite.tiles]
-    shapes = [t.shape for t in composite.tiles]
-    extra = []
-    for i, tile in enumerate(composite.tiles):
-        if i == composite.target:
-            continue
-        if colors.count(tile.color) == 1:
-            extra.append((rng.choice(SHAPE_QUESTIONS).format(color=tile.color), tile.shape))
-        if shapes.count(tile.shape) == 1:
-            extra.append((rng.choice(COLOR_QUESTIONS).format(shape=tile.shape), tile.color))
+    extra = [(question, answer) for _, question, answer in other_questions(composite, rng)]
     chosen = rng.sample(extra, min(turns - 1, len(extra))) + [(composite.question, composite.answer)]
     rng.shuffle(chosen)
     return chosen
