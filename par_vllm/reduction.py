@@ -73,7 +73,7 @@ def saliency(visual_n: torch.Tensor) -> torch.Tensor:
     """Prompt-agnostic score for image-only requests: how far a token is from the image's
     mean token. Distinctive tokens become retrieval outliers; density peaks cover the rest."""
     mean = F.normalize(visual_n.mean(dim=1, keepdim=True), dim=-1)
-    return 1.0 - (visual_n * mean).sum(-1)
+    return 1.0 - (visual_n @ mean.transpose(1, 2)).squeeze(-1)
 
 
 def relevance(
@@ -119,15 +119,24 @@ def retrieve(
     return retrieved.scatter(1, top, outlier.gather(1, top))
 
 
-def token_space(visual: torch.Tensor, visual_n: torch.Tensor, similarity: str) -> torch.Tensor:
+def token_space(visual: torch.Tensor, visual_n: torch.Tensor | None, similarity: str) -> torch.Tensor:
     """Unit rows in which visual tokens are compared with each other: the tokens themselves
-    ("cosine"), or the tokens minus their image's mean token ("centred")."""
+    ("cosine"; `visual_n` where the caller has them), or the tokens minus their image's mean
+    token ("centred"). Normalised a block of rows at a time, so a large image never holds
+    more than one float32 copy."""
     if similarity == "cosine":
-        return visual_n
+        return visual_n if visual_n is not None else _unit_rows(visual, None)
     if similarity == "centred":
-        visual = visual.float()
-        return F.normalize(visual - visual.mean(dim=1, keepdim=True), dim=-1)
+        return _unit_rows(visual, visual.float().mean(dim=1, keepdim=True))
     raise ValueError(f"similarity must be 'cosine' or 'centred', got {similarity!r}")
+
+
+def _unit_rows(visual: torch.Tensor, mean: torch.Tensor | None, block: int = 1024) -> torch.Tensor:
+    out = torch.empty(visual.shape, dtype=torch.float32, device=visual.device)
+    for start in range(0, visual.shape[1], block):
+        rows = visual[:, start:start + block].float()
+        out[:, start:start + block] = F.normalize(rows if mean is None else rows - mean, dim=-1)
+    return out
 
 
 def near_duplicates(sim: torch.Tensor, retrieved: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -253,16 +262,22 @@ def route(
 
 
 def merge(
-    visual: torch.Tensor, weight: torch.Tensor, kept: torch.Tensor, assignment: torch.Tensor
+    visual: torch.Tensor, weight: torch.Tensor, kept: torch.Tensor, assignment: torch.Tensor,
+    block: int | None = None,
 ) -> torch.Tensor:
     """Each kept token becomes the weighted mean of itself and the tokens routed to it.
-    Weights are positive, so every output is a convex combination of its members."""
+    Weights are positive, so every output is a convex combination of its members. `block`:
+    rows summed at a time (all of them by default)."""
     batch, num_visual, dim = visual.shape
     num_kept = kept.shape[1]
     w = weight.float()
-    sums = visual.new_zeros(batch, num_kept, dim, dtype=torch.float32).scatter_add_(
-        1, assignment[..., None].expand(batch, num_visual, dim), visual.float() * w[..., None]
-    )
+    sums = visual.new_zeros(batch, num_kept, dim, dtype=torch.float32)
+    block = block or num_visual
+    for start in range(0, num_visual, block):
+        rows = slice(start, start + block)
+        members_of = assignment[:, rows]
+        sums.scatter_add_(1, members_of[..., None].expand(*members_of.shape, dim),
+                          visual[:, rows].float() * w[:, rows, None])
     totals = w.new_zeros(batch, num_kept).scatter_add_(1, assignment, w)
     members = torch.zeros_like(totals).scatter_add_(1, assignment, torch.ones_like(w))
     merged = (sums / totals[..., None]).to(visual.dtype)
@@ -297,7 +312,7 @@ def par_reduce(
         )
 
     kernels = use_kernels(visual, settings.backend)
-    visual_n = F.normalize(visual.float(), dim=-1)
+    visual_n = _unit_rows(visual, None)
     query_n = F.normalize(query.float(), dim=-1)
     if kernels:
         from .kernels import relevance_topk
@@ -307,12 +322,14 @@ def par_reduce(
         rel = torch.where(prompt_aware[:, None], rel, saliency(visual_n))
     else:
         rel, prompt_aware = relevance(visual_n, query_n, query_mask, settings.relevance)
+    if settings.similarity != "cosine":
+        visual_n = None  # not needed again: one float32 copy of a large image at a time
     return reduce_by_relevance(visual, visual_n, rel, prompt_aware, num_kept, settings, kernels)
 
 
 def reduce_by_relevance(
     visual: torch.Tensor,
-    visual_n: torch.Tensor,
+    visual_n: torch.Tensor | None,
     rel: torch.Tensor,
     prompt_aware: torch.Tensor,
     num_kept: int,
@@ -322,8 +339,14 @@ def reduce_by_relevance(
     """PAR's steps 2-5 (retrieval, clustering, routing, merge) for a given relevance B x N.
 
     par_reduce feeds it the prompt relevance; diagnostics feed it others (an oracle) to
-    tell a relevance failure from a retrieval or routing failure."""
+    tell a relevance failure from a retrieval or routing failure. Images of more than
+    blocked.FULL_MATRIX_MAX tokens take the same steps in row blocks (par_vllm/blocked.py)."""
     separate = settings.routing == "separate"
+    from . import blocked  # it builds on this module's steps
+
+    if visual.shape[1] > blocked.FULL_MATRIX_MAX:
+        compared_n = token_space(visual, visual_n, settings.similarity)
+        return blocked.reduce_blocked(visual, compared_n, rel, prompt_aware, num_kept, settings)
     # Separate routing sends everything that is not a near-duplicate of a retrieved token
     # to a cluster centre, so it leaves room for one: with every kept token retrieved, the
     # rest of the image would have to merge into them after all.
@@ -350,3 +373,4 @@ def reduce_by_relevance(
         assignment = route(sim, kept, retrieved, duplicates, separate)
         tokens = merge(visual, weight, kept, assignment)
     return Reduction(tokens, kept, assignment, retrieved, prompt_aware)
+

@@ -1,0 +1,58 @@
+"""The blocked path (par_vllm/blocked.py) gives the reference's answer: the same kept
+tokens, retrieval and routing; merged tokens equal up to float rounding (a matrix library
+may round a small block's products differently in the last bit)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from par_vllm import blocked
+from par_vllm.reduction import reduce_by_relevance, relevance, token_space
+from par_vllm.settings import ParSettings
+
+
+def clustered(num_visual: int, dim: int, seed: int) -> torch.Tensor:
+    """Tokens around a few centres, some repeated exactly (ties in every distance and density)."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(12, dim, generator=generator)
+    owner = torch.randint(0, 12, (num_visual,), generator=generator)
+    visual = centres[owner] + 0.3 * torch.randn(num_visual, dim, generator=generator)
+    repeats = torch.randint(0, num_visual, (num_visual // 10,), generator=generator)
+    visual[repeats[1::2]] = visual[repeats[::2]]
+    return visual
+
+
+@pytest.mark.parametrize("num_visual, num_kept", [(300, 33), (700, 78), (700, 5)])
+@pytest.mark.parametrize("settings", [
+    {}, {"similarity": "cosine"}, {"routing": "nearest"}, {"centres": "farthest_point"},
+    {"centre_relevance": 0.0, "min_retrieved": 0}, {"knn_k": 1}, {"duplicate_threshold": 0.5},
+], ids=str)
+@pytest.mark.parametrize("with_query", [True, False])
+def test_blocked_equals_the_reference(monkeypatch, num_visual, num_kept, settings, with_query):
+    # Few listed neighbours and small blocks: many tokens need their whole row again.
+    monkeypatch.setattr(blocked, "NEIGHBOURS", 4)
+    settings = ParSettings(**settings)
+    visual = torch.stack([clustered(num_visual, 64, seed) for seed in (0, 1)])
+    query = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(5))
+    mask = torch.tensor([[True, True, False], [True, False, False]]) & with_query
+    visual_n = F.normalize(visual, dim=-1)
+    rel, aware = relevance(visual_n, F.normalize(query, dim=-1), mask, settings.relevance)
+    reference = reduce_by_relevance(visual, visual_n, rel, aware, num_kept, settings)
+    compared_n = token_space(visual, visual_n, settings.similarity)
+    for block in (64, 256):
+        out = blocked.reduce_blocked(visual, compared_n, rel, aware, num_kept, settings, block)
+        assert torch.equal(out.kept_indices, reference.kept_indices)
+        assert torch.equal(out.retrieved, reference.retrieved)
+        assert torch.equal(out.assignment, reference.assignment)
+        assert torch.equal(out.tokens, reference.tokens)
+
+
+def test_large_images_take_the_blocked_path(monkeypatch):
+    calls = []
+    monkeypatch.setattr(blocked, "FULL_MATRIX_MAX", 100)
+    monkeypatch.setattr(blocked, "reduce_blocked", lambda *args: calls.append(1) or (_ for _ in ()).throw(RuntimeError))
+    visual = clustered(101, 16, 0)[None]
+    rel, aware = relevance(F.normalize(visual, dim=-1), torch.zeros(1, 0, 16), torch.zeros(1, 0, dtype=torch.bool), "max")
+    with pytest.raises(RuntimeError):
+        reduce_by_relevance(visual, None, rel, aware, 10, ParSettings())
+    assert calls
