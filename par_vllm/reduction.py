@@ -20,6 +20,9 @@ import torch.nn.functional as F
 
 from .settings import ParSettingError, ParSettings
 
+# Images of more visual tokens take par_vllm/blocked.py's path, which holds no N x N matrix.
+FULL_MATRIX_MAX = 2048
+
 
 @dataclass
 class Reduction:
@@ -322,8 +325,8 @@ def par_reduce(
         rel = torch.where(prompt_aware[:, None], rel, saliency(visual_n))
     else:
         rel, prompt_aware = relevance(visual_n, query_n, query_mask, settings.relevance)
-    if settings.similarity != "cosine":
-        visual_n = None  # not needed again: one float32 copy of a large image at a time
+    if visual.shape[1] > FULL_MATRIX_MAX:
+        visual_n = None  # the blocked path works from the features: no N x D copy held
     return reduce_by_relevance(visual, visual_n, rel, prompt_aware, num_kept, settings, kernels)
 
 
@@ -340,13 +343,12 @@ def reduce_by_relevance(
 
     par_reduce feeds it the prompt relevance; diagnostics feed it others (an oracle) to
     tell a relevance failure from a retrieval or routing failure. Images of more than
-    blocked.FULL_MATRIX_MAX tokens take the same steps in row blocks (par_vllm/blocked.py)."""
+    FULL_MATRIX_MAX tokens take the same steps a tile at a time (par_vllm/blocked.py)."""
     separate = settings.routing == "separate"
-    from . import blocked  # it builds on this module's steps
+    if visual.shape[1] > FULL_MATRIX_MAX:
+        from .blocked import reduce_blocked  # built on this module's steps
 
-    if visual.shape[1] > blocked.FULL_MATRIX_MAX:
-        compared_n = token_space(visual, visual_n, settings.similarity)
-        return blocked.reduce_blocked(visual, compared_n, rel, prompt_aware, num_kept, settings)
+        return reduce_blocked(visual, rel, prompt_aware, num_kept, settings)
     # Separate routing sends everything that is not a near-duplicate of a retrieved token
     # to a cluster centre, so it leaves room for one: with every kept token retrieved, the
     # rest of the image would have to merge into them after all.

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from par_vllm import blocked
-from par_vllm.reduction import reduce_by_relevance, relevance, token_space
+from par_vllm import blocked, reduction
+from par_vllm.reduction import reduce_by_relevance, relevance
 from par_vllm.settings import ParSettings
 
 
@@ -38,9 +38,8 @@ def test_blocked_equals_the_reference(monkeypatch, num_visual, num_kept, setting
     visual_n = F.normalize(visual, dim=-1)
     rel, aware = relevance(visual_n, F.normalize(query, dim=-1), mask, settings.relevance)
     reference = reduce_by_relevance(visual, visual_n, rel, aware, num_kept, settings)
-    compared_n = token_space(visual, visual_n, settings.similarity)
     for block in (64, 256):
-        out = blocked.reduce_blocked(visual, compared_n, rel, aware, num_kept, settings, block)
+        out = blocked.reduce_blocked(visual, rel, aware, num_kept, settings, block)
         assert torch.equal(out.kept_indices, reference.kept_indices)
         assert torch.equal(out.retrieved, reference.retrieved)
         assert torch.equal(out.assignment, reference.assignment)
@@ -49,7 +48,7 @@ def test_blocked_equals_the_reference(monkeypatch, num_visual, num_kept, setting
 
 def test_large_images_take_the_blocked_path(monkeypatch):
     calls = []
-    monkeypatch.setattr(blocked, "FULL_MATRIX_MAX", 100)
+    monkeypatch.setattr(reduction, "FULL_MATRIX_MAX", 100)
     monkeypatch.setattr(blocked, "reduce_blocked", lambda *args: calls.append(1) or (_ for _ in ()).throw(RuntimeError))
     visual = clustered(101, 16, 0)[None]
     rel, aware = relevance(F.normalize(visual, dim=-1), torch.zeros(1, 0, 16), torch.zeros(1, 0, dtype=torch.bool), "max")
