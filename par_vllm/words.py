@@ -11,10 +11,13 @@ nothing.
 
 from __future__ import annotations
 
+import logging
 import re
 from functools import lru_cache
 
 import stopwordsiso
+
+logger = logging.getLogger("vllm.plugins." + __name__)
 
 LATIN_LANGUAGES = ("en", "es", "fr", "de")
 LANGUAGES = (*LATIN_LANGUAGES, "zh", "ja")
@@ -154,7 +157,16 @@ def _cjk_words(run: str, japanese: bool, drop_question_type: bool) -> list[str]:
 
 
 def content_words(text: str, drop_question_type: bool = True) -> list[str]:
-    """The content words of `text`, in order."""
+    """The content words of `text`, in order. Never fails a request: should a segmenter
+    raise, every word is kept (logged)."""
+    try:
+        return _content_words(text, drop_question_type)
+    except Exception:  # noqa: BLE001 - third-party segmenters on arbitrary user text
+        logger.warning("PAR: content words could not be found; scoring against every word", exc_info=True)
+        return _WORD.findall(text)
+
+
+def _content_words(text: str, drop_question_type: bool) -> list[str]:
     text = text.replace("\u2019", "'")
     japanese = bool(_KANA.search(text))
     sentences = [s for s in _SENTENCE_END.split(text) if s.strip()]

@@ -69,3 +69,14 @@ def test_the_accuracy_benchmarks_queries_are_its_subject_words():
     for template in SHAPE_QUESTIONS:
         for color in COLORS:
             assert content_words(template.format(color=color)) == [color]
+
+
+def test_a_failing_segmenter_keeps_every_word_instead_of_failing_the_request(monkeypatch):
+    from par_vllm import words
+
+    class Broken:
+        def tokenize(self, text):
+            raise RuntimeError("segmenter bug")
+
+    monkeypatch.setattr(words, "_tiny_segmenter", lambda: Broken())
+    assert content_words("この赤い丸は何ですか？") == ["この赤い丸は何ですか"]
