@@ -2,9 +2,11 @@
 
 A dynamic-resolution model gives one photo thousands of visual tokens (Qwen2.5-VL: a
 3584x3584 image is over 16,000). PAR's pairwise steps (near-duplicates, density peaks,
-routing) compare tokens with each other; this measures what one image costs the plugin's
-own reduction (`par_vllm.dispatch.reduce_per_image`, default settings, K = ceil(0.111 N))
-at N = 1,024, 4,096 and 16,384 tokens of width D (Qwen2.5-VL-7B's 3,584 by default).
+routing) compare tokens with each other: through N x N matrices up to
+`par_vllm.reduction.FULL_MATRIX_MAX` tokens, a tile at a time above (par_vllm/blocked.py).
+This measures what one image costs the plugin's own reduction
+(`par_vllm.dispatch.reduce_per_image`, default settings, K = ceil(0.111 N)) at N = 1,024,
+4,096 and 16,384 tokens of width D (Qwen2.5-VL-7B's 3,584 by default).
 
 Each N runs in a fresh process: peak extra memory is that process's peak resident set (or
 on a GPU the allocator's peak) during the reduction, less what it held before it.
@@ -63,7 +65,10 @@ def measure(num_visual: int, dim: int, device: str, repeats: int) -> dict:
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
+    from par_vllm.reduction import FULL_MATRIX_MAX
+
     return {"num_visual": num_visual, "kept": kept, "dim": dim, "seconds": statistics.median(times),
+            "path": "tiles" if num_visual > FULL_MATRIX_MAX else "N x N",
             "peak_extra_bytes": extra, "repeats": repeats}
 
 
@@ -97,9 +102,9 @@ def main() -> None:
         where = f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
     lines = [f"PAR's own reduction of one image (reduce_per_image, default settings, torch reference), "
              f"D = {args.dim}, random tokens; {where}; median of {args.repeats}",
-             f"{'N':>7} {'K':>6} {'seconds':>9} {'peak extra MiB':>15}"]
+             f"{'N':>7} {'K':>6} {'path':>6} {'seconds':>9} {'peak extra MiB':>15}"]
     for row in rows:
-        lines.append(f"{row['num_visual']:>7} {row['kept']:>6} {row['seconds']:>9.3f} "
+        lines.append(f"{row['num_visual']:>7} {row['kept']:>6} {row['path']:>6} {row['seconds']:>9.3f} "
                      f"{row['peak_extra_bytes'] / 2**20:>15.1f}")
     report = "\n".join(lines)
     print(report)

@@ -73,7 +73,6 @@ def stop_words(language: str, drop_question_type: bool = True) -> frozenset[str]
 
 @lru_cache(maxsize=1)
 def _jieba():
-    import logging
     import warnings
 
     with warnings.catch_warnings():  # jieba imports pkg_resources where it exists, which warns
@@ -119,9 +118,10 @@ def _only_function_kana(token: str, stops: frozenset[str]) -> bool:
     TinySegmenter leaves some such runs whole."""
     if not _HIRAGANA.fullmatch(token):
         return False
+    longest = max(map(len, stops))
     ends = {0}
     for end in range(1, len(token) + 1):
-        if any(start in ends and token[start:end] in stops for start in range(end)):
+        if any(start in ends and token[start:end] in stops for start in range(max(0, end - longest), end)):
             ends.add(end)
     return len(token) in ends
 
@@ -146,14 +146,21 @@ def _japanese_tokens(run: str) -> list[str]:
     return tokens
 
 
+# Segmenters see a run of unspaced text this many characters at a time: jieba's unknown-word
+# model is superlinear on one long run of unknown characters, and a word cut at a piece's
+# edge costs the query little.
+SEGMENT_CHARS = 200
+
+
 def _cjk_words(run: str, japanese: bool, drop_question_type: bool) -> list[str]:
+    pieces = [run[i:i + SEGMENT_CHARS] for i in range(0, len(run), SEGMENT_CHARS)]
     if japanese:
         stops = stop_words("ja", drop_question_type)
         # A lone kana is never a word on its own: a particle or a fragment of one.
-        return [t for t in _japanese_tokens(run) if t not in stops and not _only_function_kana(t, stops)
-                and not (len(t) == 1 and _KANA.match(t))]
+        return [t for piece in pieces for t in _japanese_tokens(piece)
+                if t not in stops and not _only_function_kana(t, stops) and not (len(t) == 1 and _KANA.match(t))]
     stops = stop_words("zh", drop_question_type)
-    return [t for t in _jieba().lcut(run) if t.strip() and t not in stops]
+    return [t for piece in pieces for t in _jieba().lcut(piece) if t.strip() and t not in stops]
 
 
 def content_words(text: str, drop_question_type: bool = True) -> list[str]:

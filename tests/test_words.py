@@ -80,3 +80,4 @@ def test_a_failing_segmenter_keeps_every_word_instead_of_failing_the_request(mon
 
     monkeypatch.setattr(words, "_tiny_segmenter", lambda: Broken())
     assert content_words("この赤い丸は何ですか？") == ["この赤い丸は何ですか"]
+
