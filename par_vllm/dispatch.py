@@ -52,7 +52,8 @@ def reduce_per_image(
             groups.setdefault((feature.shape, num_kept, setting), []).append(i)
 
     for (_, num_kept, setting), members in groups.items():
-        visual = torch.stack([features[i] for i in members])
+        # One image needs no stacked copy: a large one's features are hundreds of MB.
+        visual = features[members[0]][None] if len(members) == 1 else torch.stack([features[i] for i in members])
         ids = [query_ids[i].to(visual.device) for i in members]
         lengths = [len(q) for q in ids]
         query = visual.new_zeros(len(members), max(lengths), visual.shape[-1])
