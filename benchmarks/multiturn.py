@@ -15,7 +15,7 @@ the GPU default is 16).
 
 Per server and turn: accuracy, TTFT (streamed, at concurrency 1), prompt tokens and the
 share of them vLLM found in its prefix cache (`cached_tokens`). Writes
-benchmarks/results/multiturn-<model>-<keep ratio>.{txt,json}.
+benchmarks/results/multiturn-<model>.{txt,json}.
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def main() -> None:
                      f"cache hits {statistics.mean(r['cache_hit_rate'] for r in later):.1%}")
     text = "\n".join(lines)
     print(text)
-    write_results(args.out / f"multiturn-{args.model.name}-{args.keep_ratio:g}", text,
+    write_results(args.out / f"multiturn-{args.model.name}", text,
                   {"model": about, "args": {k: str(v) for k, v in vars(args).items()}, "summary": summary,
                    "answers": {name: [[r["text"] for r in c] for c in conv] for name, conv in results.items()}})
 

@@ -74,11 +74,11 @@ class QueryRewriter:
     """Turns a tokenized chat prompt into the token ids of the content words its images are
     scored against.
 
-    `turn` says which user words: "image", those of the user turns that carry an image (in
-    a conversation about one image, the words that came with it, so its reduced tokens do
-    not change as the conversation goes on and the prefix cache is reused), or "latest",
-    the last user turn (the image follows the conversation, at the price of a new prefill
-    every turn). A prompt the template's markers do not structure (a raw completion
+    `turn` says which user words: "latest", the last user turn (the image follows the
+    conversation, at the price of a new prefill every turn), or "image", those of the user
+    turns that carry an image (in a conversation about one image, the words that came with
+    it, so its reduced tokens do not change as the conversation goes on and the prefix
+    cache is reused). A prompt the template's markers do not structure (a raw completion
     prompt) is one user turn."""
 
     def __init__(self, tokenizer, image_token: str):
@@ -88,7 +88,7 @@ class QueryRewriter:
         self._special = [t for t in tokenizer.all_special_tokens if t]
         warm_up()
 
-    def __call__(self, prompt_ids: list[int], drop_question_type: bool = True, turn: str = "image") -> list[int]:
+    def __call__(self, prompt_ids: list[int], drop_question_type: bool = True, turn: str = "latest") -> list[int]:
         text = self.tokenizer.decode(prompt_ids, skip_special_tokens=False)
         spans = self.turns.user_turns(text) if self.turns else []
         users = [text[start:end] for start, end in spans] or [text]

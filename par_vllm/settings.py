@@ -89,11 +89,12 @@ class ParSettings(BaseModel):
     relevance: Annotated[Literal["max", "mean"], setting(
         "How a visual token's similarities to the prompt's words reduce to one relevance.")] = "max"
     query_turn: Annotated[Literal["image", "latest"], setting(
-        "Which user words of a conversation the images are scored against: image, those of "
-        "the user turns that carry an image (a conversation's later turns leave the reduced "
-        "image unchanged, so vLLM's prefix cache is reused); latest, the last user turn (the "
-        "image follows the conversation, with a new prefill every turn). System prompts and "
-        "assistant turns never count.")] = "image"
+        "Which user words of a conversation the images are scored against: latest, the last "
+        "user turn (the image follows the conversation, with a new prefill of the reduced "
+        "image every turn); image, those of the user turns that carry an image (later turns "
+        "leave the reduced image unchanged, so vLLM's prefix cache is reused, but a later "
+        "question about another part of the image finds less of it kept). System prompts and "
+        "assistant turns never count.")] = "latest"
     drop_question_type_words: Annotated[bool, setting(
         "Prompt rewriting also drops the words that name the kind of answer asked for "
         "(color, shape, kind, type, ...), which match every patch with a colour or a shape, so "

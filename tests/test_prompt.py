@@ -40,7 +40,7 @@ def rewriter(request, tokenizer):
     return QueryRewriter(tok, "<image>")
 
 
-def query(rewriter, messages, turn="image"):
+def query(rewriter, messages, turn="latest"):
     ids = rewriter.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     words = rewriter.tokenizer.decode(rewriter(rewriter.tokenizer.encode(ids), turn=turn))
     return words.split()

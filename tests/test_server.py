@@ -79,11 +79,11 @@ def fresh_answers(fresh_start):
 LATER_TURNS = ["And the circle?", "Is the square yellow?", "What about the star?"]
 
 
-def converse(server, first_question, answers=None):
+def converse(server, first_question, answers=None, rule="image"):
     """A four-turn conversation about one image, each later turn asking about another part
-    of it; the assistant turns are `answers` (the cache-free server's, so that both servers
-    see the same prompts) or, where none are given, the server's own. Each turn's answer,
-    and the prefix-cache hits the turn added."""
+    of it, under `par_query_turn=rule` (None: the server's default); the assistant turns are `answers` (the cache-free
+    server's, so that both servers see the same prompts) or, where none are given, the
+    server's own. Each turn's answer, and the prefix-cache hits the turn added."""
     messages = chat_messages(first_question, demo_image())
     turns = []
     for i, question in enumerate([None, *LATER_TURNS]):
@@ -91,7 +91,8 @@ def converse(server, first_question, answers=None):
             reply = (answers or turns)[i - 1]["text"]
             messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": question}]
         before = cache_hits(server)
-        turns.append({**ask(server, messages), "cache_hits": cache_hits(server) - before})
+        turns.append({**ask(server, messages, **({"mm_processor_kwargs": {"par_query_turn": rule}} if rule else {})),
+                      "cache_hits": cache_hits(server) - before})
     return turns
 
 
@@ -133,7 +134,7 @@ def test_caches_never_hand_one_prompts_tokens_to_another(server, fresh_answers):
 
 
 def test_later_turns_of_a_conversation_reuse_the_prefix_cache_and_answer_as_without_it(server, fresh_start):
-    """Under the default query_turn="image" the image is scored against the question it came
+    """Under query_turn="image" the image is scored against the question it came
     with, so turns 2-4 find its reduced tokens (and the first turn) in the prefix cache; two
     conversations about the same image with different first questions still never share
     them: every turn answers as the cache-free server did."""
@@ -144,6 +145,14 @@ def test_later_turns_of_a_conversation_reuse_the_prefix_cache_and_answer_as_with
             same_answer(turn, cache_free)
             assert turn["image_tokens"] == K
         assert all(turn["cache_hits"] >= K for turn in turns[1:]), [t["cache_hits"] for t in turns]
+
+
+def test_by_default_each_turn_scores_the_image_against_the_latest_question(server):
+    # The default (query_turn="latest") reduces the image again for every new question, so
+    # no later turn finds the image's reduced tokens in the prefix cache.
+    turns = converse(server, QUESTIONS[0], rule=None)
+    assert all(turn["image_tokens"] == K for turn in turns)
+    assert all(turn["cache_hits"] < K for turn in turns[1:]), [t["cache_hits"] for t in turns]
 
 
 def post_chat(server, body: str):
