@@ -27,7 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .reduction import Reduction, merge, prompt_weight, retrieve, select_kept
+from .reduction import Reduction, merge, prompt_weight, relevance, retrieve, select_kept
 from .settings import ParSettings
 
 # Rows (and columns) of similarities computed at a time.
@@ -230,3 +230,18 @@ def reduce_blocked(visual: torch.Tensor, rel: torch.Tensor, prompt_aware: torch.
     assignment = torch.stack([route(spaces[b], kept[b], retrieved[b], duplicates[b], separate) for b in images])
     tokens = merge(visual, torch.exp(rel), kept, assignment, block)
     return Reduction(tokens, kept, assignment, retrieved, prompt_aware)
+
+
+def relevance_blocked(visual: torch.Tensor, query_n: torch.Tensor, query_mask: torch.Tensor, reduce: str,
+                      block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """reduction.relevance for B x N x D features, normalised a block of rows at a time, so
+    no N x D copy is held. Equal to the reference up to float rounding: the image's mean
+    unit token is summed by blocks."""
+    block = 4 * (block or BLOCK)
+    num_visual = visual.shape[1]
+    total = sum(F.normalize(visual[:, rows].float(), dim=-1).sum(dim=1, keepdim=True)
+                for rows in _blocks(num_visual, block))
+    mean = F.normalize(total / num_visual, dim=-1)
+    parts = [relevance(F.normalize(visual[:, rows].float(), dim=-1), query_n, query_mask, reduce, mean)
+             for rows in _blocks(num_visual, block)]
+    return torch.cat([rel for rel, _ in parts], dim=1), parts[0][1]

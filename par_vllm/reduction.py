@@ -72,21 +72,25 @@ def _stable_desc_order(score: torch.Tensor) -> torch.Tensor:
     return torch.argsort(score, dim=-1, descending=True, stable=True)
 
 
-def saliency(visual_n: torch.Tensor) -> torch.Tensor:
+def saliency(visual_n: torch.Tensor, mean: torch.Tensor | None = None) -> torch.Tensor:
     """Prompt-agnostic score for image-only requests: how far a token is from the image's
-    mean token. Distinctive tokens become retrieval outliers; density peaks cover the rest."""
-    mean = F.normalize(visual_n.mean(dim=1, keepdim=True), dim=-1)
+    mean token (B x 1 x D, unit; computed from `visual_n` unless given). Distinctive tokens
+    become retrieval outliers; density peaks cover the rest."""
+    if mean is None:
+        mean = F.normalize(visual_n.mean(dim=1, keepdim=True), dim=-1)
     return 1.0 - (visual_n @ mean.transpose(1, 2)).squeeze(-1)
 
 
 def relevance(
-    visual_n: torch.Tensor, query_n: torch.Tensor, query_mask: torch.Tensor, reduce: str
+    visual_n: torch.Tensor, query_n: torch.Tensor, query_mask: torch.Tensor, reduce: str,
+    mean: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """r_i = max (or mean) over prompt tokens j of cos(v_i, q_j); saliency where T = 0.
+    """r_i = max (or mean) over prompt tokens j of cos(v_i, q_j); saliency (against `mean`,
+    see saliency) where T = 0.
 
     Returns (relevance B x N, prompt_aware B)."""
     has_query = query_mask.any(dim=-1)
-    fallback = saliency(visual_n)
+    fallback = saliency(visual_n, mean)
     if query_n.shape[1] == 0:
         return fallback, has_query
     sim = visual_n @ query_n.transpose(1, 2)  # B x N x T
@@ -315,8 +319,13 @@ def par_reduce(
         )
 
     kernels = use_kernels(visual, settings.backend)
-    visual_n = _unit_rows(visual, None)
     query_n = F.normalize(query.float(), dim=-1)
+    if visual.shape[1] > FULL_MATRIX_MAX and not kernels:
+        from .blocked import relevance_blocked  # no N x D copy of a large image
+
+        rel, prompt_aware = relevance_blocked(visual, query_n, query_mask, settings.relevance)
+        return reduce_by_relevance(visual, None, rel, prompt_aware, num_kept, settings)
+    visual_n = _unit_rows(visual, None)
     if kernels:
         from .kernels import relevance_topk
 

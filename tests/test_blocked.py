@@ -55,3 +55,29 @@ def test_large_images_take_the_blocked_path(monkeypatch):
     with pytest.raises(RuntimeError):
         reduce_by_relevance(visual, None, rel, aware, 10, ParSettings())
     assert calls
+
+
+@pytest.mark.parametrize("reduce", ["max", "mean"])
+@pytest.mark.parametrize("with_query", [True, False])
+def test_blocked_relevance_matches_the_reference(reduce, with_query):
+    visual = torch.stack([clustered(700, 64, seed) for seed in (0, 1)])
+    query = F.normalize(torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(5)), dim=-1)
+    mask = torch.tensor([[True, True, False], [True, False, False]]) & with_query
+    reference, aware = relevance(F.normalize(visual, dim=-1), query, mask, reduce)
+    rel, blocked_aware = blocked.relevance_blocked(visual, query, mask, reduce, block=64)
+    assert torch.equal(aware, blocked_aware)
+    torch.testing.assert_close(rel, reference, rtol=0, atol=1e-6)
+
+
+def test_par_reduce_on_a_large_image_keeps_what_the_reference_keeps(monkeypatch):
+    from par_vllm.reduction import par_reduce
+
+    visual = torch.stack([clustered(700, 64, seed) for seed in (0, 1)])
+    query = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(5))
+    mask = torch.tensor([[True, True, False], [False, False, False]])
+    reference = par_reduce(visual, query, mask, 78, ParSettings())
+    monkeypatch.setattr(reduction, "FULL_MATRIX_MAX", 100)
+    large = par_reduce(visual, query, mask, 78, ParSettings())
+    assert torch.equal(large.kept_indices, reference.kept_indices)
+    assert torch.equal(large.assignment, reference.assignment)
+    torch.testing.assert_close(large.tokens, reference.tokens)
