@@ -110,8 +110,10 @@ def main() -> None:
     args = parser.parse_args()
 
     about = model_about(args.model)
-    chats = conversations(args.conversations, args.seed)
-    warm_up = conversations(args.conversations + 2, args.seed)[-2:]
+    # Two more than measured, the last two to warm the servers up (the measured ones are
+    # the first `conversations` either way).
+    chats = conversations(args.conversations + 2, args.seed)
+    chats, warm_up = chats[:-2], chats[-2:]
     servers = {
         "stock vLLM": VllmServer(args.model, extra_args=SERVER_ARGS),
         **{f"PAR, query_turn={rule}": VllmServer(

@@ -27,7 +27,15 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .reduction import Reduction, merge, prompt_weight, relevance, retrieve, select_kept
+from .reduction import (
+    Reduction,
+    merge,
+    prompt_weight,
+    relevance,
+    retrieve,
+    select_kept,
+    unit_rows,
+)
 from .settings import ParSettings
 
 # Rows (and columns) of similarities computed at a time.
@@ -59,8 +67,7 @@ class Space:
         self.size = visual.shape[0]
 
     def units(self, index) -> torch.Tensor:
-        rows = self.visual[index].float()
-        return F.normalize(rows if self.mean is None else rows - self.mean, dim=-1)
+        return unit_rows(self.visual[index], self.mean)
 
     def row_tiles(self, rows: torch.Tensor):
         """(column slice, similarities of `rows` to those columns) over every column tile."""
@@ -206,8 +213,6 @@ def reduce_blocked(visual: torch.Tensor, rel: torch.Tensor, prompt_aware: torch.
     are the reference's too."""
     block = block or BLOCK
     images = range(visual.shape[0])
-    if settings.similarity not in ("centred", "cosine"):
-        raise ValueError(f"similarity must be 'cosine' or 'centred', got {settings.similarity!r}")
     mean = visual.float().mean(dim=1, keepdim=True) if settings.similarity == "centred" else [None] * len(images)
     spaces = [Space(visual[b], mean[b], block) for b in images]
     separate = settings.routing == "separate"
@@ -239,9 +244,8 @@ def relevance_blocked(visual: torch.Tensor, query_n: torch.Tensor, query_mask: t
     unit token is summed by blocks."""
     block = 4 * (block or BLOCK)
     num_visual = visual.shape[1]
-    total = sum(F.normalize(visual[:, rows].float(), dim=-1).sum(dim=1, keepdim=True)
-                for rows in _blocks(num_visual, block))
+    total = sum(unit_rows(visual[:, rows]).sum(dim=1, keepdim=True) for rows in _blocks(num_visual, block))
     mean = F.normalize(total / num_visual, dim=-1)
-    parts = [relevance(F.normalize(visual[:, rows].float(), dim=-1), query_n, query_mask, reduce, mean)
+    parts = [relevance(unit_rows(visual[:, rows]), query_n, query_mask, reduce, mean)
              for rows in _blocks(num_visual, block)]
     return torch.cat([rel for rel, _ in parts], dim=1), parts[0][1]

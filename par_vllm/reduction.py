@@ -138,11 +138,17 @@ def token_space(visual: torch.Tensor, visual_n: torch.Tensor | None, similarity:
     raise ValueError(f"similarity must be 'cosine' or 'centred', got {similarity!r}")
 
 
+def unit_rows(rows: torch.Tensor, mean: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows in float32, less `mean` where given, scaled to unit length: the token space's
+    rows, whichever rows and however many are asked for."""
+    rows = rows.float()
+    return F.normalize(rows if mean is None else rows - mean, dim=-1)
+
+
 def _unit_rows(visual: torch.Tensor, mean: torch.Tensor | None, block: int = 1024) -> torch.Tensor:
     out = torch.empty(visual.shape, dtype=torch.float32, device=visual.device)
     for start in range(0, visual.shape[1], block):
-        rows = visual[:, start:start + block].float()
-        out[:, start:start + block] = F.normalize(rows if mean is None else rows - mean, dim=-1)
+        out[:, start:start + block] = unit_rows(visual[:, start:start + block], mean)
     return out
 
 
