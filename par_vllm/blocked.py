@@ -233,8 +233,9 @@ def reduce_blocked(visual: torch.Tensor, rel: torch.Tensor, prompt_aware: torch.
         peaks = (density * delta).masked_fill(~candidates, 0.0) * steer
     kept = select_kept(rel, retrieved, duplicates, peaks, num_kept)
     assignment = torch.stack([route(spaces[b], kept[b], retrieved[b], duplicates[b], separate) for b in images])
-    tokens = merge(visual, torch.exp(rel), kept, assignment, block)
-    return Reduction(tokens, kept, assignment, retrieved, prompt_aware)
+    weight = torch.exp(rel)
+    tokens = merge(visual, weight, kept, assignment, block)
+    return Reduction(tokens, kept, assignment, retrieved, prompt_aware, weight)
 
 
 def relevance_blocked(visual: torch.Tensor, query_n: torch.Tensor, query_mask: torch.Tensor, reduce: str,

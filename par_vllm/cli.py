@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from . import FAMILIES, par_architecture
-from .server import par_overrides
+from .server import par_engine_args, par_overrides
 from .settings import CHOICES, FIELD_TYPES, GROUPS, PREFIX, ParSettingError, ParSettings, extra
 
 # Environment the server reads that decides what it exposes (docs/operating.md);
@@ -144,7 +144,8 @@ def serve_command(
                                     checkpoint_architectures(args.model))
     overrides = {**par_overrides(architecture=architecture), **keys}
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-               "--model", args.model, "--hf-overrides", json.dumps(overrides), *vllm_args]
+               "--model", args.model, "--hf-overrides", json.dumps(overrides), *par_engine_args(architecture),
+               *vllm_args]
     env = dict(os.environ)
     if args.par_api:
         names = [n for n in env.get("VLLM_PLUGINS", "").split(",") if n]

@@ -9,7 +9,7 @@ import logging
 import torch
 
 from .baselines import reduce_with
-from .reduction import Reduction, par_reduce, use_kernels
+from .reduction import Reduction, merge, par_reduce, use_kernels
 from .settings import ParSettings
 
 # Under vLLM's "vllm" logger, whose handler and level vLLM configures (no import of vLLM here).
@@ -33,27 +33,35 @@ def reduce_per_image(
     embed_tokens,
     on_batch=None,
     on_kernel_failure=None,
-) -> list[torch.Tensor]:
+    score_dims: int | None = None,
+    with_kept: bool = False,
+) -> list[torch.Tensor] | list[tuple[torch.Tensor, torch.Tensor]]:
     """What the model executor calls: one N_i x D tensor per image (possibly from
     different requests, each with its own prompt and settings) to one K_i x D each.
+
+    `score_dims`: PAR scores, clusters and routes on the first score_dims columns only;
+    the others (Qwen3-VL's deepstack features) follow the same selection and merge.
+    `with_kept`: return (rows, kept indices) pairs, the indices (ascending) of each output
+    row's representative token.
 
     Images with the same N and settings are reduced as one batch; prompts are embedded
     with `embed_tokens` (the LLM's own input embedding table) in one call; each batch
     reduced is reported as `on_batch(images, implementation)`. Should the kernels fail on
     a batch, that batch is reduced again by the torch reference and `on_kernel_failure(error)`
     is called: an exception here would stop the engine, and every request in it."""
-    out: list[torch.Tensor | None] = [None] * len(features)
+    out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(features)
     groups: dict[tuple, list[int]] = {}
     for i, (feature, setting) in enumerate(zip(features, settings)):
         num_kept = setting.num_kept(feature.shape[0])
         if num_kept >= feature.shape[0]:
-            out[i] = feature
+            out[i] = (feature, torch.arange(feature.shape[0], device=feature.device))
         else:
             groups.setdefault((feature.shape, num_kept, setting), []).append(i)
 
     for (_, num_kept, setting), members in groups.items():
         # One image needs no stacked copy: a large one's features are hundreds of MB.
-        visual = features[members[0]][None] if len(members) == 1 else torch.stack([features[i] for i in members])
+        rows = features[members[0]][None] if len(members) == 1 else torch.stack([features[i] for i in members])
+        visual, carried = (rows, None) if score_dims is None else (rows[..., :score_dims], rows[..., score_dims:])
         ids = [query_ids[i].to(visual.device) for i in members]
         lengths = [len(q) for q in ids]
         query = visual.new_zeros(len(members), max(lengths), visual.shape[-1])
@@ -77,6 +85,18 @@ def reduce_per_image(
             reduced = par_reduce(visual, query, query_mask, num_kept, setting.model_copy(update={"backend": "torch"}))
         if on_batch is not None:
             on_batch(len(members), "triton" if kernels else "torch")
+        tokens = reduced.tokens if carried is None else torch.cat([reduced.tokens, carry(reduced, carried)], dim=-1)
         for row, i in enumerate(members):
-            out[i] = reduced.tokens[row]
-    return out
+            out[i] = (tokens[row], reduced.kept_indices[row])
+    return out if with_kept else [rows for rows, _ in out]
+
+
+def carry(reduced: Reduction, columns: torch.Tensor) -> torch.Tensor:
+    """B x N x E columns that were not scored, reduced as the scored ones were: each output
+    row's the weighted mean of the rows merged into it (uniform where the method gave no
+    weights), or its kept token's where nothing was merged."""
+    if bool((reduced.assignment < 0).any()):  # a pruning baseline: kept rows only
+        return columns.gather(1, reduced.kept_indices[..., None].expand(-1, -1, columns.shape[-1]))
+    weight = reduced.weight if reduced.weight is not None else torch.ones(reduced.assignment.shape,
+                                                                         device=columns.device)
+    return merge(columns, weight, reduced.kept_indices, reduced.assignment)

@@ -73,3 +73,137 @@ def declares_positions(hf_config: object) -> bool:
     from vllm.transformers_utils.config import uses_mrope
 
     return uses_mrope(hf_config)
+
+
+# Qwen-VL: true (t, h, w) positions.
+#
+# Qwen2.5-VL and Qwen3-VL place an image's tokens on its grid: the token at merged row h,
+# column w sits at (base, base + h, base + w), where base is one past the text before it,
+# and the text after the image starts at base + max(H, W). Which tokens PAR keeps is known
+# only once the image is encoded, after vLLM has asked the model for the prompt's
+# positions, so they are written in two steps:
+# - up front (`reduced_prompt_positions`): everything but the kept tokens, exactly as the
+#   family's own code places the unreduced prompt (text after a reduced image starts where
+#   it would unreduced); the kept tokens get provisional positions;
+# - when the kept tokens reach the language model (vLLM's multimodal-pruning interface,
+#   `recompute_mrope_positions`): each row the model emits carries its own grid offset in
+#   POSITION_COLUMNS extra columns, and `place_rows` writes base + offset at the prompt
+#   index the row fills, or leaves the position as written where the row says so (an
+#   image that was not reduced, kept tokens at consecutive positions, a video).
+# The position of a row therefore depends only on the row and on the text before its
+# image, not on how the prompt was split into prefill chunks.
+
+# Columns appended to each row: [recompute, t_hi, t_lo, h_hi, h_lo, w_hi, w_lo]. Offsets
+# travel as two base-256 digits so that bfloat16 rows carry them exactly.
+POSITION_COLUMNS = 7
+_DIGIT = 256
+
+
+def position_columns(offsets: torch.Tensor | None, num_rows: int, like: torch.Tensor) -> torch.Tensor:
+    """The columns appended to `num_rows` rows of `like`'s dtype and device: grid offsets
+    (rows x 3: t, h, w, relative to the image's first position) for rows to be placed,
+    or None for rows whose up-front positions stand."""
+    columns = torch.zeros(num_rows, POSITION_COLUMNS, dtype=like.dtype, device=like.device)
+    if offsets is None:
+        return columns
+    offsets = offsets.to(like.device)
+    if offsets.numel() and int(offsets.max()) >= _DIGIT * _DIGIT:
+        raise ValueError("grid offsets above 65,535 cannot travel in the rows")
+    columns[:, 0] = 1
+    columns[:, 1::2] = (offsets // _DIGIT).to(like.dtype)
+    columns[:, 2::2] = (offsets % _DIGIT).to(like.dtype)
+    return columns
+
+
+def grid_offsets(height: int, width: int) -> torch.Tensor:
+    """(t, h, w) offsets of an image's H x W merged tokens in raster order (H*W x 3)."""
+    h, w = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    return torch.stack([torch.zeros(height * width, dtype=torch.long), h.reshape(-1), w.reshape(-1)], dim=1)
+
+
+def place_rows(
+    input_ids: Sequence[int] | torch.Tensor,
+    rows: Sequence[torch.Tensor],
+    positions: torch.Tensor,
+    num_computed_tokens: int,
+    placeholder_ids: Sequence[int],
+) -> tuple[list[torch.Tensor], torch.Tensor, int]:
+    """The rows without their POSITION_COLUMNS, the prompt's positions (3 x T) with every
+    row that asks for it placed, and vLLM's position delta.
+
+    `rows` are the multimodal rows of this prefill step in prompt order; they fill the
+    prompt's placeholder tokens (`placeholder_ids`) from the first one at or after
+    `num_computed_tokens` on, whatever the chunk boundaries. A row's base is one past the
+    highest position of the token before its run of placeholders."""
+    device = positions.device
+    ids = input_ids.to(device) if isinstance(input_ids, torch.Tensor) else torch.tensor(list(input_ids), device=device)
+    stripped = [row[:, :-POSITION_COLUMNS] for row in rows]
+    columns = torch.cat([row[:, -POSITION_COLUMNS:] for row in rows]) if rows else None
+    positions = positions.clone()
+    if columns is not None and len(columns):
+        is_placeholder = torch.isin(ids, torch.tensor(list(placeholder_ids), device=device))
+        indices = torch.nonzero(is_placeholder).flatten()
+        targets = indices[indices >= num_computed_tokens][: len(columns)]
+        if len(targets) != len(columns):
+            raise ValueError(f"{len(columns)} multimodal rows for {len(targets)} placeholders after "
+                             f"token {num_computed_tokens}")
+        placed = columns[:, 0].to(device) > 0.5
+        if bool(placed.any()):
+            targets = targets[placed]
+            digits = columns[placed, 1:].to(device).round().long()
+            offsets = digits[:, 0::2] * _DIGIT + digits[:, 1::2]  # rows x 3
+            # Start of each target's run of placeholders: the last non-placeholder before it, + 1.
+            index = torch.arange(len(ids), device=device)
+            last_text = torch.where(is_placeholder, torch.full_like(index, -1), index).cummax(0).values
+            run_start = last_text[targets] + 1
+            before = positions[:, (run_start - 1).clamp(min=0)].max(dim=0).values + 1
+            base = torch.where(run_start > 0, before, torch.zeros_like(before))
+            positions[:, targets] = (base[:, None] + offsets).T.to(positions.dtype)
+    delta = int(positions.max()) + 1 - len(ids)
+    return stripped, positions, delta
+
+
+def reduced_prompt_positions(
+    input_tokens: Sequence[int],
+    images: Sequence[tuple[int, int, int, bool]],
+    unreduced_positions,
+) -> tuple[torch.Tensor, int]:
+    """Up-front positions (3 x T) and delta of a prompt with reduced images, from the
+    family's own code for the unreduced prompt.
+
+    `images`: (placeholder offset, K placeholders, N full tokens, span) of each image
+    whose K is below N, in prompt order. `unreduced_positions(tokens, expansions)` is the
+    family's placement of the prompt with each of these images' K placeholders expanded
+    back to N (`expansions`: (offset in the expanded prompt, N)). Text, unreduced images
+    and videos take exactly the positions they have there; a span image's K tokens get
+    provisional ones (place_rows writes the real ones); a consecutive image's K tokens sit
+    at K consecutive positions from the image's first, and everything after it moves up
+    by what the image no longer spans."""
+    tokens = list(input_tokens)
+    expanded: list[int] = []
+    expansions = []
+    at = 0
+    for offset, kept, full, _ in images:
+        expanded += tokens[at:offset]
+        expansions.append((len(expanded), full))
+        expanded += [tokens[offset]] * full
+        at = offset + kept
+    expanded += tokens[at:]
+    full_positions, _ = unreduced_positions(expanded, expansions)
+    full_positions = torch.as_tensor(full_positions, dtype=torch.long)
+
+    pieces, at, shift = [], 0, 0
+    for (offset, kept, full, span), (full_offset, _) in zip(images, expansions):
+        text_from = full_offset - (offset - at)
+        pieces.append(full_positions[:, text_from:full_offset] - shift)
+        image = full_positions[:, full_offset:full_offset + full]
+        if span:
+            pieces.append(image[:, :kept] - shift)
+        else:
+            base = int(image[0, 0]) - shift
+            pieces.append(torch.arange(base, base + kept).expand(MROPE_ROWS, -1))
+            shift += int(image.max()) + 1 - (int(image[0, 0]) + kept)
+        at = offset + kept
+    pieces.append(full_positions[:, len(full_positions[0]) - (len(tokens) - at):] - shift)
+    positions = torch.cat(pieces, dim=1)
+    return positions, int(positions.max()) + 1 - len(tokens)

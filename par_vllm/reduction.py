@@ -32,6 +32,7 @@ class Reduction:
                                 # -1 where a pruning baseline dropped the token
     retrieved: torch.Tensor     # B x N bool, kept by semantic retrieval (prompt outliers)
     prompt_aware: torch.Tensor  # B bool, False where the image had no prompt to score against
+    weight: torch.Tensor | None = None  # B x N, each token's weight in its merge (None: uniform)
 
 
 def kernels_chosen(backend: str, on_cuda: bool, triton_installed: bool) -> bool:
@@ -389,5 +390,5 @@ def reduce_by_relevance(
     else:
         assignment = route(sim, kept, retrieved, duplicates, separate)
         tokens = merge(visual, weight, kept, assignment)
-    return Reduction(tokens, kept, assignment, retrieved, prompt_aware)
+    return Reduction(tokens, kept, assignment, retrieved, prompt_aware, weight)
 

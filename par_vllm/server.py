@@ -12,7 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from . import ARCHITECTURE
+from . import ARCHITECTURE, PLACES_ROWS, WORKER_CLS
 from .positions import ROPE_OVERRIDES
 
 # What vLLM needs on a machine without a GPU (VLLM_NOTES.md); harmless elsewhere.
@@ -28,6 +28,12 @@ CPU_ENGINE_ARGS = ["--enforce-eager", "--dtype", "float32", "--max-model-len", "
                    "--max-num-seqs", "4"]
 
 
+def par_engine_args(architecture: str) -> list[str]:
+    """vLLM flags a PAR architecture needs besides --hf-overrides: the plugin's worker for
+    the families whose kept tokens it places (par_vllm/worker.py)."""
+    return ["--worker-cls", WORKER_CLS] if architecture in PLACES_ROWS else []
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -36,8 +42,11 @@ def free_port() -> int:
 
 def par_overrides(par: bool = True, architecture: str = ARCHITECTURE, **settings: object) -> dict:
     """The --hf-overrides JSON: the PAR architecture, the positions switch that
-    `par_positions="span"` needs, and `par_*` server defaults."""
-    overrides: dict = {"architectures": [architecture], **ROPE_OVERRIDES} if par else {}
+    `par_positions="span"` needs on 1-D RoPE models (Qwen-VL's checkpoints have their own
+    M-RoPE, never overridden), and `par_*` server defaults."""
+    overrides: dict = {"architectures": [architecture]} if par else {}
+    if par and architecture not in PLACES_ROWS:
+        overrides.update(ROPE_OVERRIDES)
     overrides.update({f"par_{k}": v for k, v in settings.items()})
     return overrides
 

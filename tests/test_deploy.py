@@ -79,10 +79,22 @@ def test_serve_picks_the_par_class_from_the_checkpoints_architecture(capsys):
 
 def test_serve_refuses_an_unsupported_family_listing_the_supported_ones(capsys):
     with pytest.raises(SystemExit) as info:
-        main(["serve", "--dry-run", checkpoint("Qwen2_5_VLForConditionalGeneration")])
+        main(["serve", "--dry-run", checkpoint("Idefics3ForConditionalGeneration")])
     error = capsys.readouterr().err
-    assert info.value.code == 2 and "Qwen2_5_VLForConditionalGeneration" in error
-    assert "LlavaForConditionalGeneration" in error and "LlavaNextForConditionalGeneration" in error
+    assert info.value.code == 2 and "Idefics3ForConditionalGeneration" in error
+    for supported in ["LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
+                      "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration"]:
+        assert supported in error
+
+
+@pytest.mark.parametrize("family", ["Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration"])
+def test_serve_gives_qwen_its_worker_and_never_overrides_its_rope(capsys, family):
+    """Qwen-VL's kept tokens are placed by the plugin's worker; the checkpoint's own M-RoPE
+    section must stay as it is (LLaVA's override would replace it)."""
+    command = dry_run(["serve", checkpoint(family), "--keep-ratio", "0.2", "--", "--port", "9000"], capsys)
+    assert hf_overrides(command) == {"architectures": ["Par" + family], "par_keep_ratio": 0.2}
+    assert command[command.index("--worker-cls") + 1] == "par_vllm.worker.ParWorker"
+    assert command[-2:] == ["--port", "9000"]
 
 
 def test_serve_asks_for_the_architecture_when_the_config_cannot_be_read(capsys, monkeypatch):

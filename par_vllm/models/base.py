@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from functools import cached_property
+from functools import cached_property, partial
 
 import torch
 from transformers import BatchFeature
@@ -235,18 +235,27 @@ class ParMultiModalProcessor:
         out_mm_kwargs: MultiModalKwargsItems,
     ) -> Sequence[PromptUpdate]:
         settings = self.info.resolved_settings(hf_processor_mm_kwargs)
-        (full,) = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
         layouts: list[Layout] = []
 
-        def reduced(item_idx: int) -> list[int]:
-            # Asked only for the items mm_items holds (those not already cached), so the
-            # layouts are read on the first call, not before.
+        def image_layout(item_idx: int) -> Layout:
+            # The layout the processor packed for the image; asked only for the items
+            # mm_items holds (those not already cached).
+            item = out_mm_kwargs["image"][item_idx] if "image" in out_mm_kwargs else None
+            if item is not None and LAYOUT_KEY in item:
+                return Layout.unpack(item[LAYOUT_KEY].data)
             if not layouts:
                 layouts.extend(self._layouts(mm_items))
-            placeholders = full.replacement(item_idx)
-            return placeholders[: layouts[item_idx].placeholders(settings)]
+            return layouts[item_idx]
 
-        return [PromptReplacement(modality=full.modality, target=full.target, replacement=reduced)]
+        def reduced(full: PromptReplacement, item_idx: int) -> list[int]:
+            placeholders = full.replacement(item_idx)
+            return placeholders[: image_layout(item_idx).placeholders(settings)]
+
+        # Only images are reduced: other modalities' updates stay the family's own.
+        return [PromptReplacement(modality=update.modality, target=update.target,
+                                  replacement=partial(reduced, update))
+                if update.modality == "image" else update
+                for update in super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)]
 
 
 class ParModel:
@@ -257,19 +266,29 @@ class ParModel:
         # Fail at start-up, naming the key, if --hf-overrides holds a bad default.
         server_settings = settings_from_hf_config(config)
         check_backend(server_settings.backend, current_platform.device_type)
-        places_tokens = declares_positions(config)
-        if places_tokens:
+        places_tokens = self.prepare_positions(vllm_config, server_settings)
+        log_defaults(server_settings, places_tokens)
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.par_model_name = vllm_config.model_config.served_model_name
+
+    @staticmethod
+    def prepare_positions(vllm_config, server_settings: ParSettings) -> bool:
+        """Family hook, before the language model is built: whether the server can place
+        kept tokens (`par_positions="span"`); raises ParSettingError where the settings ask
+        for what the config cannot give. LLaVA's language models have 1-D RoPE, run as
+        M-RoPE with three identical rows where the server's overrides name a section."""
+        config = vllm_config.model_config.hf_config
+        if declares_positions(config):
             try:
-                size_mrope_section(config.get_text_config())  # before the language model is built
+                size_mrope_section(config.get_text_config())
             except ValueError as error:
                 raise ParSettingError(f"par_positions: {error}; serve without "
                                       "the text_config.rope_parameters.mrope_section override, "
                                       "with par_positions='consecutive'", setting="par_positions") from None
-        elif server_settings.positions == "span":
+            return True
+        if server_settings.positions == "span":
             raise positions_error()
-        log_defaults(server_settings, places_tokens)
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.par_model_name = vllm_config.model_config.served_model_name
+        return False
 
     def get_mrope_input_positions(
         self, input_tokens: list[int], mm_features: list[MultiModalFeatureSpec]
