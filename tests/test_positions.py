@@ -51,3 +51,82 @@ def test_mrope_section_is_sized_to_the_head_and_refuses_other_rope_types():
     config.rope_parameters = {"rope_type": "llama3", "rope_theta": 1e5, "mrope_section": [1, 0, 0]}
     with pytest.raises(ValueError, match="llama3"):
         size_mrope_section(config)
+
+
+# Qwen-VL: positions written up front, kept tokens placed as their rows arrive.
+PAD, TEXT = 9, 1
+
+
+def grid_positions(tokens, expansions):
+    """A Qwen-style placement of an unreduced prompt whose images are (offset, H x W) runs
+    of PAD: text at consecutive positions; an image at (base, base + h, base + w); the text
+    after it from base + max(H, W). Each image here is 2 rows high."""
+    positions, at, next_pos = [], 0, 0
+    for offset, full in expansions:
+        for _ in range(offset - at):
+            positions.append([next_pos] * 3)
+            next_pos += 1
+        height, width = 2, full // 2
+        positions += [[next_pos, next_pos + h, next_pos + w] for h in range(height) for w in range(width)]
+        next_pos += max(height, width)
+        at = offset + full
+    for _ in range(len(tokens) - at):
+        positions.append([next_pos] * 3)
+        next_pos += 1
+    positions = torch.tensor(positions).T
+    return positions, int(positions.max()) + 1 - len(tokens)
+
+
+def test_kept_rows_land_on_their_full_image_positions_whatever_the_chunks():
+    from par_vllm.positions import grid_offsets, place_rows, position_columns, reduced_prompt_positions
+
+    # Two images of 2 x 6 and 2 x 3 tokens, keeping 4 and 2 of them; a third left whole.
+    kept = [torch.tensor([1, 4, 7, 11]), torch.tensor([0, 5])]
+    tokens = [TEXT] * 3 + [PAD] * 4 + [TEXT] * 2 + [PAD] * 2 + [TEXT] + [PAD] * 4 + [TEXT] * 3
+    images = [(3, 4, 12, True), (9, 2, 6, True)]
+    expanded = [TEXT] * 3 + [PAD] * 12 + [TEXT] * 2 + [PAD] * 6 + [TEXT] + [PAD] * 4 + [TEXT] * 3
+    full, full_delta = grid_positions(expanded, [(3, 12), (17, 6), (24, 4)])
+    up_front, delta = reduced_prompt_positions(tokens, images, lambda t, e: grid_positions(t, [*e, (24, 4)]))
+    rows = [torch.cat([torch.randn(len(k), 5), position_columns(grid_offsets(2, n // 2)[k], len(k), torch.zeros(1))],
+                      dim=1) for k, n in zip(kept, (12, 6))]
+    rows.append(torch.cat([torch.randn(4, 5), position_columns(None, 4, torch.zeros(1))], dim=1))
+    expected = torch.cat([full[:, :3], full[:, 3 + kept[0]], full[:, 15:17], full[:, 17 + kept[1]],
+                          full[:, 23:]], dim=1)
+    assert delta == full_delta + (12 - 4) + (6 - 2)
+    flat = torch.cat(rows)
+    pad_at = [i for i, t in enumerate(tokens) if t == PAD]
+    for chunk in range(1, len(tokens) + 1):
+        positions = up_front
+        for start in range(0, len(tokens), chunk):
+            # The rows of this chunk, split per image as vLLM hands them over.
+            mine = [i for i in pad_at if start <= i < start + chunk]
+            if not mine:
+                continue
+            first = pad_at.index(mine[0])
+            owner = [0] * 4 + [1] * 2 + [2] * 4
+            pieces = [flat[first:first + len(mine)][[owner[first + r] == o for r in range(len(mine))]]
+                      for o in sorted(set(owner[first:first + len(mine)]))]
+            stripped, positions, delta = place_rows(tokens, pieces, positions, start, [PAD])
+            assert [p.shape[1] for p in stripped] == [5] * len(pieces)
+        assert torch.equal(positions, expected), chunk
+        assert delta == full_delta + 12
+
+
+def test_consecutive_images_move_the_text_after_them_up():
+    from par_vllm.positions import reduced_prompt_positions
+
+    tokens = [TEXT] * 2 + [PAD] * 3 + [TEXT] * 2
+    positions, delta = reduced_prompt_positions(tokens, [(2, 3, 12, False)], grid_positions)
+    assert positions[0].tolist() == [0, 1, 2, 3, 4, 5, 6]
+    assert torch.equal(positions[0], positions[1]) and torch.equal(positions[0], positions[2])
+    assert delta == 0
+
+
+def test_position_columns_carry_large_offsets_exactly_in_bfloat16():
+    from par_vllm.positions import place_rows, position_columns
+
+    offsets = torch.tensor([[0, 300, 1000], [0, 65535, 2]])
+    rows = torch.cat([torch.zeros(2, 4, dtype=torch.bfloat16),
+                      position_columns(offsets, 2, torch.zeros(1, dtype=torch.bfloat16))], dim=1)
+    _, positions, _ = place_rows([TEXT, PAD, PAD], [rows], torch.zeros(3, 3, dtype=torch.long), 0, [PAD])
+    assert positions[:, 1:].T.tolist() == [[1, 301, 1001], [1, 65536, 3]]

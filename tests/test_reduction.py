@@ -431,3 +431,21 @@ def test_a_failure_outside_the_kernels_is_not_hidden(monkeypatch):
     with pytest.raises(RuntimeError, match="a bug in the reference"):
         reduce_per_image([torch.randn(40, 16)], [torch.tensor([1])], [ParSettings(num_tokens=4, backend="torch")],
                          embed_tokens=torch.nn.Embedding(8, 16))
+
+
+@pytest.mark.parametrize("method", ["par", "pool", "random", "topk", "diverse"])
+def test_columns_not_scored_follow_the_scored_ones(method):
+    """Qwen3-VL's deepstack columns: scored on the first columns only, the others keep the
+    same rows and merge with the same weights. With the extra columns a copy of the scored
+    ones, they come out equal to them; and they do not change what is kept."""
+    torch.manual_seed(0)
+    main = torch.randn(144, 16)
+    table = torch.randn(50, 16)
+    settings = [ParSettings(num_tokens=12, method=method, backend="torch")]
+    query = [torch.tensor([3, 7])]
+    (rows, kept), = reduce_per_image([torch.cat([main, main, 2 * main], dim=1)], query, settings,
+                                     embed_tokens=table.__getitem__, score_dims=16, with_kept=True)
+    (alone, alone_kept), = reduce_per_image([main], query, settings, embed_tokens=table.__getitem__, with_kept=True)
+    assert torch.equal(kept, alone_kept) and torch.equal(rows[:, :16], alone)
+    torch.testing.assert_close(rows[:, 16:32], alone)
+    torch.testing.assert_close(rows[:, 32:], 2 * alone)

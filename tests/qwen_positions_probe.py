@@ -1,0 +1,61 @@
+"""Serve prompts through a real vLLM engine with a PAR Qwen-VL class and report, per
+request, the positions the engine's model runner holds for the prompt once every row has
+reached the language model, and which tokens PAR kept in each image.
+
+Run as a script (tests/test_qwen_vl.py does): the engine runs in this process so that the
+runner's state can be read, away from pytest's. Prints one JSON line.
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+
+def main():
+    model, architecture, chunk, ratio, requests_path = sys.argv[1:6]
+    from vllm import LLM, SamplingParams
+    from PIL import Image
+
+    from par_vllm.models import qwen_vl
+    from par_vllm.server import par_overrides
+
+    kept_log, positions_log = [], []
+    reduce = qwen_vl.reduce_per_image
+
+    def recording_reduce(*args, **kwargs):
+        out = reduce(*args, **kwargs)
+        kept_log.extend(kept.tolist() for _, kept in out)
+        return out
+
+    place = qwen_vl.ParQwenModel.recompute_mrope_positions
+
+    def recording_place(self, *args, **kwargs):
+        rows, positions, delta = place(self, *args, **kwargs)
+        positions_log.append(positions.tolist())
+        return rows, positions, delta
+
+    qwen_vl.reduce_per_image = recording_reduce
+    qwen_vl.ParQwenModel.recompute_mrope_positions = recording_place
+    llm = LLM(model, hf_overrides=par_overrides(architecture=architecture, keep_ratio=float(ratio)),
+              worker_cls="par_vllm.worker.ParWorker", distributed_executor_backend="uni",
+              enforce_eager=True, dtype="float32", max_model_len=4096, max_num_seqs=1,
+              max_num_batched_tokens=int(chunk), limit_mm_per_prompt={"image": 2},
+              enable_prefix_caching=False, seed=0)
+    results = []
+    for request in json.loads(open(requests_path).read()):
+        kept_log.clear()
+        positions_log.clear()
+        images = [Image.open(path).convert("RGB") for path in request["images"]]
+        (out,) = llm.generate({"prompt": request["prompt"], "multi_modal_data": {"image": images}},
+                              SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
+        results.append({"prompt_token_ids": list(out.prompt_token_ids), "kept": list(kept_log),
+                        "positions": positions_log[-1], "steps": len(positions_log)})
+    print("PROBE " + json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

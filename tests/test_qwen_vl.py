@@ -1,0 +1,341 @@
+"""Qwen2.5-VL and Qwen3-VL with PAR, through a real vLLM engine, on tiny random-weight
+models built here: K per image from the processor's own grid, equal to stock vLLM token for
+token with nothing removed (chunked prefill included), every kept token at its full-image
+(t, h, w) position, prefix-cache isolation, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from par_vllm.demo import demo_image
+from par_vllm.server import CPU_ENV, par_overrides
+
+import offline_engine
+from offline_engine import close
+
+ARCH = {"qwen2_5_vl": "ParQwen2_5_VLForConditionalGeneration", "qwen3_vl": "ParQwen3VLForConditionalGeneration"}
+# (width, height) -> N, as the family's processor counts it (2x2 merge of 14 or 16 px patches).
+TOKENS = {
+    "qwen2_5_vl": {(448, 448): 256, (224, 224): 64, (308, 448): 176, (448, 308): 176},
+    "qwen3_vl": {(448, 448): 196, (224, 224): 49, (308, 448): 140, (448, 308): 140},
+}
+IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+def chat(user: str, system: str = "You are a helpful assistant.") -> str:
+    return (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
+            "<|im_start|>assistant\n")
+
+
+ONE = chat(IMAGE + "What color is the triangle?")
+OTHER = chat(IMAGE + "Where is the blue circle?")
+TWO = chat(IMAGE + IMAGE + "Which shape is larger?")
+LONG = chat(IMAGE + " ".join(["Describe the red square and the green circle and the blue star"] * 30))
+# (prompt, image sizes) checked against stock vLLM with nothing removed.
+WHOLE = {"one": (ONE, [(448, 448)]), "portrait": (ONE, [(308, 448)]),
+         "two": (TWO, [(448, 308), (224, 224)]), "long": (LONG, [(448, 448)])}
+
+
+def image(size):
+    return demo_image().resize(size)
+
+
+@pytest.fixture(scope="module", params=list(ARCH))
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def qwen_model(tmp_path_factory, family):
+    from par_vllm.demo_qwen import make_demo_qwen_model
+
+    return make_demo_qwen_model(tmp_path_factory.mktemp("models") / family, family=family)
+
+
+def test_the_tiny_models_answers_depend_on_positions(qwen_model, family):
+    """The equality tests below can only catch a misplaced token if moving the text after the
+    image by one position changes what the model says: check it does."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(qwen_model, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(qwen_model)
+    inputs = processor(images=[image((308, 448))], text=ONE, return_tensors="pt", return_mm_token_type_ids=True)
+    positions, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                              image_grid_thw=inputs["image_grid_thw"])
+    shifted = positions.clone()
+    after = (inputs["input_ids"][0] == processor.tokenizer.convert_tokens_to_ids("<|vision_end|>")).nonzero()[0, 0]
+    shifted[:, :, after:] += 1
+    args = {k: inputs[k] for k in ("input_ids", "pixel_values", "image_grid_thw")}
+    with torch.no_grad():
+        right = model(**args, position_ids=positions).logits[0, -1].log_softmax(-1)
+        moved = model(**args, position_ids=shifted).logits[0, -1].log_softmax(-1)
+    assert (right - moved).abs().max() > 0.1  # far above the 1e-4 the equality tests allow
+
+
+def make_llm(model, family, overrides=True, **engine_args):
+    if overrides:
+        engine_args = {"worker_cls": "par_vllm.worker.ParWorker", **engine_args}
+    return offline_engine.make_llm(model, par_overrides(architecture=ARCH[family]) if overrides else None,
+                                   max_model_len=4096, **engine_args)
+
+
+def generate(llm, prompt, sizes, mm_kwargs=None):
+    return offline_engine.generate(llm, prompt, [image(s) for s in sizes], mm_kwargs, logprobs=2)
+
+
+@pytest.fixture(scope="module")
+def runs(qwen_model, family):
+    """Everything the engine tests check, from four engines: PAR, PAR with 64-token prefill
+    chunks, PAR with the prefix cache on, and vLLM's own model."""
+    res = {}
+    llm = make_llm(qwen_model, family, enable_prefix_caching=False)
+    for size in TOKENS[family]:
+        res["par", size] = generate(llm, ONE, [size])
+    res["par", "two"] = generate(llm, TWO, [(448, 308), (224, 224)])
+    res["capped"] = generate(llm, TWO, [(448, 308), (224, 224)], {"par_num_tokens": 50})
+    res["consecutive"] = generate(llm, ONE, [(448, 448)], {"par_positions": "consecutive"})
+    for name, (prompt, sizes) in WHOLE.items():
+        res["whole", name] = generate(llm, prompt, sizes, {"par_keep_ratio": 1.0})
+    res["fresh"] = [generate(llm, q, [(448, 448)]) for q in (ONE, OTHER)]
+    for bad in ({"par_keep_ratio": 2}, {"par_positions": "sideways"}):
+        try:
+            generate(llm, ONE, [(448, 448)], bad)
+        except ValueError as error:
+            res.setdefault("bad", []).append(error)
+    res["after_bad"] = generate(llm, ONE, [(448, 448)])
+    close(llm)
+    llm = make_llm(qwen_model, family, enable_prefix_caching=False, max_num_batched_tokens=64)
+    for name, (prompt, sizes) in WHOLE.items():
+        res["whole64", name] = generate(llm, prompt, sizes, {"par_keep_ratio": 1.0})
+    res["par64", "two"] = generate(llm, TWO, [(448, 308), (224, 224)])
+    close(llm)
+    llm = make_llm(qwen_model, family, enable_prefix_caching=True)
+    res["cached"] = [generate(llm, q, [(448, 448)]) for q in (OTHER, ONE, OTHER, ONE)]
+    close(llm)
+    llm = make_llm(qwen_model, family, overrides=False)  # vLLM's own model class
+    for name, (prompt, sizes) in WHOLE.items():
+        res["stock", name] = generate(llm, prompt, sizes)
+    close(llm)
+    return res
+
+
+def same(a, b, tolerance=1e-4):
+    assert a.prompt_token_ids == b.prompt_token_ids
+    assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    for step_a, step_b in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+        for token, lp in step_a.items():
+            assert abs(lp.logprob - step_b[token].logprob) < tolerance
+
+
+def image_tokens(out, tokenizer) -> int:
+    return out.prompt_token_ids.count(tokenizer.convert_tokens_to_ids("<|image_pad|>"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(qwen_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(qwen_model)
+
+
+@pytest.mark.slow
+def test_each_image_reserves_k_of_the_processors_n(runs, tokenizer, family):
+    """Landscape, portrait, square and small images: K = ceil(N x 0.111) placeholders, N from
+    the processor's grid; two images of different sizes each get their own K; par_num_tokens
+    caps each image."""
+    for size, full in TOKENS[family].items():
+        assert image_tokens(runs["par", size], tokenizer) == math.ceil(full * 0.111)
+    landscape, small = TOKENS[family][(448, 308)], TOKENS[family][(224, 224)]
+    assert image_tokens(runs["par", "two"], tokenizer) == math.ceil(landscape * 0.111) + math.ceil(small * 0.111)
+    assert image_tokens(runs["capped"], tokenizer) == 50 + min(50, small)
+    assert image_tokens(runs["consecutive"], tokenizer) == math.ceil(TOKENS[family][(448, 448)] * 0.111)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(WHOLE))
+def test_with_nothing_removed_outputs_equal_stock_vllm(runs, name):
+    """At par_keep_ratio 1.0, through the PAR path (worker, position placement): prompt
+    tokens, greedy tokens and log-probabilities equal vLLM's own model's, with whole-prompt
+    prefill and with 64-token chunks that split inside and right after images."""
+    same(runs["whole", name], runs["stock", name])
+    same(runs["whole64", name], runs["stock", name])
+
+
+@pytest.mark.slow
+def test_reduced_outputs_do_not_depend_on_prefill_chunks(runs):
+    same(runs["par64", "two"], runs["par", "two"])
+
+
+@pytest.mark.slow
+def test_positions_setting_changes_the_answer(runs):
+    """Consecutive positions are a different placement, not the same one by another name."""
+    a, b = runs["consecutive"], runs["par", (448, 448)]
+    assert a.prompt_token_ids == b.prompt_token_ids
+    assert any(abs(lp.logprob - step_b[t].logprob) > 1e-3
+               for step_a, step_b in zip(a.outputs[0].logprobs, b.outputs[0].logprobs)
+               for t, lp in step_a.items() if t in step_b) or a.outputs[0].token_ids != b.outputs[0].token_ids
+
+
+@pytest.mark.slow
+def test_prefix_cache_never_hands_one_prompts_tokens_to_another(runs):
+    """The same image under two prompts, alternating with the prefix cache on: each answer
+    equals that prompt's answer from a cache-free engine."""
+    other, one = runs["fresh"][1], runs["fresh"][0]
+    for out, expected in zip(runs["cached"], (other, one, other, one)):
+        same(out, expected)
+
+
+@pytest.mark.slow
+def test_bad_settings_are_refused_naming_them_and_the_engine_keeps_serving(runs):
+    messages = [str(error) for error in runs["bad"]]
+    assert len(messages) == 2
+    assert "par_keep_ratio" in messages[0] and "par_positions" in messages[1]
+    same(runs["after_bad"], runs["fresh"][0])
+
+
+def filler_prompt(tokenizer, vision_start_at: int, question: str) -> str:
+    """A prompt whose <|vision_start|> is token `vision_start_at`, so that 64-token prefill
+    chunks split just before it, right after it, or inside the image."""
+    head = "<|im_start|>user\n"
+    n = vision_start_at - len(tokenizer.encode(head))
+    prompt = head + " a" * n + IMAGE + question + "<|im_end|>\n<|im_start|>assistant\n"
+    assert tokenizer.encode(prompt).index(tokenizer.convert_tokens_to_ids("<|vision_start|>")) == vision_start_at
+    return prompt
+
+
+@pytest.mark.slow
+def test_every_kept_token_sits_at_its_full_image_position(qwen_model, family, tokenizer, tmp_path):
+    """Read from the engine's model runner after prefill, in 64-token chunks split before,
+    right after and inside an image, for two images (a portrait and a square) and one:
+    each kept token's (t, h, w) position equals the one transformers' own Qwen code gives
+    that token in the unreduced prompt, and every text token's equals its unreduced one."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    sizes = {"portrait": (308, 448), "square": (448, 448)}
+    paths = {}
+    for name, size in sizes.items():
+        paths[name] = tmp_path / f"{name}.png"
+        image(size).save(paths[name])
+    requests = [{"prompt": chat(IMAGE + "Where is the star? " + IMAGE + "Which is larger?"),
+                 "images": [str(paths["portrait"]), str(paths["square"])]}]
+    # Different questions: the same image and query would reuse the encoder's cached rows
+    # instead of being reduced again (and logged).
+    questions = {62: "What shape is at the top?", 63: "Where is the red square?", 64: "Is the circle green?"}
+    requests += [{"prompt": filler_prompt(tokenizer, at, question), "images": [str(paths["portrait"])]}
+                 for at, question in questions.items()]
+    (tmp_path / "requests.json").write_text(json.dumps(requests))
+    probe = Path(__file__).with_name("qwen_positions_probe.py")
+    done = subprocess.run([sys.executable, str(probe), str(qwen_model), ARCH[family], "64", "0.111",
+                           str(tmp_path / "requests.json")], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **CPU_ENV})
+    line = [x for x in done.stdout.splitlines() if x.startswith("PROBE ")]
+    assert line, done.stderr[-3000:]
+    results = json.loads(line[0][len("PROBE "):])
+
+    model = AutoModelForImageTextToText.from_pretrained(qwen_model, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(qwen_model)
+    pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    for request, result in zip(requests, results):
+        from PIL import Image
+
+        full = processor(images=[Image.open(p).convert("RGB") for p in request["images"]], text=request["prompt"],
+                         return_tensors="pt", return_mm_token_type_ids=True)
+        expected, _ = model.model.get_rope_index(full["input_ids"], full["mm_token_type_ids"],
+                                                 image_grid_thw=full["image_grid_thw"])
+        expected, full_ids = expected[:, 0].tolist(), full["input_ids"][0].tolist()
+        got, ids = result["positions"], result["prompt_token_ids"]
+        assert result["steps"] > 1  # the prefill was split
+        kept = iter(result["kept"])
+        i = j = 0
+        while i < len(ids):
+            if ids[i] != pad:
+                assert ids[i] == full_ids[j]
+                assert [row[i] for row in got] == [row[j] for row in expected], (i, j)
+                i, j = i + 1, j + 1
+                continue
+            indices = next(kept)
+            num_full = next(k for k in range(j, len(full_ids) + 1) if k == len(full_ids) or full_ids[k] != pad) - j
+            assert len(indices) < num_full
+            for r, index in enumerate(indices):
+                assert [row[i + r] for row in got] == [row[j + index] for row in expected], (i + r, j + index)
+            i, j = i + len(indices), j + num_full
+        assert j == len(full_ids)
+
+
+@pytest.mark.parametrize("worker, pruning, refused", [
+    ("auto", None, "--worker-cls par_vllm.worker.ParWorker"),
+    ("vllm.v1.worker.cpu_worker.CPUWorker", None, "--worker-cls par_vllm.worker.ParWorker"),
+    ("par_vllm.worker.ParWorker", 0.5, "--video-pruning-rate"),
+    ("par_vllm.worker.ParWorker", None, None),
+])
+def test_the_model_refuses_to_start_without_what_it_needs(worker, pruning, refused):
+    """What a Qwen PAR model checks before it is built: the plugin's worker (which switches
+    vLLM's placement path on) and no EVS on the same model; the message names the flag."""
+    from types import SimpleNamespace
+
+    from par_vllm.models.qwen_vl import ParQwenModel
+    from par_vllm.settings import ParSettingError, ParSettings
+
+    config = SimpleNamespace(
+        parallel_config=SimpleNamespace(worker_cls=worker),
+        model_config=SimpleNamespace(get_multimodal_config=lambda: SimpleNamespace(video_pruning_rate=pruning)))
+    if refused is None:
+        assert ParQwenModel.prepare_positions(config, ParSettings()) is True
+        return
+    with pytest.raises(ParSettingError, match=refused):
+        ParQwenModel.prepare_positions(config, ParSettings())
+
+
+@pytest.fixture(scope="module")
+def qwen_server(tmp_path_factory):
+    """vLLM's own OpenAI server with the PAR Qwen2.5-VL class, started with exactly what
+    `par-vllm serve` adds: the architecture in --hf-overrides and the worker."""
+    from par_vllm.demo_qwen import make_demo_qwen_model
+    from par_vllm.server import VllmServer, par_engine_args
+
+    import test_server
+
+    model = make_demo_qwen_model(tmp_path_factory.mktemp("models") / "server", family="qwen2_5_vl")
+    architecture = ARCH["qwen2_5_vl"]
+    args = [*test_server.SERVER_ARGS, *test_server.CACHING_OFF, "--max-model-len", "4096",
+            *par_engine_args(architecture)]
+    with VllmServer(model, hf_overrides=par_overrides(architecture=architecture), extra_args=args,
+                    env=test_server.PLUGINS) as server:
+        yield server
+
+
+@pytest.mark.slow
+def test_qwen_server_reduces_and_counts_and_refuses_bad_settings(qwen_server):
+    """Through /v1/chat/completions: K per image from the default ratio and from a request's
+    setting, the PAR metrics, /v1/par/config, a 400 naming a bad setting, and the server
+    still answering after it."""
+    import openai
+
+    from par_vllm.demo import chat_messages
+    from par_vllm.settings import ParSettings
+
+    from test_server import ask, metric, par_samples
+
+    messages = chat_messages("What color is the triangle?", image((308, 448)))
+    before = par_samples(qwen_server)
+    default = ask(qwen_server, messages)
+    half = ask(qwen_server, messages, mm_processor_kwargs={"par_keep_ratio": 0.5})
+    assert default["image_tokens"] == math.ceil(176 * 0.111) and half["image_tokens"] == 88
+    after = par_samples(qwen_server)
+    assert metric(after, "par_visual_tokens_before_total") - metric(before, "par_visual_tokens_before_total") == 352
+    assert (metric(after, "par_visual_tokens_after_total") - metric(before, "par_visual_tokens_after_total")
+            == default["image_tokens"] + 88)
+    config = json.loads(qwen_server.get("/v1/par/config"))
+    assert config["par_active"] is True and config["settings"] == ParSettings(positions="span").to_keys()
+    with pytest.raises(openai.BadRequestError) as info:
+        ask(qwen_server, messages, mm_processor_kwargs={"par_keep_ratio": 0})
+    assert info.value.status_code == 400 and "par_keep_ratio" in info.value.message
+    assert ask(qwen_server, messages) == default
