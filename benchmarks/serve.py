@@ -18,6 +18,7 @@ second, prompt tokens per request, peak KV-cache usage sampled from /metrics.
     python -m benchmarks.serve --model smollm        # LLaVA with SmolLM2-135M-Instruct
     python -m benchmarks.serve --model smollm-next --keep-ratio 0.111   # the same in a LLaVA-NeXT, 672 px
     python -m benchmarks.serve --model demo          # tiny random-weight LLaVA
+    python -m benchmarks.serve --model smollm-qwen --keep-ratio 0.111   # Qwen2.5-VL, 448 and 896 px
     python -m benchmarks.serve --model DIR --gpu     # any LLaVA checkpoint on a GPU
 Writes benchmarks/results/serve-<model>.{txt,json,png}.
 """
@@ -38,10 +39,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from benchmarks.common import make_smollm_llava, make_smollm_llava_next
-from par_vllm import par_architecture
+from benchmarks.common import make_smollm_llava, make_smollm_llava_next, make_smollm_qwen
+from par_vllm import PLACES_ROWS, par_architecture
 from par_vllm.demo import image_data_url
-from par_vllm.server import CPU_ENGINE_ARGS, VllmServer, par_overrides
+from par_vllm.server import CPU_ENGINE_ARGS, VllmServer, par_engine_args, par_overrides
 from par_vllm.settings import ParSettings
 
 ROOT = Path(__file__).parents[1]
@@ -59,6 +60,8 @@ def model_dir(name: str) -> tuple[Path, str]:
         "smollm-next": (make_smollm_llava_next, "LLaVA-NeXT with SmolLM2-135M-Instruct (real weights) and a "
                                                 "small random-weight vision tower, 672x672 images: 2,880 "
                                                 "visual tokens and 48 separators"),
+        "smollm-qwen": (make_smollm_qwen, "Qwen2.5-VL with SmolLM2-135M-Instruct (real weights) and a small "
+                                          "random-weight vision tower; dynamic resolution"),
     }
     if name not in builders:
         return Path(name), name
@@ -67,6 +70,17 @@ def model_dir(name: str) -> tuple[Path, str]:
     if not (path / "config.json").exists():
         build(path)
     return path, about
+
+
+def visual_tokens(path: Path, saved: dict, size: int) -> int:
+    """N for a size x size image: Qwen-VL's from its processor's grid, a LLaVA's as saved."""
+    if saved.get("family") not in ("qwen2_5_vl", "qwen3_vl"):
+        return saved.get("visual_tokens_per_image", 576)
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(path)
+    grid = processor.image_processor(Image.new("RGB", (size, size)), return_tensors="pt")["image_grid_thw"][0]
+    return int(grid.prod()) // processor.image_processor.merge_size ** 2
 
 
 def request_image(i: int, size: int) -> Image.Image:
@@ -168,9 +182,14 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--gpu", action="store_true", help="vLLM's default engine settings (bf16, graphs)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the series order")
+    parser.add_argument("--sizes", help="image sides in px, comma-separated (Qwen-VL: any; default "
+                        "448,896 for Qwen-VL, the checkpoint's own size otherwise)")
     args = parser.parse_args()
 
     path, about = model_dir(args.model)
+    if args.sizes is None and par_architecture(json.loads((path / "config.json").read_text())["architectures"]) \
+            in PLACES_ROWS:
+        args.sizes = "448,896"
     levels = [int(c) for c in args.concurrency.split(",")]
     # Room for a whole LLaVA-NeXT image (2,928 rows at 672 px) in one prefill and in the
     # encoder cache, which vLLM sizes from --max-num-batched-tokens.
@@ -179,75 +198,94 @@ def main() -> None:
     common = [*engine, "--no-enable-prefix-caching", "--mm-processor-cache-gb", "0",
               "--trust-request-mm-kwargs"]
     saved = json.loads((path / "par_model.json").read_text()) if (path / "par_model.json").exists() else {}
-    n_tokens, size = saved.get("visual_tokens_per_image", 576), saved.get("image_size", 336)
     architecture = par_architecture(json.loads((path / "config.json").read_text())["architectures"])
+    # Qwen-VL takes any size; a LLaVA checkpoint has the one it was saved with.
+    sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else [saved.get("image_size", 336)]
+    visual = {size: visual_tokens(path, saved, size) for size in sizes}
     budget = {"keep_ratio": args.keep_ratio} if args.keep_ratio else {"num_tokens": args.budget}
-    kept = ParSettings(**budget).num_kept(n_tokens)
-    series = [("vLLM", "stock", {}),
-              (f"vLLM+PAR K={kept}", "par", {}),
-              (f"vLLM+PAR K={n_tokens - 1} (overhead)", "par", {"mm_processor_kwargs": {"par_num_tokens": n_tokens - 1}})]
+
+    def series_at(size: int) -> list[tuple[str, str, dict]]:
+        n_tokens = visual[size]
+        at = f" {size}px" if len(sizes) > 1 else ""
+        return [(f"vLLM{at}", "stock", {}),
+                (f"vLLM+PAR K={ParSettings(**budget).num_kept(n_tokens)}{at}", "par", {}),
+                (f"vLLM+PAR K={n_tokens - 1} (overhead){at}", "par",
+                 {"mm_processor_kwargs": {"par_num_tokens": n_tokens - 1}})]
 
     stock = VllmServer(path, extra_args=common, log_path=RESULTS / "serve-stock.log")
-    par = VllmServer(path, hf_overrides=par_overrides(architecture=architecture, **budget), extra_args=common,
-                     log_path=RESULTS / "serve-par.log")
+    par = VllmServer(path, hf_overrides=par_overrides(architecture=architecture, **budget),
+                     extra_args=[*common, *par_engine_args(architecture)], log_path=RESULTS / "serve-par.log")
     RESULTS.mkdir(exist_ok=True)
     runs: dict[tuple[str, int], list[dict]] = {}
-    total = args.repeats * len(levels) * len(series) * args.requests
+    total = args.repeats * len(levels) * 3 * len(sizes) * args.requests
     with stock, par, tqdm(total=total, desc="requests") as bar:
         servers = {"stock": stock, "par": par}
         for name in servers:  # warm-up, not measured
             for i in range(2):
-                one_request(servers[name].client(), 10**6 + i, args.max_tokens, {}, size)
+                one_request(servers[name].client(), 10**6 + i, args.max_tokens, {}, sizes[0])
         index = 0
         order = random.Random(args.seed)
-        for _ in range(args.repeats):
-            for concurrency in levels:
-                for label, which, extra in order.sample(series, len(series)):
-                    result = run_batch(servers[which], concurrency, args.requests, index,
-                                       args.max_tokens, extra, size, bar)
-                    runs.setdefault((label, concurrency), []).append(result)
-                    index += args.requests
+        for size in sizes:
+            for _ in range(args.repeats):
+                for concurrency in levels:
+                    for label, which, extra in order.sample(series_at(size), 3):
+                        result = run_batch(servers[which], concurrency, args.requests, index,
+                                           args.max_tokens, extra, size, bar)
+                        runs.setdefault((label, concurrency), []).append(result)
+                        index += args.requests
     for log in ("serve-stock.log", "serve-par.log"):
         (RESULTS / log).unlink(missing_ok=True)
     # Timed after the servers are gone, so nothing else competes for the cores.
-    own_work = par_own_work(path, n_tokens, kept, "cuda" if args.gpu else "cpu")
+    device_name = "cuda" if args.gpu else "cpu"
+    own_work = {size: par_own_work(path, visual[size], ParSettings(**budget).num_kept(visual[size]), device_name)
+                for size in sizes}
 
     summary = {f"{label} @c{c}": summarize(r) for (label, c), r in runs.items()}
     device = describe_device(args.gpu)
-    lines = [f"model: {about}; images {size}x{size}; device: {device}; {args.requests} requests x {args.repeats} repeats "
+    lines = [f"model: {about}; images {', '.join(f'{s}x{s} ({visual[s]} visual tokens)' for s in sizes)}; "
+             f"device: {device}; {args.requests} requests x {args.repeats} repeats "
              f"per cell, {args.max_tokens} output tokens, caches off; median [min-max] over repeats",
-             f"{'series':<34} {'conc':>4} {'TTFT p50 s':>18} {'TTFT p95 s':>8} {'latency s':>9} "
+             f"{'series':<40} {'conc':>4} {'TTFT p50 s':>18} {'TTFT p95 s':>8} {'latency s':>9} "
              f"{'req/s':>16} {'prompt tok':>10} {'KV peak':>8}"]
     for (label, c), _ in runs.items():
         s = summary[f"{label} @c{c}"]
         lines.append(
-            f"{label:<34} {c:>4} {s['ttft_p50']['median']:>7.3f} [{s['ttft_p50']['min']:.2f}-{s['ttft_p50']['max']:.2f}]"
+            f"{label:<40} {c:>4} {s['ttft_p50']['median']:>7.3f} [{s['ttft_p50']['min']:.2f}-{s['ttft_p50']['max']:.2f}]"
             f" {s['ttft_p95']['median']:>8.3f} {s['latency_p50']['median']:>9.3f}"
             f" {s['rps']['median']:>6.2f} [{s['rps']['min']:.2f}-{s['rps']['max']:.2f}]"
             f" {s['prompt_tokens']['median']:>10.0f} {100 * s['kv_peak']['median']:>7.2f}%")
     lines.append("\nRatios, PAR vs vLLM at the same concurrency (medians of per-repeat ratios):")
     ratios = {}
-    for c in levels:
-        base, red, over = (runs[(label, c)] for label, _, _ in series)
-        r = {
-            "prompt_tokens_reduction_pct": 100 * (1 - red[0]["prompt_tokens"] / base[0]["prompt_tokens"]),
-            "ttft_speedup": statistics.median(b["ttft_p50"] / p["ttft_p50"] for b, p in zip(base, red)),
-            "throughput_gain": statistics.median(p["rps"] / b["rps"] for b, p in zip(base, red)),
-            "par_overhead_pct": statistics.median(100 * (o["latency_p50"] / b["latency_p50"] - 1)
-                                                  for b, o in zip(base, over)),
-        }
-        ratios[c] = r
-        lines.append(f"  c={c}: prompt tokens -{r['prompt_tokens_reduction_pct']:.1f}%, TTFT "
-                     f"{r['ttft_speedup']:.2f}x lower, throughput {r['throughput_gain']:.2f}x, "
-                     f"PAR at K=N-1 adds {r['par_overhead_pct']:+.1f}% latency")
-    stock_latency = statistics.median(r["latency_p50"] for r in runs[("vLLM", levels[0])])
-    lines.append(f"\nPAR's own work per single-image request, timed directly (median of "
-                 f"{own_work['repeats']}): prompt rewrite {1e3 * own_work['rewrite_s']:.2f} ms")
-    for k, seconds in own_work["reduce_s"].items():
-        share = 100 * (own_work["rewrite_s"] + seconds) / stock_latency
-        ratios.setdefault("own_work_pct_of_stock_latency", {})[k] = share
-        lines.append(f"  reduction {n_tokens} -> {k} tokens: {1e3 * seconds:.2f} ms; with the rewrite "
-                     f"{share:.2f}% of stock vLLM's p50 latency at c={levels[0]} ({stock_latency:.2f} s)")
+    for size in sizes:
+        series = series_at(size)
+        for c in levels:
+            base, red, over = (runs[(label, c)] for label, _, _ in series)
+            r = {
+                "prompt_tokens_reduction_pct": 100 * (1 - red[0]["prompt_tokens"] / base[0]["prompt_tokens"]),
+                "ttft_speedup": statistics.median(b["ttft_p50"] / p["ttft_p50"] for b, p in zip(base, red)),
+                "throughput_gain": statistics.median(p["rps"] / b["rps"] for b, p in zip(base, red)),
+                "par_overhead_pct": statistics.median(100 * (o["latency_p50"] / b["latency_p50"] - 1)
+                                                      for b, o in zip(base, over)),
+            }
+            key = c if len(sizes) == 1 else f"{size}px c={c}"
+            ratios[key] = r
+            lines.append(f"  {key if len(sizes) > 1 else f'c={c}'}: prompt tokens "
+                         f"-{r['prompt_tokens_reduction_pct']:.1f}%, TTFT "
+                         f"{r['ttft_speedup']:.2f}x lower, throughput {r['throughput_gain']:.2f}x, "
+                         f"PAR at K=N-1 adds {r['par_overhead_pct']:+.1f}% latency")
+        stock_latency = statistics.median(r["latency_p50"] for r in runs[(series[0][0], levels[0])])
+        stock_ttft = statistics.median(r["ttft_p50"] for r in runs[(series[0][0], levels[0])])
+        work = own_work[size]
+        lines.append(f"\nPAR's own work per single-image request at {size}x{size}, timed directly (median of "
+                     f"{work['repeats']}): prompt rewrite {1e3 * work['rewrite_s']:.2f} ms")
+        for k, seconds in work["reduce_s"].items():
+            share = 100 * (work["rewrite_s"] + seconds) / stock_latency
+            ttft_share = 100 * (work["rewrite_s"] + seconds) / stock_ttft
+            ratios.setdefault("own_work_pct_of_stock_latency", {})[f"{size}px K={k}"] = share
+            ratios.setdefault("own_work_pct_of_stock_ttft", {})[f"{size}px K={k}"] = ttft_share
+            lines.append(f"  reduction {visual[size]} -> {k} tokens: {1e3 * seconds:.2f} ms; with the rewrite "
+                         f"{share:.2f}% of stock vLLM's p50 latency, {ttft_share:.2f}% of its p50 TTFT "
+                         f"at c={levels[0]} ({stock_latency:.2f} s, {stock_ttft:.2f} s)")
     report = "\n".join(lines)
     print(report)
     slug = Path(args.model).name
@@ -255,7 +293,7 @@ def main() -> None:
     (RESULTS / f"serve-{slug}.json").write_text(json.dumps(
         {"model": about, "device": device, "args": vars(args), "summary": summary,
          "ratios": ratios, "own_work": own_work}, indent=2))
-    plot(runs, levels, series, RESULTS / f"serve-{slug}.png", about)
+    plot(runs, levels, [x for size in sizes for x in series_at(size)], RESULTS / f"serve-{slug}.png", about)
 
 
 def par_own_work(path: Path, n_tokens: int, budget: int, device: str, repeats: int = 30) -> dict:
@@ -271,7 +309,7 @@ def par_own_work(path: Path, n_tokens: int, budget: int, device: str, repeats: i
 
     config = AutoConfig.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    image_token = tokenizer.convert_ids_to_tokens(config.image_token_index)
+    image_token = tokenizer.convert_ids_to_tokens(getattr(config, "image_token_index", None) or config.image_token_id)
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": f"{image_token}\n{QUESTION}"}], add_generation_prompt=True, tokenize=False)
     prompt_ids = tokenizer.encode(prompt.replace(image_token, image_token * n_tokens))

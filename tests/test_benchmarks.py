@@ -44,3 +44,14 @@ def test_par_cost_benchmark_measures_each_size_in_its_own_process(tmp_path):
     rows = json.loads((tmp_path / "par-cost-cpu.json").read_text())["rows"]
     assert [(r["num_visual"], r["kept"]) for r in rows] == [(64, 8), (256, 29)]  # K = ceil(0.111 N)
     assert all(r["seconds"] > 0 and r["peak_extra_bytes"] >= 0 for r in rows)
+
+
+def test_serve_benchmark_counts_qwen_tokens_per_size_and_times_its_own_work(tmp_path):
+    from benchmarks import serve
+    from par_vllm.demo_qwen import make_demo_qwen_model
+
+    model = make_demo_qwen_model(tmp_path / "qwen")
+    about = json.loads((model / "par_model.json").read_text())
+    assert [serve.visual_tokens(model, about, size) for size in (448, 896)] == [256, 1024]
+    work = serve.par_own_work(model, 256, 29, "cpu", repeats=2)
+    assert work["rewrite_s"] > 0 and set(work["reduce_s"]) == {29, 255}
