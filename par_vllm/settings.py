@@ -67,11 +67,12 @@ class ParSettings(BaseModel):
         "no merging), diverse (prompt-agnostic max-min diversity, DivPrune-style).",
         group=USER)] = "par"
     positions: Annotated[Literal["auto", "span", "consecutive"], setting(
-        "Where the K kept tokens sit among the language model's positions: span spreads them "
-        "over the N positions the whole image takes, and the text after the image starts where "
-        "it would unreduced; consecutive gives them K positions; auto is span where the server "
-        "has vLLM's per-request positions switched on (par-vllm serve does), consecutive "
-        "otherwise.", group=USER)] = "auto"
+        "Where the K kept tokens sit among the language model's positions: span keeps them "
+        "within the whole image's positions (Qwen-VL: each at its own (t, h, w); LLaVA: spread "
+        "evenly over the N positions) and the text after the image starts where it would "
+        "unreduced; consecutive gives them K positions; auto is span where the server has "
+        "vLLM's per-request positions switched on (par-vllm serve does; Qwen-VL always), "
+        "consecutive otherwise.", group=USER)] = "auto"
 
     outlier_factor: Annotated[float, setting(
         "Retrieval keeps tokens whose prompt relevance exceeds Q3 + factor x IQR.",
