@@ -6,10 +6,12 @@ FAMILIES = {
     "LlavaNextForConditionalGeneration": ("ParLlavaNextForConditionalGeneration", "par_vllm.models.llava_next"),
     "Qwen2_5_VLForConditionalGeneration": ("ParQwen2_5_VLForConditionalGeneration", "par_vllm.models.qwen_vl"),
     "Qwen3VLForConditionalGeneration": ("ParQwen3VLForConditionalGeneration", "par_vllm.models.qwen_vl"),
+    "Qwen3_5ForConditionalGeneration": ("ParQwen3_5ForConditionalGeneration", "par_vllm.models.qwen_vl"),
 }
 # Families whose kept tokens vLLM's multimodal-pruning path places (they need the
 # plugin's worker, par_vllm.worker); the others get M-RoPE switched on by an override.
-PLACES_ROWS = {"ParQwen2_5_VLForConditionalGeneration", "ParQwen3VLForConditionalGeneration"}
+PLACES_ROWS = {"ParQwen2_5_VLForConditionalGeneration", "ParQwen3VLForConditionalGeneration",
+               "ParQwen3_5ForConditionalGeneration"}
 WORKER_CLS = "par_vllm.worker.ParWorker"
 ARCHITECTURES = {par: module for par, module in FAMILIES.values()}
 ARCHITECTURE = FAMILIES["LlavaForConditionalGeneration"][0]  # LLaVA-1.5's, the demo model's

@@ -37,7 +37,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_5")
 
 
 def build_tokenizer(vocab_size: int = 1024):
@@ -69,8 +69,9 @@ def make_demo_qwen_model(
     init_std: float = 0.1,
     seed: int = 0,
 ) -> Path:
-    """Save a random-weight Qwen2.5-VL (`family="qwen2_5_vl"`) or Qwen3-VL
-    (`"qwen3_vl"`) to out_dir and return the path."""
+    """Save a random-weight Qwen2.5-VL (`family="qwen2_5_vl"`), Qwen3-VL (`"qwen3_vl"`) or
+    Qwen3.5 (`"qwen3_5"`: Qwen3-VL's vision side before a hybrid language model, three
+    Gated DeltaNet layers alternating with full attention) to out_dir and return the path."""
     import torch
 
     if family not in FAMILIES:
@@ -98,6 +99,21 @@ def make_demo_qwen_model(
                                temporal_patch_size=2, window_size=112, fullatt_block_indexes=[num_layers - 1],
                                initializer_range=init_std),
             **ids)
+    elif family == "qwen3_5":
+        from transformers import Qwen3_5Config as Config, Qwen3_5ForConditionalGeneration as Model
+
+        config = Config(
+            text_config={**text, "head_dim": head_dim, "layer_types": ["linear_attention", "full_attention"] * 2,
+                         "num_hidden_layers": 4, "linear_num_key_heads": 2, "linear_num_value_heads": 2,
+                         # vLLM's CPU Gated DeltaNet kernels take head dimension 64 only.
+                         "linear_key_head_dim": head_dim, "linear_value_head_dim": head_dim,
+                         "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta,
+                                             "mrope_section": [16, 8, 8], "mrope_interleaved": True,
+                                             "partial_rotary_factor": 1.0}},
+            vision_config=dict(depth=num_layers, hidden_size=vision_hidden, intermediate_size=vision_hidden * 2,
+                               num_heads=4, out_hidden_size=text_hidden, patch_size=16, spatial_merge_size=2,
+                               temporal_patch_size=2, num_position_embeddings=256, initializer_range=init_std),
+            **ids)
     else:
         from transformers import Qwen3VLConfig as Config, Qwen3VLForConditionalGeneration as Model
 
@@ -113,7 +129,7 @@ def make_demo_qwen_model(
     config.tie_word_embeddings = False
     torch.manual_seed(seed)
     model = Model(config).eval()
-    processor = qwen_processor(tokenizer, family)
+    processor = qwen_processor(tokenizer, "qwen2_5_vl" if family == "qwen2_5_vl" else "qwen3_vl")
     _save(model, tokenizer, processor, out, {"random_weights": True, "seed": seed, "family": family,
                                               "rope_theta": rope_theta, "init_std": init_std})
     return out

@@ -3,10 +3,10 @@
 import gc
 
 
-def make_llm(model, overrides=None, max_model_len=2048, **engine_args):
+def make_llm(model, overrides=None, max_model_len=2048, dtype="float32", **engine_args):
     from vllm import LLM
 
-    return LLM(str(model), hf_overrides=overrides or {}, enforce_eager=True, dtype="float32",
+    return LLM(str(model), hf_overrides=overrides or {}, enforce_eager=True, dtype=dtype,
                max_model_len=max_model_len, max_num_seqs=4, limit_mm_per_prompt={"image": 2},
                seed=0, **engine_args)
 

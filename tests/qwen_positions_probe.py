@@ -16,7 +16,7 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
 
 def main():
-    model, architecture, chunk, ratio, requests_path = sys.argv[1:6]
+    model, architecture, chunk, ratio, requests_path, dtype = sys.argv[1:7]
     from vllm import LLM, SamplingParams
     from PIL import Image
 
@@ -42,7 +42,7 @@ def main():
     qwen_vl.ParQwenModel.recompute_mrope_positions = recording_place
     llm = LLM(model, hf_overrides=par_overrides(architecture=architecture, keep_ratio=float(ratio)),
               worker_cls="par_vllm.worker.ParWorker", distributed_executor_backend="uni",
-              enforce_eager=True, dtype="float32", max_model_len=4096, max_num_seqs=1,
+              enforce_eager=True, dtype=dtype, max_model_len=4096, max_num_seqs=1,
               max_num_batched_tokens=int(chunk), limit_mm_per_prompt={"image": 2},
               enable_prefix_caching=False, seed=0)
     results = []

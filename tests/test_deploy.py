@@ -83,11 +83,13 @@ def test_serve_refuses_an_unsupported_family_listing_the_supported_ones(capsys):
     error = capsys.readouterr().err
     assert info.value.code == 2 and "Idefics3ForConditionalGeneration" in error
     for supported in ["LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
-                      "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration"]:
+                      "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration",
+                      "Qwen3_5ForConditionalGeneration"]:
         assert supported in error
 
 
-@pytest.mark.parametrize("family", ["Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration"])
+@pytest.mark.parametrize("family", ["Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration",
+                                    "Qwen3_5ForConditionalGeneration"])
 def test_serve_gives_qwen_its_worker_and_never_overrides_its_rope(capsys, family):
     """Qwen-VL's kept tokens are placed by the plugin's worker; the checkpoint's own M-RoPE
     section must stay as it is (LLaVA's override would replace it)."""

@@ -1,4 +1,4 @@
-"""Qwen2.5-VL and Qwen3-VL with PAR, through a real vLLM engine, on tiny random-weight
+"""Qwen2.5-VL, Qwen3-VL and Qwen3.5 with PAR, through a real vLLM engine, on tiny random-weight
 models built here: K per image from the processor's own grid, equal to stock vLLM token for
 token with nothing removed (chunked prefill included), every kept token at its full-image
 (t, h, w) position, prefix-cache isolation, bad input."""
@@ -21,12 +21,16 @@ from par_vllm.server import CPU_ENV, par_overrides
 import offline_engine
 from offline_engine import close
 
-ARCH = {"qwen2_5_vl": "ParQwen2_5_VLForConditionalGeneration", "qwen3_vl": "ParQwen3VLForConditionalGeneration"}
+ARCH = {"qwen2_5_vl": "ParQwen2_5_VLForConditionalGeneration", "qwen3_vl": "ParQwen3VLForConditionalGeneration",
+        "qwen3_5": "ParQwen3_5ForConditionalGeneration"}
+# vLLM's CPU Gated DeltaNet layers (Qwen3.5's linear attention) run in bfloat16 only.
+DTYPE = {"qwen2_5_vl": "float32", "qwen3_vl": "float32", "qwen3_5": "bfloat16"}
 # (width, height) -> N, as the family's processor counts it (2x2 merge of 14 or 16 px patches).
 TOKENS = {
     "qwen2_5_vl": {(448, 448): 256, (224, 224): 64, (308, 448): 176, (448, 308): 176},
     "qwen3_vl": {(448, 448): 196, (224, 224): 49, (308, 448): 140, (448, 308): 140},
 }
+TOKENS["qwen3_5"] = TOKENS["qwen3_vl"]
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
@@ -84,7 +88,7 @@ def make_llm(model, family, overrides=True, **engine_args):
     if overrides:
         engine_args = {"worker_cls": "par_vllm.worker.ParWorker", **engine_args}
     return offline_engine.make_llm(model, par_overrides(architecture=ARCH[family]) if overrides else None,
-                                   max_model_len=4096, **engine_args)
+                                   max_model_len=4096, dtype=DTYPE[family], **engine_args)
 
 
 def generate(llm, prompt, sizes, mm_kwargs=None):
@@ -234,7 +238,7 @@ def test_every_kept_token_sits_at_its_full_image_position(qwen_model, family, to
     (tmp_path / "requests.json").write_text(json.dumps(requests))
     probe = Path(__file__).with_name("qwen_positions_probe.py")
     done = subprocess.run([sys.executable, str(probe), str(qwen_model), ARCH[family], "64", "0.111",
-                           str(tmp_path / "requests.json")], capture_output=True, text=True, timeout=600,
+                           str(tmp_path / "requests.json"), DTYPE[family]], capture_output=True, text=True, timeout=600,
                           env={**os.environ, **CPU_ENV})
     line = [x for x in done.stdout.splitlines() if x.startswith("PROBE ")]
     assert line, done.stderr[-3000:]

@@ -1,12 +1,13 @@
-"""Qwen2.5-VL and Qwen3-VL with PAR: vLLM's own models, every kept token at its true
-(t, h, w) M-RoPE position.
+"""Qwen2.5-VL, Qwen3-VL and Qwen3.5 with PAR: vLLM's own models, every kept token at its
+true (t, h, w) M-RoPE position.
 
 N per image is the processor's own `image_grid_thw` after the 2x2 merge (448x448 is 256
 tokens in Qwen2.5-VL, 196 in Qwen3-VL), rows in raster order. PAR keeps K of them; with
 `par_positions` "span" (the default here) each kept token sits at the position it has in
 the whole image and the text after the image starts where it would unreduced
 (par_vllm/positions.py says how, through vLLM's multimodal-pruning interface and the
-plugin's worker, par_vllm/worker.py). Qwen3-VL's rows carry its deepstack features beside
+plugin's worker, par_vllm/worker.py). Qwen3.5 is Qwen3-VL's vision side and processor in
+front of a hybrid language model. Qwen3-VL's rows carry its deepstack features beside
 the main embedding: PAR scores the main embedding and the deepstack columns follow the
 same selection and merge. Videos pass through unreduced.
 """
@@ -23,6 +24,7 @@ from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLMultiModalProcessor,
     Qwen2_5_VLProcessingInfo,
 )
+from vllm.model_executor.models.qwen3_5 import Qwen3_5ForConditionalGeneration, Qwen3_5ProcessingInfo
 from vllm.model_executor.models.qwen3_vl import (
     Qwen3VLDummyInputsBuilder,
     Qwen3VLForConditionalGeneration,
@@ -166,7 +168,9 @@ class ParQwenModel(ParModel):
 
     @property
     def par_score_dims(self) -> int | None:
-        return None
+        # Qwen3-VL's rows carry deepstack features beside the main embedding: PAR scores the
+        # main embedding and the deepstack columns follow.
+        return self.visual_dim if getattr(self, "deepstack_num_level", 0) else None
 
 
 class ParQwen2_5_VLProcessingInfo(ParQwenProcessingInfo, Qwen2_5_VLProcessingInfo):
@@ -200,6 +204,17 @@ class ParQwen3VLMultiModalProcessor(ParQwenMultiModalProcessor, Qwen3VLMultiModa
     dummy_inputs=Qwen3VLDummyInputsBuilder,
 )
 class ParQwen3VLForConditionalGeneration(ParQwenModel, Qwen3VLForConditionalGeneration):
-    @property
-    def par_score_dims(self) -> int | None:
-        return self.visual_dim  # the main embedding; the deepstack levels follow
+    pass
+
+
+class ParQwen3_5ProcessingInfo(ParQwenProcessingInfo, Qwen3_5ProcessingInfo):
+    pass
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    ParQwen3VLMultiModalProcessor,
+    info=ParQwen3_5ProcessingInfo,
+    dummy_inputs=Qwen3VLDummyInputsBuilder,
+)
+class ParQwen3_5ForConditionalGeneration(ParQwenModel, Qwen3_5ForConditionalGeneration):
+    pass
