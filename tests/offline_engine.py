@@ -3,11 +3,11 @@
 import gc
 
 
-def make_llm(model, overrides=None, max_model_len=2048, dtype="float32", **engine_args):
+def make_llm(model, overrides=None, max_model_len=2048, dtype="float32", limit_mm_per_prompt=None, **engine_args):
     from vllm import LLM
 
     return LLM(str(model), hf_overrides=overrides or {}, enforce_eager=True, dtype=dtype,
-               max_model_len=max_model_len, max_num_seqs=4, limit_mm_per_prompt={"image": 2},
+               max_model_len=max_model_len, max_num_seqs=4, limit_mm_per_prompt=limit_mm_per_prompt or {"image": 2},
                seed=0, **engine_args)
 
 

@@ -85,6 +85,7 @@ def test_the_tiny_models_answers_depend_on_positions(qwen_model, family):
 
 
 def make_llm(model, family, overrides=True, **engine_args):
+    engine_args = {"limit_mm_per_prompt": {"image": 2, "video": 1}, **engine_args}
     if overrides:
         engine_args = {"worker_cls": "par_vllm.worker.ParWorker", **engine_args}
     return offline_engine.make_llm(model, par_overrides(architecture=ARCH[family]) if overrides else None,
@@ -93,6 +94,30 @@ def make_llm(model, family, overrides=True, **engine_args):
 
 def generate(llm, prompt, sizes, mm_kwargs=None):
     return offline_engine.generate(llm, prompt, [image(s) for s in sizes], mm_kwargs, logprobs=2)
+
+
+VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
+
+
+def clip():
+    """Eight 224 px frames of the demo image turning, with the metadata Qwen's processors read."""
+    import numpy as np
+
+    frames = np.stack([np.asarray(image((224, 224)).rotate(10 * i)) for i in range(8)])
+    return frames, {"fps": 2.0, "duration": 4.0, "total_num_frames": 8, "frames_indices": list(range(8)),
+                    "video_backend": "opencv", "do_sample_frames": False}
+
+
+def generate_video(llm, with_image: bool, mm_kwargs=None):
+    """A question about a video (after an image when with_image)."""
+    from vllm import SamplingParams
+
+    data = {"video": clip(), **({"image": image((308, 448))} if with_image else {})}
+    request = {"prompt": chat((IMAGE if with_image else "") + VIDEO + "What moves?"), "multi_modal_data": data}
+    if mm_kwargs is not None:
+        request["mm_processor_kwargs"] = mm_kwargs
+    (out,) = llm.generate(request, SamplingParams(max_tokens=6, temperature=0.0, logprobs=2), use_tqdm=False)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +145,9 @@ def runs(qwen_model, family):
     for name, (prompt, sizes) in WHOLE.items():
         res["whole64", name] = generate(llm, prompt, sizes, {"par_keep_ratio": 1.0})
     res["par64", "two"] = generate(llm, TWO, [(448, 308), (224, 224)])
+    res["par64", "video"] = generate_video(llm, False)
+    res["par64", "image+video"] = generate_video(llm, True, {"par_keep_ratio": 1.0})
+    res["par64", "reduced+video"] = generate_video(llm, True)
     close(llm)
     llm = make_llm(qwen_model, family, enable_prefix_caching=True)
     res["cached"] = [generate(llm, q, [(448, 448)]) for q in (OTHER, ONE, OTHER, ONE)]
@@ -127,6 +155,8 @@ def runs(qwen_model, family):
     llm = make_llm(qwen_model, family, overrides=False)  # vLLM's own model class
     for name, (prompt, sizes) in WHOLE.items():
         res["stock", name] = generate(llm, prompt, sizes)
+    res["stock", "video"] = generate_video(llm, False)
+    res["stock", "image+video"] = generate_video(llm, True)
     close(llm)
     return res
 
@@ -171,6 +201,19 @@ def test_with_nothing_removed_outputs_equal_stock_vllm(runs, name):
     prefill and with 64-token chunks that split inside and right after images."""
     same(runs["whole", name], runs["stock", name])
     same(runs["whole64", name], runs["stock", name])
+
+
+@pytest.mark.slow
+def test_videos_pass_through_as_stock_vllm_serves_them(runs, tokenizer, family):
+    """Videos are not reduced (yet): a video alone, and after an image at par_keep_ratio 1.0,
+    equal stock vLLM token for token under 64-token chunks; after a reduced image, only the
+    image's placeholders shrink."""
+    same(runs["par64", "video"], runs["stock", "video"])
+    same(runs["par64", "image+video"], runs["stock", "image+video"])
+    reduced, whole = runs["par64", "reduced+video"], runs["stock", "image+video"]
+    pad = tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    assert reduced.prompt_token_ids.count(pad) == whole.prompt_token_ids.count(pad) > 0
+    assert image_tokens(reduced, tokenizer) == math.ceil(TOKENS[family][(308, 448)] * 0.111)
 
 
 @pytest.mark.slow
