@@ -386,3 +386,28 @@ def test_qwen_server_reduces_and_counts_and_refuses_bad_settings(qwen_server):
         ask(qwen_server, messages, mm_processor_kwargs={"par_keep_ratio": 0})
     assert info.value.status_code == 400 and "par_keep_ratio" in info.value.message
     assert ask(qwen_server, messages) == default
+
+
+def test_the_worker_switches_on_placement_in_either_vllm_runner():
+    """vLLM's V1 runner (the CPU build's) keeps the switch as a flag; the V2 runner (the GPU
+    build's default where Triton is installed) as a MultiModalPruner in its model state.
+    Models that do not ask are left alone."""
+    from types import SimpleNamespace
+
+    from vllm.v1.worker.gpu.model_states.mm_pruning import MultiModalPruner
+
+    from par_vllm.worker import enable_row_placement
+
+    asks, other = SimpleNamespace(par_places_rows=True), SimpleNamespace()
+    v1 = SimpleNamespace(get_model=lambda: asks, is_multimodal_pruning_enabled=False)
+    enable_row_placement(v1)
+    assert v1.is_multimodal_pruning_enabled is True
+    untouched = SimpleNamespace(get_model=lambda: other, is_multimodal_pruning_enabled=False)
+    enable_row_placement(untouched)
+    assert untouched.is_multimodal_pruning_enabled is False
+    state = SimpleNamespace(mm_pruner=None, rope_state=object(), encoder_cache=object())
+    v2 = SimpleNamespace(get_model=lambda: asks, model_state=state,
+                         model_config=SimpleNamespace(get_inputs_embeds_size=lambda: 128))
+    enable_row_placement(v2)
+    assert isinstance(state.mm_pruner, MultiModalPruner) and state.mm_pruner.model is asks
+    assert state.mm_pruner.inputs_embeds_size == 128
