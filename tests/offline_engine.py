@@ -34,3 +34,13 @@ def text_tokens(tokenizer, prompt):
     """Prompt tokens other than the image placeholders."""
     ids = tokenizer.encode(prompt)
     return len(ids) - ids.count(tokenizer.convert_tokens_to_ids("<image>"))
+
+
+def same(a, b, tolerance=1e-4):
+    """Two engine outputs agree: prompt tokens, greedy tokens, and every log-probability
+    both report within `tolerance`."""
+    assert a.prompt_token_ids == b.prompt_token_ids
+    assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    for step_a, step_b in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+        for token, lp in step_a.items():
+            assert abs(lp.logprob - step_b[token].logprob) < tolerance

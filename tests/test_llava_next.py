@@ -12,7 +12,7 @@ from par_vllm.models.base import Layout
 from par_vllm.server import par_overrides
 
 import offline_engine
-from offline_engine import close, text_tokens
+from offline_engine import close, same, text_tokens
 
 NEXT = "ParLlavaNextForConditionalGeneration"
 PROMPT = "USER: <image>\nWhat color is the triangle?\nASSISTANT:"
@@ -145,14 +145,6 @@ def apart(a, b, tolerance=1e-4) -> bool:
     return any(abs(lp.logprob - step_b[token].logprob) >= tolerance
                for step_a, step_b in zip(a.outputs[0].logprobs, b.outputs[0].logprobs)
                for token, lp in step_a.items() if token in step_b)
-
-
-def same(a, b, tolerance=1e-4):
-    assert a.prompt_token_ids == b.prompt_token_ids
-    assert a.outputs[0].token_ids == b.outputs[0].token_ids
-    for step_a, step_b in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
-        for token, lp in step_a.items():
-            assert abs(lp.logprob - step_b[token].logprob) < tolerance
 
 
 @pytest.mark.slow

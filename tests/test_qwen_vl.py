@@ -19,7 +19,7 @@ from par_vllm.demo import demo_image
 from par_vllm.server import CPU_ENV, par_overrides
 
 import offline_engine
-from offline_engine import close
+from offline_engine import close, same
 
 ARCH = {"qwen2_5_vl": "ParQwen2_5_VLForConditionalGeneration", "qwen3_vl": "ParQwen3VLForConditionalGeneration",
         "qwen3_5": "ParQwen3_5ForConditionalGeneration"}
@@ -159,14 +159,6 @@ def runs(qwen_model, family):
     res["stock", "image+video"] = generate_video(llm, True)
     close(llm)
     return res
-
-
-def same(a, b, tolerance=1e-4):
-    assert a.prompt_token_ids == b.prompt_token_ids
-    assert a.outputs[0].token_ids == b.outputs[0].token_ids
-    for step_a, step_b in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
-        for token, lp in step_a.items():
-            assert abs(lp.logprob - step_b[token].logprob) < tolerance
 
 
 def image_tokens(out, tokenizer) -> int:
