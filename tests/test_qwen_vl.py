@@ -96,6 +96,16 @@ def generate(llm, prompt, sizes, mm_kwargs=None):
     return offline_engine.generate(llm, prompt, [image(s) for s in sizes], mm_kwargs, logprobs=2)
 
 
+def batch(llm, requests):
+    """Several requests handed to the engine at once, so that their prefill chunks and
+    images share engine steps."""
+    from vllm import SamplingParams
+
+    return llm.generate([{"prompt": prompt, "multi_modal_data": {"image": [image(s) for s in sizes]}}
+                         for prompt, sizes in requests],
+                        SamplingParams(max_tokens=6, temperature=0.0, logprobs=2), use_tqdm=False)
+
+
 VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
 
 
@@ -145,6 +155,7 @@ def runs(qwen_model, family):
     for name, (prompt, sizes) in WHOLE.items():
         res["whole64", name] = generate(llm, prompt, sizes, {"par_keep_ratio": 1.0})
     res["par64", "two"] = generate(llm, TWO, [(448, 308), (224, 224)])
+    res["par64", "batch"] = batch(llm, [(ONE, [(448, 448)]), (TWO, [(448, 308), (224, 224)]), (ONE, [(308, 448)])])
     res["par64", "video"] = generate_video(llm, False)
     res["par64", "image+video"] = generate_video(llm, True, {"par_keep_ratio": 1.0})
     res["par64", "reduced+video"] = generate_video(llm, True)
@@ -209,8 +220,14 @@ def test_videos_pass_through_as_stock_vllm_serves_them(runs, tokenizer, family):
 
 
 @pytest.mark.slow
-def test_reduced_outputs_do_not_depend_on_prefill_chunks(runs):
+def test_reduced_outputs_do_not_depend_on_prefill_chunks_or_other_requests(runs):
+    """Reduced, a request answers the same alone with whole prefill as in 64-token chunks
+    sharing engine steps with other requests."""
     same(runs["par64", "two"], runs["par", "two"])
+    one, two, portrait = runs["par64", "batch"]
+    same(one, runs["par", (448, 448)])
+    same(two, runs["par", "two"])
+    same(portrait, runs["par", (308, 448)])
 
 
 @pytest.mark.slow
