@@ -7,7 +7,8 @@ it for the prompt), each merged patch tinted with the colour of the kept patch i
 dropped patches (pruning baselines) greyed out. For LLaVA-NeXT (AnyRes) two panels: the
 base view's grid over the whole image squashed to a square, as the base view sees it, and
 the tiles' unpadded grid over the image at its own aspect; the row separators are not
-visual tokens and are not drawn.
+visual tokens and are not drawn. For Qwen-VL one panel: the merged-token grid over the image
+at its own aspect, as the processor resized it.
 """
 
 from __future__ import annotations
@@ -25,13 +26,19 @@ from .dispatch import reduce_tokens
 from .reduction import Reduction
 
 
+QWEN_TYPES = ("qwen2_5_vl", "qwen3_vl", "qwen3_5")
+
+
 class Explainer:
     def __init__(self, model_dir: str | Path):
-        from transformers import (AutoConfig, AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration,
-                                  LlavaNextForConditionalGeneration)
+        from transformers import (AutoConfig, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer,
+                                  LlavaForConditionalGeneration, LlavaNextForConditionalGeneration)
 
-        self.anyres = AutoConfig.from_pretrained(model_dir).model_type == "llava_next"
-        model_class = LlavaNextForConditionalGeneration if self.anyres else LlavaForConditionalGeneration
+        model_type = AutoConfig.from_pretrained(model_dir).model_type
+        self.anyres = model_type == "llava_next"
+        self.qwen = model_type in QWEN_TYPES
+        model_class = (AutoModelForImageTextToText if self.qwen else
+                       LlavaNextForConditionalGeneration if self.anyres else LlavaForConditionalGeneration)
         self.model = model_class.from_pretrained(model_dir, dtype=torch.float32).eval()
         self.processor = AutoProcessor.from_pretrained(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -48,6 +55,12 @@ class Explainer:
         """The visual tokens, and the (rows, columns) of each grid they lie on in raster
         order: the base view's, then for AnyRes the tiles' unpadded grid."""
         inputs = self.processor.image_processor(image.convert("RGB"), return_tensors="pt")
+        if self.qwen:  # dynamic resolution: the merged grid of the image as the processor resized it
+            _, height, width = inputs["image_grid_thw"][0].tolist()
+            merge = self.config.vision_config.spatial_merge_size
+            features = self.model.model.get_image_features(pixel_values=inputs["pixel_values"],
+                                                           image_grid_thw=inputs["image_grid_thw"]).pooler_output
+            return features[0][None], [(height // merge, width // merge)]
         extra = {"image_sizes": inputs["image_sizes"]} if self.anyres else {}
         features = self.model.get_image_features(
             pixel_values=inputs["pixel_values"],
@@ -82,10 +95,11 @@ class Explainer:
 
 
 def render(image: Image.Image, reduction: Reduction, grids: list[tuple[int, int]] | None = None,
-           size: int = 672) -> Image.Image:
+           size: int = 672, own_aspect: bool = False) -> Image.Image:
     """The image with PAR's decisions drawn on its patch grids (first image of the batch),
     one panel per grid: LLaVA-1.5's one square grid; for AnyRes the base view's over the
-    image squashed to a square, then the tiles' over the image at its own aspect."""
+    image squashed to a square, then the tiles' over the image at its own aspect;
+    `own_aspect` draws the only grid over the image at its own aspect (Qwen-VL)."""
     kept = reduction.kept_indices[0].tolist()
     assignment = reduction.assignment[0].tolist()
     retrieved = set(reduction.retrieved[0].nonzero().flatten().tolist())
@@ -98,6 +112,8 @@ def render(image: Image.Image, reduction: Reduction, grids: list[tuple[int, int]
     image = image.convert("RGB")
     scale = size / max(image.size)
     views = [image.resize((size, size)), image.resize((round(image.width * scale), round(image.height * scale)))]
+    if own_aspect:
+        views = views[1:]
     panels, first = [], 0
     for panel, (rows, cols) in zip(views, grids):
         cell_w, cell_h = panel.width / cols, panel.height / rows
@@ -135,5 +151,5 @@ def explain(model_dir, image_path, prompt: str, out: str | Path, settings: ParSe
     image = Image.open(image_path)
     explainer = Explainer(model_dir)
     visual, grids = explainer.features(image)
-    render(image, explainer.reduce_visual(visual, prompt, settings), grids).save(out)
+    render(image, explainer.reduce_visual(visual, prompt, settings), grids, own_aspect=explainer.qwen).save(out)
     return Path(out)

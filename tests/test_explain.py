@@ -58,3 +58,22 @@ def test_each_prompt_keeps_the_tokens_most_relevant_to_it(demo_model):
         assert top2 <= set(torch.nonzero(reduction.retrieved[0]).flatten().tolist())
         best.append(top2)
     assert best[0] != best[1], "the two questions point at different tokens"
+
+
+def test_explain_draws_a_qwen_grid_at_the_images_own_aspect(tmp_path, capsys):
+    """Qwen-VL: the merged-token grid of a portrait image (11 x 16 at 308x448 in Qwen2.5-VL)
+    over the image at its own aspect; the reduction keeps K = 20 of its 176 tokens."""
+    from par_vllm.demo_qwen import make_demo_qwen_model
+    from par_vllm.explain import Explainer
+    from par_vllm.settings import ParSettings
+
+    model = make_demo_qwen_model(tmp_path / "qwen")
+    image_path = tmp_path / "portrait.png"
+    demo_image().resize((308, 448)).save(image_path)
+    visual, grids = Explainer(model).features(Image.open(image_path))
+    assert visual.shape[1] == 176 and grids == [(16, 11)]
+    assert Explainer(model).reduce_visual(visual, "Where is the star?", ParSettings()).kept_indices.shape == (1, 20)
+    out = tmp_path / "kept.png"
+    main(["explain", str(image_path), "Where is the star?", "--model", str(model), "--out", str(out)])
+    assert capsys.readouterr().out.strip() == str(out)
+    assert Image.open(out).size == (462, 672)
