@@ -75,7 +75,7 @@ class ParQwenMultiModalProcessor(ParMultiModalProcessor):
 
 
 class ParQwenModel(ParModel):
-    """Mixed in before vLLM's Qwen2.5-VL or Qwen3-VL model class."""
+    """Mixed in before vLLM's Qwen2.5-VL, Qwen3-VL or Qwen3.5 model class."""
 
     # Asks the plugin's worker to pass every multimodal row through
     # recompute_mrope_positions (par_vllm/worker.py).
@@ -138,19 +138,19 @@ class ParQwenModel(ParModel):
     def embed_multimodal(self, **kwargs: object):
         query_ids = kwargs.pop(QUERY_KEY, None)
         packed_settings = kwargs.pop(SETTINGS_KEY, None)
-        packed_layouts = kwargs.pop(LAYOUT_KEY, None)
+        kwargs.pop(LAYOUT_KEY, None)  # N is each image's own row count here
         rows = []
         for modality, inputs in self._parse_and_validate_multimodal_inputs(**kwargs).items():
             if modality == "image":
                 features = list(self._process_image_input(inputs))
                 grids = inputs["image_grid_thw"].tolist()
-                rows += self._reduce_images(features, grids, packed_settings, packed_layouts, query_ids)
+                rows += self._reduce_images(features, grids, packed_settings, query_ids)
             else:
                 rows += [torch.cat([video, position_columns(None, len(video), video)], dim=1)
                          for video in self._process_video_input(inputs)]
         return tuple(rows)
 
-    def _reduce_images(self, features, grids, packed_settings, packed_layouts, query_ids) -> list[torch.Tensor]:
+    def _reduce_images(self, features, grids, packed_settings, query_ids) -> list[torch.Tensor]:
         if packed_settings is None:  # start-up profiling's dummy images
             return [torch.cat([f, position_columns(None, len(f), f)], dim=1) for f in features]
         settings = [ParSettings.from_tensor(row) for row in packed_settings]
