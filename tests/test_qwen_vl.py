@@ -220,14 +220,17 @@ def test_videos_pass_through_as_stock_vllm_serves_them(runs, tokenizer, family):
 
 
 @pytest.mark.slow
-def test_reduced_outputs_do_not_depend_on_prefill_chunks_or_other_requests(runs):
+def test_reduced_outputs_do_not_depend_on_prefill_chunks_or_other_requests(runs, family):
     """Reduced, a request answers the same alone with whole prefill as in 64-token chunks
-    sharing engine steps with other requests."""
-    same(runs["par64", "two"], runs["par", "two"])
+    sharing engine steps with other requests. In bfloat16 (Qwen3.5 on a CPU) a batch's
+    composition moves log-probabilities by rounding, so the tokens must match exactly and
+    the log-probabilities within bfloat16's rounding, under what a misplaced image moves."""
+    tolerance = 5e-2 if DTYPE[family] == "bfloat16" else 1e-4
+    same(runs["par64", "two"], runs["par", "two"], tolerance)
     one, two, portrait = runs["par64", "batch"]
-    same(one, runs["par", (448, 448)])
-    same(two, runs["par", "two"])
-    same(portrait, runs["par", (308, 448)])
+    same(one, runs["par", (448, 448)], tolerance)
+    same(two, runs["par", "two"], tolerance)
+    same(portrait, runs["par", (308, 448)], tolerance)
 
 
 @pytest.mark.slow
