@@ -187,8 +187,8 @@ def main() -> None:
     args = parser.parse_args()
 
     path, about = model_dir(args.model)
-    if args.sizes is None and par_architecture(json.loads((path / "config.json").read_text())["architectures"]) \
-            in PLACES_ROWS:
+    architecture = par_architecture(json.loads((path / "config.json").read_text())["architectures"])
+    if args.sizes is None and architecture in PLACES_ROWS:
         args.sizes = "448,896"
     levels = [int(c) for c in args.concurrency.split(",")]
     # Room for a whole LLaVA-NeXT image (2,928 rows at 672 px) in one prefill and in the
@@ -198,7 +198,6 @@ def main() -> None:
     common = [*engine, "--no-enable-prefix-caching", "--mm-processor-cache-gb", "0",
               "--trust-request-mm-kwargs"]
     saved = json.loads((path / "par_model.json").read_text()) if (path / "par_model.json").exists() else {}
-    architecture = par_architecture(json.loads((path / "config.json").read_text())["architectures"])
     # Qwen-VL takes any size; a LLaVA checkpoint has the one it was saved with.
     sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else [saved.get("image_size", 336)]
     visual = {size: visual_tokens(path, saved, size) for size in sizes}
