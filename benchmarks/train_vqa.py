@@ -25,7 +25,7 @@ LLaVA's own recipe, in three stages:
     # the accuracy benchmark's model (v4), in one run (5 + 8 + 42 minutes of stages):
     .venv/bin/python -m benchmarks.train_vqa --out .models/vqa4
     # the same recipe on the Qwen2.5-VL architecture (its ViT and merger, M-RoPE; the
-    # composite resized to the same 12 x 12 visual tokens):
+    # composite resized to the same 12 x 12 visual tokens; 10 + 8 + 42 minutes):
     .venv/bin/python -m benchmarks.train_vqa --family qwen2_5_vl --out .models/vqa-qwen
 
 For Qwen2.5-VL the merger is the projector: stage 1 trains the ViT through it (the labels
@@ -69,6 +69,8 @@ class Llava:
     """What the recipe needs of a LLaVA: a CLIP tower read at patch level, then a projector."""
 
     placeholder = IMAGE_TOKEN + "\n"
+    # Stage 1's composites per step and minutes (see Qwen's).
+    vision_batch, vision_minutes = 32, 5.0
 
     def __init__(self, grid: int, patch: int):
         self.grid, self.patch = grid, patch
@@ -118,6 +120,10 @@ class Qwen(Llava):
     a visual token covers the same `patch` pixels of the composite as in the LLaVA."""
 
     placeholder = "<|vision_start|><|image_pad|><|vision_end|>"
+    # Its ViT reads four patches per visual token (the 2x2 merge) where the LLaVA's tower
+    # reads one, so a step of the LLaVA's 32 composites costs several times as much: half
+    # the composites and twice the minutes give stage 1 a comparable number of steps.
+    vision_batch, vision_minutes = 16, 10.0
 
     def build(self, hidden: int, layers: int, seed: int):
         return smollm_qwen(seed=seed, vision_hidden=hidden, vision_depth=layers)
@@ -341,7 +347,7 @@ def pretrain_vision(model, processor, args, log, arch: Llava) -> dict:
     val = make_composites("train", 64, grid=args.grid, seed=20_000 + args.seed)
     start, step = time.time(), 0
     while time.time() - start < args.vision_minutes * 60:
-        batch = make_composites("train", 32, grid=args.grid, seed=7_000_001 * (args.seed + 1) + step)
+        batch = make_composites("train", args.vision_batch, grid=args.grid, seed=7_000_001 * (args.seed + 1) + step)
         loss, accuracy = batch_loss(batch)
         optimizer.zero_grad()
         loss.backward()
@@ -445,7 +451,10 @@ def main(argv=None) -> int:
     parser.add_argument("--vision-from", type=Path, default=None,
                         help="a model this script saved: reuse its stage-1 vision tower instead of training one")
     parser.add_argument("--turns", type=int, default=8, help="most questions per training chat in stage 3")
-    parser.add_argument("--vision-minutes", type=float, default=5.0)
+    parser.add_argument("--vision-minutes", type=float, default=None,
+                        help="stage 1's budget (default: the family's, 5 for LLaVA, 10 for Qwen)")
+    parser.add_argument("--vision-batch", type=int, default=None,
+                        help="composites per stage-1 step (default: the family's, 32 for LLaVA, 16 for Qwen)")
     parser.add_argument("--align-minutes", type=float, default=8.0)
     parser.add_argument("--tune-minutes", type=float, default=42.0)
     parser.add_argument("--val", type=int, default=64, help="held-out composites (train split, own seed)")
@@ -469,6 +478,8 @@ def main(argv=None) -> int:
     else:
         arch = FAMILIES[args.family](args.grid, args.patch)
         model, tokenizer, gguf = arch.build(args.vision_hidden, args.vision_layers, args.seed)
+    args.vision_minutes = arch.vision_minutes if args.vision_minutes is None else args.vision_minutes
+    args.vision_batch = arch.vision_batch if args.vision_batch is None else args.vision_batch
     processor = arch.processor(tokenizer)
     processor.tokenizer.padding_side = "left"
     lm = model.model.language_model
