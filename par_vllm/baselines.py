@@ -30,17 +30,21 @@ def pruned(visual: torch.Tensor, kept: torch.Tensor, prompt_aware: torch.Tensor)
     )
 
 
-def uniform_pool(visual, query, query_mask, num_kept, settings) -> Reduction:
-    """2D average pooling of the token grid to an h x w grid with h * w = K (the factor
-    pair closest to square). Non-square token counts pool along the raster order."""
+def uniform_pool(visual, query, query_mask, num_kept, settings, grid: tuple[int, int] | None = None) -> Reduction:
+    """2D average pooling of the token grid (`grid` rows x columns; a square one if not
+    given) to an h x w grid with h * w = K, the factor pair whose shape is closest to the
+    grid's. Token counts with no grid given and no square root pool along the raster order."""
     batch, num_visual, dim = visual.shape
     side = math.isqrt(num_visual)
-    h = max(d for d in range(1, math.isqrt(num_kept) + 1) if num_kept % d == 0)
-    w = num_kept // h
-    if side * side != num_visual:
+    if grid is None and side * side == num_visual:
+        grid = (side, side)
+    if grid is None:
         side_h, side_w, h, w = 1, num_visual, 1, num_kept
     else:
-        side_h = side_w = side
+        side_h, side_w = grid
+        if side_h * side_w != num_visual:
+            raise ValueError(f"a {side_h} x {side_w} grid is not {num_visual} tokens")
+        h, w = pooled_shape(num_kept, side_h, side_w)
     grid = visual.float().transpose(1, 2).reshape(batch, dim, side_h, side_w)
     tokens = F.adaptive_avg_pool2d(grid, (h, w)).reshape(batch, dim, h * w).transpose(1, 2)
     rows = torch.arange(side_h, device=visual.device) * h // side_h
@@ -56,6 +60,14 @@ def uniform_pool(visual, query, query_mask, num_kept, settings) -> Reduction:
         retrieved=torch.zeros(batch, num_visual, dtype=torch.bool, device=visual.device),
         prompt_aware=torch.zeros(batch, dtype=torch.bool, device=visual.device),
     )
+
+
+def pooled_shape(num_kept: int, rows: int, cols: int) -> tuple[int, int]:
+    """(h, w) with h * w = num_kept whose aspect is closest to rows x cols, preferring pairs
+    that fit inside the grid, then the flatter one."""
+    pairs = [(h, num_kept // h) for h in range(1, num_kept + 1) if num_kept % h == 0]
+    aspect = math.log(rows / cols)
+    return min(pairs, key=lambda hw: (hw[0] > rows or hw[1] > cols, abs(math.log(hw[0] / hw[1]) - aspect), hw[0]))
 
 
 def random_keep(visual, query, query_mask, num_kept, settings) -> Reduction:
@@ -95,5 +107,9 @@ def diverse_keep(visual, query, query_mask, num_kept, settings) -> Reduction:
 BASELINES = {"pool": uniform_pool, "random": random_keep, "topk": topk_keep, "diverse": diverse_keep}
 
 
-def reduce_with(method: str, visual, query, query_mask, num_kept, settings: ParSettings) -> Reduction:
+def reduce_with(method: str, visual, query, query_mask, num_kept, settings: ParSettings,
+                grid: tuple[int, int] | None = None) -> Reduction:
+    """`grid`: the images' token grid (rows, columns), which only pooling reads."""
+    if method == "pool":
+        return uniform_pool(visual, query, query_mask, num_kept, settings, grid=grid)
     return BASELINES[method](visual, query, query_mask, num_kept, settings)

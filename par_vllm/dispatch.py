@@ -17,13 +17,15 @@ logger = logging.getLogger("vllm.plugins." + __name__)
 
 
 def reduce_tokens(
-    visual: torch.Tensor, query: torch.Tensor, query_mask: torch.Tensor, num_kept: int, settings: ParSettings
+    visual: torch.Tensor, query: torch.Tensor, query_mask: torch.Tensor, num_kept: int, settings: ParSettings,
+    grid: tuple[int, int] | None = None,
 ) -> Reduction:
     """B images of N tokens to K each by `settings.method`: PAR, or a baseline at the same
-    budget. Arguments as par_vllm.reduction.par_reduce."""
+    budget. Arguments as par_vllm.reduction.par_reduce; `grid`, the images' token grid
+    (rows, columns) where it is not square, for the pooling baseline."""
     if settings.method == "par" or num_kept >= visual.shape[1]:
         return par_reduce(visual, query, query_mask, num_kept, settings)
-    return reduce_with(settings.method, visual, query, query_mask, num_kept, settings)
+    return reduce_with(settings.method, visual, query, query_mask, num_kept, settings, grid=grid)
 
 
 def reduce_per_image(
@@ -35,6 +37,7 @@ def reduce_per_image(
     on_kernel_failure=None,
     score_dims: int | None = None,
     with_kept: bool = False,
+    grids: list[tuple[int, int]] | None = None,
 ) -> list[torch.Tensor] | list[tuple[torch.Tensor, torch.Tensor]]:
     """What the model executor calls: one N_i x D tensor per image (possibly from
     different requests, each with its own prompt and settings) to one K_i x D each.
@@ -43,6 +46,7 @@ def reduce_per_image(
     the others (Qwen3-VL's deepstack features) follow the same selection and merge.
     `with_kept`: return (rows, kept indices) pairs, the indices (ascending) of each output
     row's representative token.
+    `grids`: each image's token grid (rows, columns), for images that are not square.
 
     Images with the same N and settings are reduced as one batch; prompts are embedded
     with `embed_tokens` (the LLM's own input embedding table) in one call; each batch
@@ -56,9 +60,10 @@ def reduce_per_image(
         if num_kept >= feature.shape[0]:
             out[i] = (feature, torch.arange(feature.shape[0], device=feature.device))
         else:
-            groups.setdefault((feature.shape, num_kept, setting), []).append(i)
+            grid = tuple(grids[i]) if grids is not None else None
+            groups.setdefault((feature.shape, num_kept, setting, grid), []).append(i)
 
-    for (_, num_kept, setting), members in groups.items():
+    for (_, num_kept, setting, grid), members in groups.items():
         # One image needs no stacked copy: a large one's features are hundreds of MB.
         rows = features[members[0]][None] if len(members) == 1 else torch.stack([features[i] for i in members])
         visual, carried = (rows, None) if score_dims is None else (rows[..., :score_dims], rows[..., score_dims:])
@@ -73,7 +78,7 @@ def reduce_per_image(
         )[:, None]
         kernels = setting.method == "par" and use_kernels(visual, setting.backend)
         try:
-            reduced = reduce_tokens(visual, query, query_mask, num_kept, setting)
+            reduced = reduce_tokens(visual, query, query_mask, num_kept, setting, grid=grid)
         except Exception as error:
             if not kernels:
                 raise

@@ -313,6 +313,32 @@ def test_uniform_pool_is_2d_average_pooling():
     assert torch.allclose(out.tokens[0, 63], grid[0, 21:, 21:].reshape(9, 8).mean(0), atol=1e-6)
 
 
+def test_uniform_pool_follows_a_non_square_grid():
+    # A Qwen-VL landscape image: 12 rows x 24 columns of merged tokens, K = 32 pools 4 x 8
+    # cells of 3 x 3 tokens, the same way reduce_per_image pools it when told the grid.
+    visual = torch.randn(1, 288, 8)
+    empty = (visual[:, :0], torch.zeros(1, 0, dtype=torch.bool))
+    out = reduce_tokens(visual, *empty, 32, ParSettings(method="pool"), grid=(12, 24))
+    grid = visual.reshape(1, 12, 24, 8)
+    assert torch.allclose(out.tokens[0, 0], grid[0, :3, :3].reshape(9, 8).mean(0), atol=1e-6)
+    assert torch.allclose(out.tokens[0, 9], grid[0, 3:6, 3:6].reshape(9, 8).mean(0), atol=1e-6)
+    assert out.assignment[0, 24 * 3 + 3] == 9 and out.kept_indices[0, 9] == 24 * 4 + 4
+    settings = ParSettings(method="pool", num_tokens=32)
+    rows = reduce_per_image([visual[0]], [torch.tensor([], dtype=torch.long)], [settings],
+                            embed_tokens=lambda ids: torch.zeros(len(ids), 8), grids=[(12, 24)])
+    assert torch.allclose(rows[0], out.tokens[0])
+    with pytest.raises(ValueError, match="12 x 20 grid"):
+        reduce_tokens(visual, *empty, 32, ParSettings(method="pool"), grid=(12, 20))
+
+
+@pytest.mark.parametrize("k, rows, cols, shape", [(32, 12, 24, (4, 8)), (32, 24, 12, (8, 4)), (64, 24, 24, (8, 8)),
+                                                   (29, 24, 24, (1, 29)), (12, 2, 30, (1, 12)), (6, 1, 10, (1, 6))])
+def test_pooled_shape_follows_the_grid_aspect(k, rows, cols, shape):
+    from par_vllm.baselines import pooled_shape
+
+    assert pooled_shape(k, rows, cols) == shape
+
+
 def test_topk_keeps_the_most_relevant_and_diverse_ignores_the_prompt():
     torch.manual_seed(0)
     visual = torch.randn(1, 200, 32)

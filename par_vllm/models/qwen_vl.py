@@ -154,11 +154,12 @@ class ParQwenModel(ParModel):
         if packed_settings is None:  # start-up profiling's dummy images
             return [torch.cat([f, position_columns(None, len(f), f)], dim=1) for f in features]
         settings = [ParSettings.from_tensor(row) for row in packed_settings]
+        merge = self.config.vision_config.spatial_merge_size
         reduced = reduce_per_image(
             features, list(query_ids), settings, embed_tokens=self.get_language_model().embed_input_ids,
             on_batch=self._count_batch, on_kernel_failure=self._count_kernel_failure,
-            score_dims=self.par_score_dims, with_kept=True)
-        merge = self.config.vision_config.spatial_merge_size
+            score_dims=self.par_score_dims, with_kept=True,
+            grids=[(height // merge, width // merge) for _, height, width in grids])
         out = []
         for (tokens, kept), feature, (_, height, width), setting in zip(reduced, features, grids, settings):
             placed = len(tokens) < len(feature) and setting.positions == "span"
