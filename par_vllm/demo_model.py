@@ -48,22 +48,30 @@ def _corpus(seed: int = 0) -> list[str]:
     return sentences
 
 
-def build_tokenizer(vocab_size: int = 1024):
+def train_bpe(special_tokens: list[str], vocab_size: int = 1024):
+    """A byte-level BPE trained on the demo corpus, `special_tokens` first in its vocabulary:
+    the tokenizer of every tiny demo model (each family wraps it with its own special tokens
+    and chat template)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(_corpus(), trainer=trainer)
+    return tokenizer
+
+
+def build_tokenizer(vocab_size: int = 1024):
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
+        tokenizer_object=train_bpe(SPECIAL_TOKENS, vocab_size),
         unk_token="<unk>",
         bos_token="<s>",
         eos_token="</s>",

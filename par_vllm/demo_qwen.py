@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .demo_model import _corpus, _save
+from .demo_model import _save, train_bpe
 
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 CHAT_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -41,18 +41,11 @@ FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_5")
 
 
 def build_tokenizer(vocab_size: int = 1024):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=CHAT_TOKENS + VISION_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator(_corpus(), trainer=trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        tokenizer_object=train_bpe(CHAT_TOKENS + VISION_TOKENS, vocab_size), eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
         extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
                               "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"},
         chat_template=CHAT_TEMPLATE)
