@@ -166,3 +166,80 @@ def chat_prompt(tokenizer, question: str, placeholder: str | None = None) -> str
 
     messages = [{"role": "user", "content": (placeholder or f"{IMAGE_TOKEN}\n") + question}]
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+# Where a tile sits, by its row and column of a 3 x 3 grid.
+PLACES = ("top-left", "top", "top-right", "left", "centre", "right", "bottom-left", "bottom", "bottom-right")
+MOMENTS = ("start", "end")
+VIDEO_QUESTIONS = {"color": "what color is the shape in the {place} tile at the {moment}?",
+                   "shape": "what shape is in the {place} tile at the {moment}?"}
+
+
+@dataclass(frozen=True)
+class VideoComposite:
+    """The video version: a 3 x 3 composite whose tiles change over `len(scenes)` scenes
+    (each a tuple of tiles in raster order, shown for `frames_per_scene` frames). The
+    question names a tile by its place and a moment, the first scene or the last, and the
+    queried tile differs between the two in the attribute asked: answering needs both the
+    right tile and the right time."""
+
+    scenes: tuple[tuple[Tile, ...], ...]
+    grid: int
+    target: int  # tile index, raster order
+    moment: str  # "start" or "end"
+    asks: str
+    question: str
+    answer: str
+    frames_per_scene: int = 2
+
+    @property
+    def scene(self) -> int:
+        return 0 if self.moment == "start" else len(self.scenes) - 1
+
+    def frames(self) -> list:
+        """The clip's frames (PIL images), each scene repeated frames_per_scene times: Qwen's
+        ViT merges two frames into one temporal patch, so a scene never straddles one."""
+        images = [Composite(scene, self.grid, self.target, "", "", "").image() for scene in self.scenes]
+        return [image for image in images for _ in range(self.frames_per_scene)]
+
+    def token_mask(self, temporal_steps: int, side: int) -> np.ndarray:
+        """Boolean (temporal_steps * side**2,) in Qwen's video order (time, then raster):
+        the queried tile's tokens in the frames of the queried scene."""
+        tile = Composite(self.scenes[0], self.grid, self.target, "", "", "").patch_mask(side)
+        frames = len(self.scenes) * self.frames_per_scene
+        step_scene = np.arange(temporal_steps) * frames // temporal_steps // self.frames_per_scene
+        return ((step_scene == self.scene)[:, None] & tile[None, :]).reshape(-1)
+
+
+def make_video_composites(split: str, count: int, *, scenes: int = 3, changes: int = 3,
+                          frames_per_scene: int = 2, seed: int = 0) -> list[VideoComposite]:
+    """`count` 3 x 3 clips of `scenes` scenes, each scene replacing `changes` tiles of the
+    one before (the queried tile always among them); questions alternate colour and shape
+    and the start and the end, deterministic in seed."""
+    if scenes < 2 or not 1 <= changes <= 9:
+        raise ValueError(f"scenes must be at least 2 and changes 1-9, got {scenes} and {changes}")
+    pool = tiles(split)
+    rng = random.Random(seed)
+    out = []
+    for i in range(count):
+        asks = "color" if i % 2 == 0 else "shape"
+        moment = MOMENTS[(i // 2) % 2]
+        target = rng.randrange(9)
+        first = list(rng.sample(pool, 9))
+        clip = [tuple(first)]
+        for _ in range(scenes - 1):
+            scene = list(clip[-1])
+            for place in [target] + rng.sample([p for p in range(9) if p != target], changes - 1):
+                scene[place] = rng.choice(pool)
+            clip.append(tuple(scene))
+        # The other moment's tile must answer differently, so the moment matters.
+        other = 0 if moment == "end" else len(clip) - 1
+        asked = clip[0 if moment == "start" else -1]
+        while getattr(clip[other][target], asks) == getattr(asked[target], asks):
+            scene = list(clip[other])
+            scene[target] = rng.choice(pool)
+            clip[other] = tuple(scene)
+        answer = getattr(asked[target], asks)
+        question = VIDEO_QUESTIONS[asks].format(place=PLACES[target], moment=moment)
+        out.append(VideoComposite(tuple(clip), 3, target, moment, asks, question, answer, frames_per_scene))
+    return out

@@ -536,3 +536,36 @@ def test_the_recipe_trains_a_qwen_architecture_on_the_same_token_grid(tmp_path):
     merger = {id(p) for p in arch.projector(model).parameters()}
     assert tower and merger and tower.isdisjoint(merger)
     assert len(tower) + len(merger) == len(list(model.model.visual.parameters()))
+
+
+def test_video_composites_ask_about_one_tile_at_one_moment():
+    from benchmarks.composite_vqa import PLACES, make_video_composites
+
+    clips = make_video_composites("test", 40, scenes=3, seed=3)
+    assert Counter(c.asks for c in clips) == {"color": 20, "shape": 20}
+    assert Counter(c.moment for c in clips) == {"start": 20, "end": 20}
+    test_paths = {t.path for t in tiles("test")}
+    for c in clips:
+        assert len(c.scenes) == 3 and all(len(s) == 9 for s in c.scenes)
+        assert all(t.path in test_paths for s in c.scenes for t in s)
+        asked, other = (c.scenes[0], c.scenes[-1]) if c.moment == "start" else (c.scenes[-1], c.scenes[0])
+        assert c.answer == getattr(asked[c.target], c.asks) != getattr(other[c.target], c.asks)
+        assert PLACES[c.target] in c.question and c.moment in c.question
+    assert make_video_composites("test", 5, seed=3) == clips[:5], "deterministic in seed"
+
+
+def test_video_frames_show_each_scene_and_the_mask_finds_the_tile_in_time():
+    from benchmarks.composite_vqa import make_video_composites
+
+    clip = make_video_composites("test", 2, scenes=3, seed=1)[1]
+    frames = clip.frames()
+    assert len(frames) == 6 and frames[0].size == (3 * TILE_PX, 3 * TILE_PX)
+    assert np.array_equal(np.asarray(frames[0]), np.asarray(frames[1]))
+    row, col = divmod(clip.target, 3)
+    box = (col * TILE_PX, row * TILE_PX, (col + 1) * TILE_PX, (row + 1) * TILE_PX)
+    with Image.open(clip.scenes[-1][clip.target].path) as tile:
+        assert np.array_equal(np.asarray(frames[-1].crop(box)), np.asarray(tile.convert("RGB")))
+    # Qwen2.5-VL: 6 frames are 3 temporal steps of 12 x 12 merged tokens.
+    mask = clip.token_mask(3, 12).reshape(3, 144)
+    assert mask.sum() == 16 and mask[clip.scene].sum() == 16
+    assert np.array_equal(mask[clip.scene], Composite(clip.scenes[0], 3, clip.target, "", "", "").patch_mask(12))
