@@ -88,10 +88,13 @@ class Explainer:
     def reduce(self, image: Image.Image, prompt: str, settings: ParSettings) -> Reduction:
         return self.reduce_visual(self.visual_tokens(image), prompt, settings)
 
-    def reduce_visual(self, visual: torch.Tensor, prompt: str, settings: ParSettings) -> Reduction:
+    def reduce_visual(self, visual: torch.Tensor, prompt: str, settings: ParSettings,
+                      grid: tuple[int, int] | None = None) -> Reduction:
+        """`grid`: the tokens' (rows, columns) where they are one non-square grid (Qwen-VL),
+        which pooling follows as the server's does."""
         query = self.query(prompt, settings.drop_question_type_words)
         mask = torch.ones(1, query.shape[1], dtype=torch.bool)
-        return reduce_tokens(visual, query, mask, settings.num_kept(visual.shape[1]), settings)
+        return reduce_tokens(visual, query, mask, settings.num_kept(visual.shape[1]), settings, grid=grid)
 
 
 def render(image: Image.Image, reduction: Reduction, grids: list[tuple[int, int]] | None = None,
@@ -151,5 +154,6 @@ def explain(model_dir, image_path, prompt: str, out: str | Path, settings: ParSe
     image = Image.open(image_path)
     explainer = Explainer(model_dir)
     visual, grids = explainer.features(image)
-    render(image, explainer.reduce_visual(visual, prompt, settings), grids, own_aspect=explainer.qwen).save(out)
+    grid = grids[0] if explainer.qwen else None
+    render(image, explainer.reduce_visual(visual, prompt, settings, grid), grids, own_aspect=explainer.qwen).save(out)
     return Path(out)

@@ -73,6 +73,9 @@ def test_explain_draws_a_qwen_grid_at_the_images_own_aspect(tmp_path, capsys):
     visual, grids = Explainer(model).features(Image.open(image_path))
     assert visual.shape[1] == 176 and grids == [(16, 11)]
     assert Explainer(model).reduce_visual(visual, "Where is the star?", ParSettings()).kept_indices.shape == (1, 20)
+    # Pooling follows the 16 x 11 grid: K = 20 is 5 x 4 cells.
+    pooled = Explainer(model).reduce_visual(visual, "Where is the star?", ParSettings(method="pool"), grids[0])
+    assert pooled.assignment[0].reshape(16, 11)[-1, -1] == 19 and pooled.assignment[0][10] == 3
     out = tmp_path / "kept.png"
     main(["explain", str(image_path), "Where is the star?", "--model", str(model), "--out", str(out)])
     assert capsys.readouterr().out.strip() == str(out)
