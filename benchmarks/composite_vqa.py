@@ -196,16 +196,20 @@ class VideoComposite:
     def scene(self) -> int:
         return 0 if self.moment == "start" else len(self.scenes) - 1
 
+    def still(self, scene: int) -> Composite:
+        """One scene as a still composite (its image; its patch_mask is the queried tile's)."""
+        return Composite(self.scenes[scene], self.grid, self.target, "", "", "")
+
     def frames(self) -> list:
         """The clip's frames (PIL images), each scene repeated frames_per_scene times: Qwen's
         ViT merges two frames into one temporal patch, so a scene never straddles one."""
-        images = [Composite(scene, self.grid, self.target, "", "", "").image() for scene in self.scenes]
+        images = [self.still(i).image() for i in range(len(self.scenes))]
         return [image for image in images for _ in range(self.frames_per_scene)]
 
     def token_mask(self, temporal_steps: int, side: int) -> np.ndarray:
         """Boolean (temporal_steps * side**2,) in Qwen's video order (time, then raster):
         the queried tile's tokens in the frames of the queried scene."""
-        tile = Composite(self.scenes[0], self.grid, self.target, "", "", "").patch_mask(side)
+        tile = self.still(0).patch_mask(side)
         frames = len(self.scenes) * self.frames_per_scene
         step_scene = np.arange(temporal_steps) * frames // temporal_steps // self.frames_per_scene
         return ((step_scene == self.scene)[:, None] & tile[None, :]).reshape(-1)

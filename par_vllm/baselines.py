@@ -45,8 +45,8 @@ def uniform_pool(visual, query, query_mask, num_kept, settings, grid: tuple[int,
         if side_h * side_w != num_visual:
             raise ValueError(f"a {side_h} x {side_w} grid is not {num_visual} tokens")
         h, w = pooled_shape(num_kept, side_h, side_w)
-    grid = visual.float().transpose(1, 2).reshape(batch, dim, side_h, side_w)
-    tokens = F.adaptive_avg_pool2d(grid, (h, w)).reshape(batch, dim, h * w).transpose(1, 2)
+    image = visual.float().transpose(1, 2).reshape(batch, dim, side_h, side_w)
+    tokens = F.adaptive_avg_pool2d(image, (h, w)).reshape(batch, dim, h * w).transpose(1, 2)
     rows = torch.arange(side_h, device=visual.device) * h // side_h
     cols = torch.arange(side_w, device=visual.device) * w // side_w
     cell = (rows[:, None] * w + cols[None, :]).reshape(-1)

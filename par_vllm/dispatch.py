@@ -60,7 +60,8 @@ def reduce_per_image(
         if num_kept >= feature.shape[0]:
             out[i] = (feature, torch.arange(feature.shape[0], device=feature.device))
         else:
-            grid = tuple(grids[i]) if grids is not None else None
+            # Only pooling reads the grid: PAR batches images of one N whatever their shape.
+            grid = tuple(grids[i]) if grids is not None and setting.method == "pool" else None
             groups.setdefault((feature.shape, num_kept, setting, grid), []).append(i)
 
     for (_, num_kept, setting, grid), members in groups.items():

@@ -569,3 +569,4 @@ def test_video_frames_show_each_scene_and_the_mask_finds_the_tile_in_time():
     mask = clip.token_mask(3, 12).reshape(3, 144)
     assert mask.sum() == 16 and mask[clip.scene].sum() == 16
     assert np.array_equal(mask[clip.scene], Composite(clip.scenes[0], 3, clip.target, "", "", "").patch_mask(12))
+    assert np.array_equal(np.asarray(clip.still(2).image()), np.asarray(frames[-1]))

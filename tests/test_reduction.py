@@ -327,6 +327,12 @@ def test_uniform_pool_follows_a_non_square_grid():
     rows = reduce_per_image([visual[0]], [torch.tensor([], dtype=torch.long)], [settings],
                             embed_tokens=lambda ids: torch.zeros(len(ids), 8), grids=[(12, 24)])
     assert torch.allclose(rows[0], out.tokens[0])
+    # PAR reads no grid: a landscape and a portrait image of one N reduce as one batch.
+    batches = []
+    reduce_per_image([visual[0], visual[0]], [torch.tensor([], dtype=torch.long)] * 2,
+                     [ParSettings(num_tokens=32)] * 2, embed_tokens=lambda ids: torch.zeros(len(ids), 8),
+                     on_batch=lambda images, implementation: batches.append(images), grids=[(12, 24), (24, 12)])
+    assert batches == [2]
     with pytest.raises(ValueError, match="12 x 20 grid"):
         reduce_tokens(visual, *empty, 32, ParSettings(method="pool"), grid=(12, 20))
 
