@@ -38,6 +38,7 @@ Saves the Hugging Face layout `vllm serve` loads, plus train_log.jsonl and the s
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import random
@@ -321,8 +322,14 @@ def pretrain_vision(model, processor, args, log, arch: Llava) -> dict:
     tower = arch.tower(model)
     width = arch.tower_features(model, arch.pixels(processor, [make_composites("train", 1, grid=args.grid)[0].image()]))
     head = torch.nn.Linear(width.shape[-1], len(COLORS) + 1 + len(SHAPES) + 1)
-    # Qwen's tower is read through its merger, which stage 1 trains with it.
-    trained = torch.nn.ModuleList([tower, arch.projector(model)]) if isinstance(arch, Qwen) else tower
+    # Qwen's tower is read through its merger, which stage 1 trains with it. The merger
+    # leaves stage 1 as it came (below): a merger tuned to feed a linear classifier emits
+    # rows far larger than word embeddings, whose direction stage 2's steps then barely
+    # turn, so the rows never come to point at the words they show. LLaVA's projector,
+    # outside stage 1, starts stage 2 fresh too.
+    merger = arch.projector(model) if isinstance(arch, Qwen) else None
+    initial_merger = copy.deepcopy(merger.state_dict()) if merger is not None else None
+    trained = torch.nn.ModuleList([tower, merger]) if merger is not None else tower
     params = list(trained.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.01)
 
@@ -362,6 +369,8 @@ def pretrain_vision(model, processor, args, log, arch: Llava) -> dict:
     with torch.no_grad():
         final = {"vision_steps": step, "vision_val_shape_patch_accuracy": batch_loss(val)[1]}
     print(json.dumps(final), flush=True)
+    if merger is not None:
+        merger.load_state_dict(initial_merger)
     return final
 
 
