@@ -8,17 +8,20 @@ unregisters `vllm:*` collectors it does not own) and a `model_name` label, as vL
 from prometheus_client import Counter, Histogram
 
 LABELS = ["model_name"]
+# Per item: `modality` is "image" or "video".
+ITEM_LABELS = [*LABELS, "modality"]
 
 images_reduced = Counter(
-    "par_images_reduced", "Images whose visual tokens PAR reduced (K < N).", LABELS)
+    "par_images_reduced", "Images (or videos, by modality) whose visual tokens PAR reduced (K < N).",
+    ITEM_LABELS)
 visual_tokens_before = Counter(
-    "par_visual_tokens_before", "Visual tokens the images would take without PAR (N).", LABELS)
+    "par_visual_tokens_before", "Visual tokens the images or videos would take without PAR (N).", ITEM_LABELS)
 visual_tokens_after = Counter(
-    "par_visual_tokens_after", "Visual tokens reserved after PAR (K): what the KV cache holds.", LABELS)
+    "par_visual_tokens_after", "Visual tokens reserved after PAR (K): what the KV cache holds.", ITEM_LABELS)
 visual_tokens_saved = Counter(
-    "par_visual_tokens_saved", "Visual tokens PAR removed before the language model (N - K).", LABELS)
+    "par_visual_tokens_saved", "Visual tokens PAR removed before the language model (N - K).", ITEM_LABELS)
 kept_share = Histogram(
-    "par_kept_share", "Share of an image's visual tokens kept (K / N).", LABELS,
+    "par_kept_share", "Share of an image's or video's visual tokens kept (K / N).", ITEM_LABELS,
     buckets=(0.02, 0.05, 0.08, 0.12, 0.2, 0.3, 0.5, 0.75, 0.99, 1.0))
 prompt_agnostic_requests = Counter(
     "par_prompt_agnostic_requests",
@@ -43,16 +46,19 @@ ALL = (images_reduced, visual_tokens_before, visual_tokens_after, visual_tokens_
        prompt_agnostic_requests, disabled_requests, engine_batches, kernel_fallbacks)
 
 
-def record_request(model_name: str, full: list[int], kept: list[int], disabled: bool,
+def record_request(model_name: str, items: dict[str, tuple[list[int], list[int]]], disabled: bool,
                    prompt_agnostic: bool) -> None:
+    """One request: `items` maps a modality to its items' (N, K) lists."""
     labels = {"model_name": model_name}
-    for n, k in zip(full, kept):
-        visual_tokens_before.labels(**labels).inc(n)
-        visual_tokens_after.labels(**labels).inc(k)
-        visual_tokens_saved.labels(**labels).inc(n - k)
-        kept_share.labels(**labels).observe(k / n)
-        if k < n:
-            images_reduced.labels(**labels).inc()
+    for modality, (full, kept) in items.items():
+        item = {**labels, "modality": modality}
+        for n, k in zip(full, kept):
+            visual_tokens_before.labels(**item).inc(n)
+            visual_tokens_after.labels(**item).inc(k)
+            visual_tokens_saved.labels(**item).inc(n - k)
+            kept_share.labels(**item).observe(k / n)
+            if k < n:
+                images_reduced.labels(**item).inc()
     if disabled:
         disabled_requests.labels(**labels).inc()
     elif prompt_agnostic:

@@ -115,10 +115,13 @@ def position_columns(offsets: torch.Tensor | None, num_rows: int, like: torch.Te
     return columns
 
 
-def grid_offsets(height: int, width: int) -> torch.Tensor:
-    """(t, h, w) offsets of an image's H x W merged tokens in raster order (H*W x 3)."""
-    h, w = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-    return torch.stack([torch.zeros(height * width, dtype=torch.long), h.reshape(-1), w.reshape(-1)], dim=1)
+def grid_offsets(height: int, width: int, frames: int = 1, time_step: float = 1.0) -> torch.Tensor:
+    """(t, h, w) offsets of an image's H x W merged tokens, or a video's T x H x W, in
+    raster order (T*H*W x 3). A video's t offset is its frame pair's index times
+    `time_step`, rounded toward zero as Qwen2.5-VL's own placement does."""
+    t, h, w = torch.meshgrid(torch.arange(frames), torch.arange(height), torch.arange(width), indexing="ij")
+    t = (t.to(torch.float64) * time_step).long()
+    return torch.stack([t.reshape(-1), h.reshape(-1), w.reshape(-1)], dim=1)
 
 
 def place_rows(

@@ -12,6 +12,7 @@ most vocabularies.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from par_vllm.words import content_words, warm_up
@@ -74,16 +75,17 @@ class QueryRewriter:
     """Turns a tokenized chat prompt into the token ids of the content words its images are
     scored against.
 
+    `placeholders`: the image token (or the image and video tokens), never a content word.
     `turn` says which user words: "latest", the last user turn (the image follows the
     conversation, at the price of a new prefill every turn), or "image", those of the user
-    turns that carry an image (in a conversation about one image, the words that came with
-    it, so its reduced tokens do not change as the conversation goes on and the prefix
-    cache is reused). A prompt the template's markers do not structure (a raw completion
-    prompt) is one user turn."""
+    turns that carry an image or video (in a conversation about one image, the words that
+    came with it, so its reduced tokens do not change as the conversation goes on and the
+    prefix cache is reused). A prompt the template's markers do not structure (a raw
+    completion prompt) is one user turn."""
 
-    def __init__(self, tokenizer, image_token: str):
+    def __init__(self, tokenizer, placeholders: str | Sequence[str]):
         self.tokenizer = tokenizer
-        self.image_token = image_token
+        self.placeholders = (placeholders,) if isinstance(placeholders, str) else tuple(placeholders)
         self.turns = ChatTurns.from_tokenizer(tokenizer)
         self._special = [t for t in tokenizer.all_special_tokens if t]
         warm_up()
@@ -95,13 +97,15 @@ class QueryRewriter:
         if turn == "latest":
             chosen = users[-1:]
         else:
-            chosen = [t for t in users if self.image_token in t] or users[-1:]
+            chosen = [t for t in users if any(p in t for p in self.placeholders)] or users[-1:]
         return self._encode(" ".join(chosen), drop_question_type)
 
     def _encode(self, text: str, drop_question_type: bool) -> list[int]:
         for token in self._special:
             text = text.replace(token, " ")
-        words = content_words(text.replace(self.image_token, " "), drop_question_type)
+        for placeholder in self.placeholders:
+            text = text.replace(placeholder, " ")
+        words = content_words(text, drop_question_type)
         if not words:
             return []
         # A leading space makes BPE vocabularies pick their word-initial pieces.

@@ -1,6 +1,6 @@
 """Serve prompts through a real vLLM engine with a PAR Qwen-VL class and report, per
 request, the positions the engine's model runner holds for the prompt once every row has
-reached the language model, and which tokens PAR kept in each image.
+reached the language model, and which tokens PAR kept in each image and video.
 
 Run as a script (tests/test_qwen_vl.py does): the engine runs in this process so that the
 runner's state can be read, away from pytest's. Prints one JSON line.
@@ -17,6 +17,7 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
 def main():
     model, architecture, chunk, ratio, requests_path, dtype = sys.argv[1:7]
+    import numpy as np
     from vllm import LLM, SamplingParams
     from PIL import Image
 
@@ -43,14 +44,16 @@ def main():
     llm = LLM(model, hf_overrides=par_overrides(architecture=architecture, keep_ratio=float(ratio)),
               worker_cls="par_vllm.worker.ParWorker", distributed_executor_backend="uni",
               enforce_eager=True, dtype=dtype, max_model_len=4096, max_num_seqs=1,
-              max_num_batched_tokens=int(chunk), limit_mm_per_prompt={"image": 2},
+              max_num_batched_tokens=int(chunk), limit_mm_per_prompt={"image": 2, "video": 1},
               enable_prefix_caching=False, seed=0)
     results = []
     for request in json.loads(open(requests_path).read()):
         kept_log.clear()
         positions_log.clear()
-        images = [Image.open(path).convert("RGB") for path in request["images"]]
-        (out,) = llm.generate({"prompt": request["prompt"], "multi_modal_data": {"image": images}},
+        data = {"image": [Image.open(path).convert("RGB") for path in request["images"]]}
+        if "video" in request:  # (frames saved with numpy, metadata)
+            data["video"] = (np.load(request["video"]["frames"]), request["video"]["metadata"])
+        (out,) = llm.generate({"prompt": request["prompt"], "multi_modal_data": data},
                               SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
         results.append({"prompt_token_ids": list(out.prompt_token_ids), "kept": list(kept_log),
                         "positions": positions_log[-1], "steps": len(positions_log)})

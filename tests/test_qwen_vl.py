@@ -109,25 +109,51 @@ def batch(llm, requests):
 VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
 
 
-def clip():
-    """Eight 224 px frames of the demo image turning, with the metadata Qwen's processors read."""
+# Clips by (frames, side): two lengths and two resolutions (Qwen2.5-VL's video processor
+# scales a 224 px frame up to 336).
+CLIPS = [(8, 224), (4, 224), (8, 448)]
+
+
+def clip(frames: int = 8, side: int = 224, fps: float = 2.0):
+    """`frames` frames of the demo image turning, `side` px square, with the metadata Qwen's
+    processors read."""
     import numpy as np
 
-    frames = np.stack([np.asarray(image((224, 224)).rotate(10 * i)) for i in range(8)])
-    return frames, {"fps": 2.0, "duration": 4.0, "total_num_frames": 8, "frames_indices": list(range(8)),
-                    "video_backend": "opencv", "do_sample_frames": False}
+    pictures = np.stack([np.asarray(image((side, side)).rotate(10 * i)) for i in range(frames)]
+                        or [np.zeros((side, side, 3), np.uint8)])[:frames]
+    return pictures, {"fps": fps, "duration": frames / fps, "total_num_frames": frames,
+                      "frames_indices": list(range(frames)), "video_backend": "opencv", "do_sample_frames": False}
 
 
-def generate_video(llm, with_image: bool, mm_kwargs=None):
+def generate_video(llm, with_image: bool, mm_kwargs=None, question="What moves?", video=None):
     """A question about a video (after an image when with_image)."""
     from vllm import SamplingParams
 
-    data = {"video": clip(), **({"image": image((308, 448))} if with_image else {})}
-    request = {"prompt": chat((IMAGE if with_image else "") + VIDEO + "What moves?"), "multi_modal_data": data}
+    data = {"video": video or clip(), **({"image": image((308, 448))} if with_image else {})}
+    request = {"prompt": chat((IMAGE if with_image else "") + VIDEO + question), "multi_modal_data": data}
     if mm_kwargs is not None:
         request["mm_processor_kwargs"] = mm_kwargs
     (out,) = llm.generate(request, SamplingParams(max_tokens=6, temperature=0.0, logprobs=2), use_tqdm=False)
     return out
+
+
+def full_video_tokens(qwen_model, video) -> int:
+    """N for a clip, from the family's own processor (transformers', not vLLM's)."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(qwen_model)
+    frames, metadata = video
+    out = processor(text=VIDEO, videos=[frames], video_metadata=[hf_metadata(metadata)], do_sample_frames=False,
+                    return_tensors="pt")
+    return int(out["video_grid_thw"].prod()) // 4
+
+
+def hf_metadata(metadata: dict) -> dict:
+    """vLLM's video metadata as transformers' processors take it (without vLLM's own keys)."""
+    return {k: v for k, v in metadata.items() if k not in ("do_sample_frames", "video_backend")}
+
+
+VIDEO_QUESTIONS = ("What moves?", "Is the star turning left?")
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +176,16 @@ def runs(qwen_model, family):
         except ValueError as error:
             res.setdefault("bad", []).append(error)
     res["after_bad"] = generate(llm, ONE, [(448, 448)])
+    for frames, side in CLIPS:
+        res["video", frames, side] = generate_video(llm, False, video=clip(frames, side))
+    res["fresh_video"] = [generate_video(llm, False, question=q) for q in VIDEO_QUESTIONS]
+    res["bad_video"] = {name: capture(lambda video=video: generate_video(llm, False, video=video))
+                        for name, video in [("long", clip(200, 448)), ("empty", clip(0))]}
+    res["after_bad_video"] = generate_video(llm, False)
+    res["evs"] = capture(lambda: generate_video(llm, False, {"par_method": "evs", "par_keep_ratio": 0.5}))
+    res["evs", "par"] = generate_video(llm, False, {"par_keep_ratio": 0.5})
+    res["evs", "below a frame"] = capture(lambda: generate_video(llm, False, {"par_method": "evs"}))
+    res["evs", "image"] = capture(lambda: generate_video(llm, True, {"par_method": "evs", "par_keep_ratio": 0.5}))
     close(llm)
     llm = make_llm(qwen_model, family, enable_prefix_caching=False, max_num_batched_tokens=64)
     for name, (prompt, sizes) in WHOLE.items():
@@ -157,11 +193,13 @@ def runs(qwen_model, family):
     res["par64", "two"] = generate(llm, TWO, [(448, 308), (224, 224)])
     res["par64", "batch"] = batch(llm, [(ONE, [(448, 448)]), (TWO, [(448, 308), (224, 224)]), (ONE, [(308, 448)])])
     res["par64", "video"] = generate_video(llm, False)
+    res["whole64", "video"] = generate_video(llm, False, {"par_keep_ratio": 1.0})
     res["par64", "image+video"] = generate_video(llm, True, {"par_keep_ratio": 1.0})
     res["par64", "reduced+video"] = generate_video(llm, True)
     close(llm)
     llm = make_llm(qwen_model, family, enable_prefix_caching=True)
     res["cached"] = [generate(llm, q, [(448, 448)]) for q in (OTHER, ONE, OTHER, ONE)]
+    res["cached_video"] = [generate_video(llm, False, question=VIDEO_QUESTIONS[i]) for i in (1, 0, 1, 0)]
     close(llm)
     llm = make_llm(qwen_model, family, overrides=False)  # vLLM's own model class
     for name, (prompt, sizes) in WHOLE.items():
@@ -170,6 +208,17 @@ def runs(qwen_model, family):
     res["stock", "image+video"] = generate_video(llm, True)
     close(llm)
     return res
+
+
+def capture(request):
+    """A request's output, or the error the engine refused it with (vLLM's validation
+    errors are not ValueErrors)."""
+    from vllm.exceptions import VLLMValidationError
+
+    try:
+        return request()
+    except (ValueError, VLLMValidationError) as error:
+        return error
 
 
 def image_tokens(out, tokenizer) -> int:
@@ -206,17 +255,80 @@ def test_with_nothing_removed_outputs_equal_stock_vllm(runs, name):
     same(runs["whole64", name], runs["stock", name])
 
 
+def video_tokens(out, tokenizer) -> int:
+    return out.prompt_token_ids.count(tokenizer.convert_tokens_to_ids("<|video_pad|>"))
+
+
 @pytest.mark.slow
-def test_videos_pass_through_as_stock_vllm_serves_them(runs, tokenizer, family):
-    """Videos are not reduced (yet): a video alone, and after an image at par_keep_ratio 1.0,
-    equal stock vLLM token for token under 64-token chunks; after a reduced image, only the
-    image's placeholders shrink."""
-    same(runs["par64", "video"], runs["stock", "video"])
+def test_with_nothing_removed_videos_equal_stock_vllm(runs):
+    """At par_keep_ratio 1.0 a video alone, and a video after an image, equal stock vLLM
+    token for token, in 64-token prefill chunks that split inside the video."""
+    same(runs["whole64", "video"], runs["stock", "video"])
     same(runs["par64", "image+video"], runs["stock", "image+video"])
-    reduced, whole = runs["par64", "reduced+video"], runs["stock", "image+video"]
-    pad = tokenizer.convert_tokens_to_ids("<|video_pad|>")
-    assert reduced.prompt_token_ids.count(pad) == whole.prompt_token_ids.count(pad) > 0
-    assert image_tokens(reduced, tokenizer) == math.ceil(TOKENS[family][(308, 448)] * 0.111)
+
+
+@pytest.mark.slow
+def test_each_video_reserves_k_of_the_processors_n(runs, tokenizer, family, qwen_model):
+    """Qwen2.5-VL: each clip (two lengths, two resolutions) reserves K = ceil(N x 0.111) of
+    the N its processor counts, and a video after an image gets its own K beside the
+    image's. Qwen3-VL and Qwen3.5 write a video as one run per frame: it passes through
+    whole, and only the image's placeholders shrink."""
+    reduces_video = family == "qwen2_5_vl"
+    for frames, side in CLIPS:
+        full = full_video_tokens(qwen_model, clip(frames, side))
+        expected = math.ceil(full * 0.111) if reduces_video else full
+        assert video_tokens(runs["video", frames, side], tokenizer) == expected, (frames, side)
+    sizes = {clip_size: full_video_tokens(qwen_model, clip(*clip_size)) for clip_size in CLIPS}
+    assert len(set(sizes.values())) == len(CLIPS)  # the clips differ in N
+    both, whole = runs["par64", "reduced+video"], runs["stock", "image+video"]
+    expected = math.ceil(video_tokens(whole, tokenizer) * 0.111) if reduces_video else video_tokens(whole, tokenizer)
+    assert video_tokens(both, tokenizer) == expected
+    assert image_tokens(both, tokenizer) == math.ceil(TOKENS[family][(308, 448)] * 0.111)
+
+
+@pytest.mark.slow
+def test_bad_videos_are_refused_and_the_engine_keeps_serving(runs, family):
+    """A clip of no frames is refused; on Qwen2.5-VL, so is a clip longer than vLLM sized the
+    vision encoder for (its profile's largest item, 16,384 tokens here: a reduced video's
+    few placeholders would otherwise let it through); the next request is answered as
+    before."""
+    from vllm.exceptions import VLLMValidationError
+
+    long, empty = runs["bad_video"]["long"], runs["bad_video"]["empty"]
+    assert isinstance(empty, VLLMValidationError) and "no frames" in str(empty)
+    if family == "qwen2_5_vl":  # elsewhere videos pass through whole: vLLM's own limits apply
+        assert isinstance(long, VLLMValidationError) and "fewer frames" in str(long)
+    same(runs["after_bad_video"], runs["video", 8, 224])
+
+
+@pytest.mark.slow
+def test_evs_selects_a_videos_tokens_at_the_requests_budget(runs, tokenizer, family, qwen_model):
+    """par_method="evs" runs vLLM's own EVS on a Qwen2.5-VL video at the request's K (an
+    answer of its own, not PAR's at the same K); a K below one frame's tokens (EVS keeps the
+    first frame whole) and an image are refused naming the setting. Models whose PAR reduces
+    no videos refuse it."""
+    if family != "qwen2_5_vl":
+        assert isinstance(runs["evs"], ValueError) and "par_method" in str(runs["evs"])
+        return
+    evs, par = runs["evs"], runs["evs", "par"]
+    assert video_tokens(evs, tokenizer) == video_tokens(par, tokenizer) == math.ceil(
+        full_video_tokens(qwen_model, clip()) * 0.5)
+    assert evs.outputs[0].token_ids != par.outputs[0].token_ids or any(
+        abs(a[t].logprob - b[t].logprob) > 1e-3
+        for a, b in zip(evs.outputs[0].logprobs, par.outputs[0].logprobs) for t in a if t in b)
+    below, image = runs["evs", "below a frame"], runs["evs", "image"]
+    assert isinstance(below, ValueError) and "par_keep_ratio" in str(below) and "first frame" in str(below)
+    assert isinstance(image, ValueError) and "par_method" in str(image) and "image" in str(image)
+
+
+@pytest.mark.slow
+def test_reduced_videos_do_not_depend_on_prefill_chunks_and_keep_to_their_prompt(runs):
+    """A reduced video answers the same in 64-token chunks as with whole prefill; with the
+    prefix cache on, the same video under two prompts, alternating, answers each prompt as
+    a cache-free engine does."""
+    same(runs["par64", "video"], runs["video", 8, 224])
+    for out, expected in zip(runs["cached_video"], [runs["fresh_video"][i] for i in (1, 0, 1, 0)]):
+        same(out, expected)
 
 
 @pytest.mark.slow
@@ -290,6 +402,16 @@ def test_every_kept_token_sits_at_its_full_image_position(qwen_model, family, to
     questions = {62: "What shape is at the top?", 63: "Where is the red square?", 64: "Is the circle green?"}
     requests += [{"prompt": filler_prompt(tokenizer, at, question), "images": [str(paths["portrait"])]}
                  for at, question in questions.items()]
+    if family == "qwen2_5_vl":
+        # A video after an image, at 3 frames a second: its t step (2/3 s per frame pair x
+        # tokens_per_second) is not whole, so the rounding of every t is checked too.
+        import numpy as np
+
+        frames, metadata = clip(8, 224, fps=3.0)
+        np.save(tmp_path / "clip.npy", frames)
+        requests.append({"prompt": chat(IMAGE + "Where is the star? " + VIDEO + "What moves?"),
+                         "images": [str(paths["portrait"])],
+                         "video": {"frames": str(tmp_path / "clip.npy"), "metadata": metadata}})
     (tmp_path / "requests.json").write_text(json.dumps(requests))
     probe = Path(__file__).with_name("qwen_positions_probe.py")
     done = subprocess.run([sys.executable, str(probe), str(qwen_model), ARCH[family], "64", "0.111",
@@ -301,27 +423,34 @@ def test_every_kept_token_sits_at_its_full_image_position(qwen_model, family, to
 
     model = AutoModelForImageTextToText.from_pretrained(qwen_model, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(qwen_model)
-    pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    pads = {tokenizer.convert_tokens_to_ids("<|image_pad|>"), tokenizer.convert_tokens_to_ids("<|video_pad|>")}
     for request, result in zip(requests, results):
+        import numpy as np
         from PIL import Image
 
+        video = {}
+        if "video" in request:
+            video = {"videos": [np.load(request["video"]["frames"])], "video_metadata": [hf_metadata(request["video"]["metadata"])],
+                     "do_sample_frames": False}
         full = processor(images=[Image.open(p).convert("RGB") for p in request["images"]], text=request["prompt"],
-                         return_tensors="pt", return_mm_token_type_ids=True)
-        expected, _ = model.model.get_rope_index(full["input_ids"], full["mm_token_type_ids"],
-                                                 image_grid_thw=full["image_grid_thw"])
+                         return_tensors="pt", return_mm_token_type_ids=True, **video)
+        expected, _ = model.model.get_rope_index(
+            full["input_ids"], full["mm_token_type_ids"], image_grid_thw=full["image_grid_thw"],
+            video_grid_thw=full.get("video_grid_thw"), second_per_grid_ts=full.get("second_per_grid_ts"))
         expected, full_ids = expected[:, 0].tolist(), full["input_ids"][0].tolist()
         got, ids = result["positions"], result["prompt_token_ids"]
         assert result["steps"] > 1  # the prefill was split
         kept = iter(result["kept"])
         i = j = 0
         while i < len(ids):
-            if ids[i] != pad:
+            if ids[i] not in pads:
                 assert ids[i] == full_ids[j]
                 assert [row[i] for row in got] == [row[j] for row in expected], (i, j)
                 i, j = i + 1, j + 1
                 continue
             indices = next(kept)
-            num_full = next(k for k in range(j, len(full_ids) + 1) if k == len(full_ids) or full_ids[k] != pad) - j
+            num_full = next(k for k in range(j, len(full_ids) + 1)
+                            if k == len(full_ids) or full_ids[k] != ids[i]) - j
             assert len(indices) < num_full
             for r, index in enumerate(indices):
                 assert [row[i + r] for row in got] == [row[j + index] for row in expected], (i + r, j + index)
@@ -365,7 +494,7 @@ def qwen_server(tmp_path_factory):
     model = make_demo_qwen_model(tmp_path_factory.mktemp("models") / "server", family="qwen2_5_vl")
     architecture = ARCH["qwen2_5_vl"]
     args = [*test_server.SERVER_ARGS, *test_server.CACHING_OFF, "--max-model-len", "4096",
-            *par_engine_args(architecture)]
+            "--limit-mm-per-prompt", '{"image": 2, "video": 1}', *par_engine_args(architecture)]
     with VllmServer(model, hf_overrides=par_overrides(architecture=architecture), extra_args=args,
                     env=test_server.PLUGINS) as server:
         yield server
@@ -400,6 +529,54 @@ def test_qwen_server_reduces_and_counts_and_refuses_bad_settings(qwen_server):
     assert ask(qwen_server, messages) == default
 
 
+def video_data_url(frames: int = 8, side: int = 224) -> str:
+    """An MP4 clip of the demo image turning, as a data URL."""
+    import base64
+    import tempfile
+
+    import cv2
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = f"{folder}/clip.mp4"
+        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 2.0, (side, side))
+        for picture in clip(frames, side)[0]:
+            writer.write(cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
+        writer.release()
+        data = open(path, "rb").read()
+    return "data:video/mp4;base64," + base64.b64encode(data).decode()
+
+
+def video_message(url: str, question: str = "What moves?") -> list[dict]:
+    return [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
+                                         {"type": "text", "text": question}]}]
+
+
+@pytest.mark.slow
+def test_qwen_server_reduces_videos_counts_them_apart_and_survives_bad_ones(qwen_server):
+    """Over HTTP: a video's K from the default ratio, PAR's metrics for it under
+    modality="video" (images' untouched), a 400 for a corrupt clip and for an empty one,
+    and the same answer to the first request after them."""
+    import openai
+
+    from test_server import ask, metric, par_samples, same_answer
+
+    messages = video_message(video_data_url())
+    before = par_samples(qwen_server)
+    first = ask(qwen_server, messages)
+    after = par_samples(qwen_server)
+    counted = {name: metric(after, name, "video") - metric(before, name, "video")
+               for name in ("par_visual_tokens_before_total", "par_visual_tokens_after_total")}
+    assert counted["par_visual_tokens_after_total"] == first["video_tokens"] > 0
+    assert counted["par_visual_tokens_after_total"] == math.ceil(counted["par_visual_tokens_before_total"] * 0.111)
+    assert metric(after, "par_visual_tokens_before_total", "image") == metric(
+        before, "par_visual_tokens_before_total", "image")
+    for bad in ("data:video/mp4;base64," + "AAAA" * 64, video_data_url(frames=0)):
+        with pytest.raises(openai.BadRequestError) as info:
+            ask(qwen_server, video_message(bad))
+        assert info.value.status_code == 400
+    same_answer(ask(qwen_server, messages), first)
+
+
 def test_the_worker_switches_on_placement_in_either_vllm_runner():
     """vLLM's V1 runner (the CPU build's) keeps the switch as a flag; the V2 runner (the GPU
     build's default where Triton is installed) as a MultiModalPruner in its model state.
@@ -423,3 +600,23 @@ def test_the_worker_switches_on_placement_in_either_vllm_runner():
     enable_row_placement(v2)
     assert isinstance(state.mm_pruner, MultiModalPruner) and state.mm_pruner.model is asks
     assert state.mm_pruner.inputs_embeds_size == 128
+
+
+def test_video_metrics_remember_n_for_videos_vllm_hands_back_from_its_cache():
+    """vLLM's processor cache hands a repeated video back with no fields: its N for the
+    metrics is the one seen when it was processed; a video never seen counts as served
+    whole rather than failing the request."""
+    from types import SimpleNamespace
+
+    from par_vllm.models.base import FIELDS, Layout
+    from par_vllm.models.qwen_vl import ParQwen2_5_VLMultiModalProcessor
+
+    processor = object.__new__(ParQwen2_5_VLMultiModalProcessor)
+    packed = {FIELDS["video"].layout: SimpleNamespace(data=Layout(576).pack())}
+
+    def result(items, hashes, kept):
+        return {"mm_kwargs": {"video": items}, "mm_hashes": {"video": hashes},
+                "mm_placeholders": {"video": [SimpleNamespace(get_num_embeds=lambda k=k: k) for k in kept]}}
+
+    assert processor._item_sizes("video", None, result([packed], ["a"], [64])) == ([576], [64])
+    assert processor._item_sizes("video", None, result([None, None], ["a", "b"], [64, 30])) == ([576, 30], [64, 30])

@@ -35,6 +35,7 @@ def ask(server, messages, max_tokens=8, **extra_body):
         "text": response.choices[0].message.content,
         "prompt_tokens": response.usage.prompt_tokens,
         "image_tokens": (response.usage.prompt_tokens_details.multimodal_tokens or {}).get("image", 0),
+        "video_tokens": (response.usage.prompt_tokens_details.multimodal_tokens or {}).get("video", 0),
         "logprobs": [(step.token, step.logprob) for step in content],
     }
 
@@ -236,8 +237,15 @@ def test_three_images_over_the_limit_get_a_400(server):
     assert ask(server, chat_messages(QUESTIONS[0], demo_image()))["image_tokens"] == K
 
 
-def metric(samples, name):
-    return samples.get((name, (("model_name", "par-demo"),)), 0.0)
+def metric(samples, name, modality=None):
+    """A sample's value for the demo model; per-item metrics for one modality, or summed
+    over all."""
+    def wanted(labels):
+        labels = dict(labels)
+        return (labels.get("model_name") == "par-demo" and labels.keys() <= {"model_name", "modality"}
+                and modality in (None, labels.get("modality")))
+
+    return sum(value for (sample, labels), value in samples.items() if sample == name and wanted(labels))
 
 
 def test_warm_up_and_profiling_do_not_count(fresh_start):

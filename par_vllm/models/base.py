@@ -15,12 +15,15 @@
 A family supplies its image layout: how many rows its model emits for an image (N), and
 which of them are separators rather than visual tokens (LLaVA-NeXT's row-end
 `image_newline`), from the processor's own outputs (`Layout`, `image_layout`,
-`processed_layouts`).
+`processed_layouts`). A family whose model reduces videos too lists "video" in its
+processor's `reduced_modalities`: each video is then one item with its own K, under the
+same settings as an image.
 """
 
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property, partial
@@ -30,7 +33,13 @@ from transformers import BatchFeature
 from vllm.exceptions import VLLMValidationError
 from vllm.logger import init_logger
 from vllm.multimodal.inputs import MultiModalFeatureSpec, MultiModalFieldConfig, MultiModalKwargsItems
-from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems, MultiModalDataItems
+from vllm.multimodal.parse import (
+    ImageEmbeddingItems,
+    ImageProcessorItems,
+    MultiModalDataItems,
+    VideoEmbeddingItems,
+    VideoProcessorItems,
+)
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 from vllm.platforms import current_platform
 
@@ -47,7 +56,24 @@ SETTINGS_KEY = "par_settings"
 QUERY_KEY = "par_query_ids"
 # Per-image field: the image's Layout, packed (for the reduction and its positions).
 LAYOUT_KEY = "par_layout"
+
+
+@dataclass(frozen=True)
+class FieldKeys:
+    """The per-item fields the processor ships to the model for one modality: vLLM batches
+    a field by one modality, so a video's fields need keys of their own."""
+
+    query: str
+    settings: str
+    layout: str
+
+
+FIELDS = {"image": FieldKeys(QUERY_KEY, SETTINGS_KEY, LAYOUT_KEY),
+          "video": FieldKeys("par_video_query_ids", "par_video_settings", "par_video_layout")}
 _UNSET = object()
+# Videos whose N the metrics remember (see _full_sizes): far more than vLLM's processor
+# cache holds at its default size.
+_SEEN_SIZES = 65536
 
 # Under vLLM's "vllm" logger, whose handler and level vLLM configures.
 logger = init_logger("vllm.plugins." + __name__)
@@ -141,7 +167,9 @@ class ParProcessingInfo:
 
     @cached_property
     def query_rewriter(self) -> QueryRewriter:
-        return QueryRewriter(self.get_tokenizer(), self.get_hf_processor().image_token)
+        processor = self.get_hf_processor()
+        placeholders = [processor.image_token] + [t for t in [getattr(processor, "video_token", None)] if t]
+        return QueryRewriter(self.get_tokenizer(), placeholders)
 
     def image_layout(self, width: int, height: int) -> Layout:
         """Family hook: the rows the model emits for an image of this original size."""
@@ -153,30 +181,76 @@ class ParMultiModalProcessor:
 
     info: ParProcessingInfo
     _profiling = False
+    # What the family's model reduces; other modalities' placeholders stay the family's own.
+    reduced_modalities: tuple[str, ...] = ("image",)
 
-    def processed_layouts(self, processed_data: BatchFeature) -> list[Layout] | None:
-        """Family hook: each image's Layout from the HF processor's outputs (None when the
-        request has no image)."""
+    def processed_layouts(self, processed_data: BatchFeature, modality: str = "image") -> list[Layout] | None:
+        """Family hook: each image's (or video's) Layout from the HF processor's outputs
+        (None when the request has none)."""
         raise NotImplementedError
 
     def apply(self, inputs, timing_ctx):
         request_kwargs = inputs.hf_processor_mm_kwargs
         settings = self.info.request_settings(request_kwargs)
+        if settings.method == "evs" and not settings.reduces_nothing:
+            self._check_evs(inputs.mm_data_items)
+        check_videos(inputs.mm_data_items)
         query = () if settings.reduces_nothing else tuple(
             self.info.query_rewriter(inputs.prompt, settings.drop_question_type_words, settings.query_turn))
         kwargs = {k: v for k, v in request_kwargs.items() if not k.startswith(PREFIX)}
         kwargs[SETTINGS_KEY] = {k: v for k, v in settings.request_fields().items() if v is not None}
         kwargs[QUERY_KEY] = query
         result = super().apply(replace(inputs, hf_processor_mm_kwargs=kwargs), timing_ctx)
-        if not self._profiling and "image" in inputs.mm_data_items:
+        counted = [m for m in self.reduced_modalities if m in inputs.mm_data_items]
+        if not self._profiling and counted:
             metrics.record_request(
                 self.info.ctx.model_config.served_model_name,
-                full=[layout.full for layout in self._layouts(inputs.mm_data_items)],
-                kept=[r.get_num_embeds() for r in result["mm_placeholders"]["image"]],
+                {modality: self._item_sizes(modality, inputs.mm_data_items, result) for modality in counted},
                 disabled=settings.reduces_nothing,
                 prompt_agnostic=not query,
             )
         return result
+
+    def _check_evs(self, mm_items: MultiModalDataItems) -> None:
+        """par_method="evs" is vLLM's own video pruning, which compares each frame with the one
+        before: it selects a video's tokens, never an image's."""
+        if "video" not in self.reduced_modalities:
+            problem = "this model's PAR reduces no videos"
+        elif "image" in mm_items:
+            problem = "this request has an image: send images with another method"
+        else:
+            return
+        raise ParRequestError(ParSettingError(
+            f"par_method: 'evs' selects video tokens (vLLM's EVS compares each frame with the one before) "
+            f"and {problem}", setting="par_method"))
+
+    def _item_sizes(self, modality: str, mm_items: MultiModalDataItems, result) -> tuple[list[int], list[int]]:
+        """Each item's N and K, for the metrics. An image's N comes from its size; a video's
+        from the layout the processor packed, remembered by the item's hash for requests that
+        reuse it from vLLM's processor cache (which then hands back no fields)."""
+        kept = [r.get_num_embeds() for r in result["mm_placeholders"][modality]]
+        if modality == "image":
+            return [layout.full for layout in self._layouts(mm_items)], kept
+        items = result["mm_kwargs"][modality]
+        hashes = (result.get("mm_hashes") or {}).get(modality) or [None] * len(items)
+        full = []
+        for item, mm_hash, k in zip(items, hashes, kept):
+            if item is not None:
+                n = Layout.unpack(item[FIELDS[modality].layout].data).full
+                if mm_hash is not None:
+                    self._seen_sizes[mm_hash] = n
+            else:  # one the metrics no longer remember counts as served whole: never fail for a metric
+                n = self._seen_sizes.get(mm_hash, k)
+            if mm_hash in self._seen_sizes:
+                self._seen_sizes.move_to_end(mm_hash)
+            full.append(n)
+        while len(self._seen_sizes) > _SEEN_SIZES:
+            self._seen_sizes.popitem(last=False)
+        return full, kept
+
+    @cached_property
+    def _seen_sizes(self) -> OrderedDict[str, int]:
+        return OrderedDict()
 
     def get_dummy_mm_inputs(self, *args, **kwargs):
         # Start-up profiling and warm-up process dummy images: keep them out of the metrics.
@@ -204,16 +278,19 @@ class ParMultiModalProcessor:
         processed_data: BatchFeature,
     ) -> BatchFeature:
         processed_data = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)
-        layouts = self.processed_layouts(processed_data)
-        if layouts is None:
-            return processed_data
-        # Every image of a request is scored against the same prompt. The field is always
-        # present (empty for image-only prompts) so items of different requests batch.
-        query = torch.tensor(hf_processor_mm_kwargs.get(QUERY_KEY, ()), dtype=torch.long)
-        packed = self.info.resolved_settings(hf_processor_mm_kwargs).to_tensor()
-        processed_data[QUERY_KEY] = [query] * len(layouts)
-        processed_data[SETTINGS_KEY] = packed.expand(len(layouts), -1).clone()
-        processed_data[LAYOUT_KEY] = torch.stack([layout.pack() for layout in layouts])
+        for modality in self.reduced_modalities:
+            layouts = self.processed_layouts(processed_data, modality)
+            if layouts is None:
+                continue
+            keys = FIELDS[modality]
+            # Every image and video of a request is scored against the same prompt. The
+            # field is always present (empty for image-only prompts) so items of different
+            # requests batch.
+            query = torch.tensor(hf_processor_mm_kwargs.get(QUERY_KEY, ()), dtype=torch.long)
+            packed = self.info.resolved_settings(hf_processor_mm_kwargs).to_tensor()
+            processed_data[keys.query] = [query] * len(layouts)
+            processed_data[keys.settings] = packed.expand(len(layouts), -1).clone()
+            processed_data[keys.layout] = torch.stack([layout.pack() for layout in layouts])
         return processed_data
 
     def _get_mm_fields_config(
@@ -221,12 +298,13 @@ class ParMultiModalProcessor:
         hf_inputs: BatchFeature,
         hf_processor_mm_kwargs: Mapping[str, object],
     ) -> Mapping[str, MultiModalFieldConfig]:
-        return {
-            **super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),
-            QUERY_KEY: MultiModalFieldConfig.batched("image"),
-            SETTINGS_KEY: MultiModalFieldConfig.batched("image", keep_on_cpu=True),
-            LAYOUT_KEY: MultiModalFieldConfig.batched("image", keep_on_cpu=True),
-        }
+        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
+        for modality in self.reduced_modalities:
+            keys = FIELDS[modality]
+            fields[keys.query] = MultiModalFieldConfig.batched(modality)
+            fields[keys.settings] = MultiModalFieldConfig.batched(modality, keep_on_cpu=True)
+            fields[keys.layout] = MultiModalFieldConfig.batched(modality, keep_on_cpu=True)
+        return fields
 
     def _get_prompt_updates(
         self,
@@ -237,24 +315,26 @@ class ParMultiModalProcessor:
         settings = self.info.resolved_settings(hf_processor_mm_kwargs)
         layouts: list[Layout] = []
 
-        def image_layout(item_idx: int) -> Layout:
-            # The layout the processor packed for the image; asked only for the items
+        def item_layout(modality: str, item_idx: int) -> Layout:
+            # The layout the processor packed for the item; asked only for the items
             # mm_items holds (those not already cached).
-            item = out_mm_kwargs["image"][item_idx] if "image" in out_mm_kwargs else None
-            if item is not None and LAYOUT_KEY in item:
-                return Layout.unpack(item[LAYOUT_KEY].data)
+            key = FIELDS[modality].layout
+            item = out_mm_kwargs[modality][item_idx] if modality in out_mm_kwargs else None
+            if item is not None and key in item:
+                return Layout.unpack(item[key].data)
+            if modality != "image":
+                raise ValueError(f"the processor packed no layout for {modality} {item_idx}")
             if not layouts:
                 layouts.extend(self._layouts(mm_items))
             return layouts[item_idx]
 
         def reduced(full: PromptReplacement, item_idx: int) -> list[int]:
             placeholders = full.replacement(item_idx)
-            return placeholders[: image_layout(item_idx).placeholders(settings)]
+            return placeholders[: item_layout(full.modality, item_idx).placeholders(settings)]
 
-        # Only images are reduced: other modalities' updates stay the family's own.
         return [PromptReplacement(modality=update.modality, target=update.target,
                                   replacement=partial(reduced, update))
-                if update.modality == "image" else update
+                if update.modality in self.reduced_modalities else update
                 for update in super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)]
 
 
@@ -346,6 +426,21 @@ def reduce_images(
         else:
             out.append(visual)
     return out
+
+
+def check_videos(mm_items: MultiModalDataItems) -> None:
+    """A clip with no frames is the client's error, answered 400: vLLM's own processor would
+    fail on it later with an error that reads as the server's."""
+    if "video" not in mm_items:
+        return
+    videos = mm_items.get_items("video", (VideoEmbeddingItems, VideoProcessorItems))
+    if isinstance(videos, VideoProcessorItems):
+        for i in range(len(videos)):
+            frames = videos.get(i)  # None: a video the client named only by its uuid, cached
+            if isinstance(frames, tuple):  # (frames, metadata), as Qwen's processors take them
+                frames = frames[0]
+            if frames is not None and len(frames) == 0:
+                raise VLLMValidationError(f"video {i} has no frames", parameter="video")
 
 
 def log_defaults(settings: ParSettings, places_tokens: bool) -> None:

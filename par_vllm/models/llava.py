@@ -24,7 +24,7 @@ class ParLlavaProcessingInfo(ParProcessingInfo, LlavaProcessingInfo):
 
 
 class ParLlavaMultiModalProcessor(ParMultiModalProcessor, LlavaMultiModalProcessor):
-    def processed_layouts(self, processed_data: BatchFeature) -> list[Layout] | None:
+    def processed_layouts(self, processed_data: BatchFeature, modality: str = "image") -> list[Layout] | None:
         images = processed_data.get("pixel_values", processed_data.get("image_embeds"))
         if images is None:
             return None

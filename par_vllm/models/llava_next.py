@@ -39,7 +39,7 @@ class ParLlavaNextProcessingInfo(ParProcessingInfo, LlavaNextProcessingInfo):
 
 
 class ParLlavaNextMultiModalProcessor(ParMultiModalProcessor, LlavaNextMultiModalProcessor):
-    def processed_layouts(self, processed_data: BatchFeature) -> list[Layout] | None:
+    def processed_layouts(self, processed_data: BatchFeature, modality: str = "image") -> list[Layout] | None:
         if "image_embeds" in processed_data:
             return [Layout(embeds.shape[0]) for embeds in processed_data["image_embeds"]]
         if "image_sizes" not in processed_data:

@@ -9,12 +9,20 @@ the whole image and the text after the image starts where it would unreduced
 plugin's worker, par_vllm/worker.py). Qwen3.5 is Qwen3-VL's vision side and processor in
 front of a hybrid language model. Qwen3-VL's rows carry its deepstack features beside
 the main embedding: PAR scores the main embedding and the deepstack columns follow the
-same selection and merge. Videos pass through unreduced.
+same selection and merge.
+
+Qwen2.5-VL's videos are reduced too: a video is one run of placeholders (its frames' tokens
+in (t, h, w) raster order), one item with its own K, scored against the same prompt, and
+PAR's clustering and routing merge near-repeats across frames. A kept video token keeps
+its (t, h, w) position, t scaled by the video's seconds per frame pair as Qwen's own code
+does. Qwen3-VL and Qwen3.5 write a video as one run per frame with timestamps between, so
+their videos still pass through unreduced.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import cached_property
 
 import torch
 from transformers import BatchFeature
@@ -34,13 +42,14 @@ from vllm.model_executor.models.qwen3_vl import (
 from vllm.exceptions import VLLMValidationError
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFeatureSpec
+from vllm.multimodal.video_prune.evs import compute_retention_mask
 from vllm.utils.import_utils import resolve_obj_by_qualname
 
 from ..dispatch import reduce_per_image
 from ..positions import grid_offsets, place_rows, position_columns, reduced_prompt_positions
 from ..settings import ParSettingError, ParSettings
 from ..worker import WORKER_CLS, ParWorker
-from .base import LAYOUT_KEY, QUERY_KEY, SETTINGS_KEY, Layout, ParModel, ParMultiModalProcessor, ParProcessingInfo
+from .base import FIELDS, Layout, ParModel, ParMultiModalProcessor, ParProcessingInfo, ParRequestError
 
 
 class ParQwenProcessingInfo(ParProcessingInfo):
@@ -52,12 +61,30 @@ class ParQwenProcessingInfo(ParProcessingInfo):
 
 
 class ParQwenMultiModalProcessor(ParMultiModalProcessor):
-    def processed_layouts(self, processed_data: BatchFeature) -> list[Layout] | None:
-        grids = processed_data.get("image_grid_thw")
+    def processed_layouts(self, processed_data: BatchFeature, modality: str = "image") -> list[Layout] | None:
+        grids = processed_data.get(f"{modality}_grid_thw")
         if grids is None:
             return None
         merge = self.info.get_hf_config().vision_config.spatial_merge_size
-        return [Layout(int(grid.prod()) // merge**2) for grid in grids]
+        layouts = [Layout(int(grid.prod()) // merge**2) for grid in grids]
+        if modality == "video":
+            for layout in layouts:
+                if layout.full > self.max_video_tokens:
+                    # Reduced, a long clip's K placeholders fit the context, but the vision
+                    # encoder still runs on all N of its tokens, beyond what vLLM profiled
+                    # its memory for.
+                    raise VLLMValidationError(
+                        f"this video is {layout.full} visual tokens before PAR reduces it; the server takes "
+                        f"at most {self.max_video_tokens} per video (what vLLM sized the vision encoder's "
+                        "memory for): send fewer frames or smaller ones", parameter="video")
+        return layouts
+
+    @cached_property
+    def max_video_tokens(self) -> int:
+        info = self.info
+        # As vLLM's encoder budget asks it (vllm/multimodal/encoder_budget.py).
+        active = {modality: 1 for modality, limit in info.allowed_mm_limits.items() if limit > 0}
+        return info.get_mm_max_tokens_per_item(seq_len=info.ctx.model_config.max_model_len, mm_counts=active)["video"]
 
     def apply(self, inputs, timing_ctx):
         result = super().apply(inputs, timing_ctx)
@@ -72,6 +99,29 @@ class ParQwenMultiModalProcessor(ParMultiModalProcessor):
                     "two images or videos follow each other with no token between them; write each "
                     "as <|vision_start|><|image_pad|><|vision_end|>", parameter="prompt")
         return result
+
+
+class ParQwen2_5_VLVideoProcessor(ParQwenMultiModalProcessor):
+    """Qwen2.5-VL: videos reduced too, by PAR or, for comparison, by vLLM's own EVS."""
+
+    reduced_modalities = ("image", "video")
+
+    def _postprocess_hf_mm_data(self, mm_inputs, hf_processor_mm_kwargs, processed_data):
+        processed_data = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)
+        settings = self.info.resolved_settings(hf_processor_mm_kwargs)
+        if settings.method != "evs" or settings.reduces_nothing:
+            return processed_data
+        # apply() has refused images with EVS; here each video's first frame must fit in K.
+        merge = self.info.get_hf_config().vision_config.spatial_merge_size
+        for frames, height, width in processed_data.get("video_grid_thw", torch.empty(0, 3)).tolist():
+            per_frame, full = height * width // merge**2, frames * height * width // merge**2
+            if settings.num_kept(full) < per_frame:
+                raise ParRequestError(ParSettingError(
+                    f"par_keep_ratio: EVS keeps every token of a video's first frame, {per_frame} of this "
+                    f"video's {full}, and these settings keep {settings.num_kept(full)}: ask for at least "
+                    f"{per_frame} (a ratio of {per_frame / full:.3f}) or use another par_method",
+                    setting="par_num_tokens" if settings.num_tokens is not None else "par_keep_ratio"))
+        return processed_data
 
 
 class ParQwenModel(ParModel):
@@ -103,11 +153,12 @@ class ParQwenModel(ParModel):
         family = super(ParModel, self)  # the family's own placement, after ParModel's
         reduced = []
         for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
-            if feature.modality != "image" or LAYOUT_KEY not in (feature.data or {}):
+            keys = FIELDS.get(feature.modality)
+            if keys is None or keys.layout not in (feature.data or {}):
                 continue
-            full = Layout.unpack(feature.data[LAYOUT_KEY].data).full
+            full = Layout.unpack(feature.data[keys.layout].data).full
             if feature.mm_position.length < full:
-                span = ParSettings.from_tensor(feature.data[SETTINGS_KEY].data).positions == "span"
+                span = ParSettings.from_tensor(feature.data[keys.settings].data).positions == "span"
                 reduced.append((feature, full, span))
         if not reduced:
             return family.get_mrope_input_positions(input_tokens, mm_features)
@@ -136,36 +187,67 @@ class ParQwenModel(ParModel):
         return replace(super().get_encoder_cudagraph_config(), modalities=[])
 
     def embed_multimodal(self, **kwargs: object):
-        query_ids = kwargs.pop(QUERY_KEY, None)
-        packed_settings = kwargs.pop(SETTINGS_KEY, None)
-        kwargs.pop(LAYOUT_KEY, None)  # N is each image's own row count here
+        # N is each item's own row count here: the layouts are not needed.
+        fields = {modality: (kwargs.pop(keys.query, None), kwargs.pop(keys.settings, None),
+                             kwargs.pop(keys.layout, None)) for modality, keys in FIELDS.items()}
         rows = []
         for modality, inputs in self._parse_and_validate_multimodal_inputs(**kwargs).items():
+            query_ids, packed_settings, _ = fields["image" if modality == "image" else "video"]
             if modality == "image":
                 features = list(self._process_image_input(inputs))
-                grids = inputs["image_grid_thw"].tolist()
-                rows += self._reduce_images(features, grids, packed_settings, query_ids)
+                grids = [(1, h, w, 1.0) for _, h, w in inputs["image_grid_thw"].tolist()]
             else:
-                rows += [torch.cat([video, position_columns(None, len(video), video)], dim=1)
-                         for video in self._process_video_input(inputs)]
+                features = list(self._process_video_input(inputs))
+                grids = [(t, h, w, step) for (t, h, w), step in
+                         zip(inputs["video_grid_thw"].tolist(), self._time_steps(inputs))]
+            rows += self._reduce(features, grids, packed_settings, query_ids)
         return tuple(rows)
 
-    def _reduce_images(self, features, grids, packed_settings, query_ids) -> list[torch.Tensor]:
-        if packed_settings is None:  # start-up profiling's dummy images
+    def _time_steps(self, video_inputs) -> list[float]:
+        """Per video, the M-RoPE t step from one frame pair to the next, as Qwen2.5-VL's own
+        placement computes it (seconds per frame pair x the config's tokens per second)."""
+        per_second = getattr(self.config.vision_config, "tokens_per_second", 1.0)
+        seconds = video_inputs.get("second_per_grid_ts")
+        count = len(video_inputs["video_grid_thw"])
+        return [s * per_second for s in (seconds.tolist() if seconds is not None else [1.0] * count)]
+
+    def _reduce(self, features, grids, packed_settings, query_ids) -> list[torch.Tensor]:
+        """Each image's or video's rows, reduced, with the position columns place_rows reads.
+        `grids`: (frames, height, width, t step) per item, height and width in patches."""
+        if packed_settings is None:  # start-up profiling's dummy items, or videos left whole
             return [torch.cat([f, position_columns(None, len(f), f)], dim=1) for f in features]
         settings = [ParSettings.from_tensor(row) for row in packed_settings]
         merge = self.config.vision_config.spatial_merge_size
+        if any(setting.method == "evs" for setting in settings):
+            return [self._reduce_by_evs(f, grid, setting) if setting.method == "evs" else
+                    self._reduce([f], [grid], setting.to_tensor()[None], [query])[0]
+                    for f, grid, setting, query in zip(features, grids, settings, query_ids)]
         reduced = reduce_per_image(
             features, list(query_ids), settings, embed_tokens=self.get_language_model().embed_input_ids,
             on_batch=self._count_batch, on_kernel_failure=self._count_kernel_failure,
             score_dims=self.par_score_dims, with_kept=True,
-            grids=[(height // merge, width // merge) for _, height, width in grids])
+            # Pooling reads the grid (PAR does not): a video's frames stacked.
+            grids=[(frames * height // merge, width // merge) for frames, height, width, _ in grids])
         out = []
-        for (tokens, kept), feature, (_, height, width), setting in zip(reduced, features, grids, settings):
+        for (tokens, kept), feature, (frames, height, width, step), setting in zip(reduced, features, grids,
+                                                                                   settings):
             placed = len(tokens) < len(feature) and setting.positions == "span"
-            offsets = grid_offsets(height // merge, width // merge)[kept.cpu()] if placed else None
+            offsets = grid_offsets(height // merge, width // merge, frames, step)[kept.cpu()] if placed else None
             out.append(torch.cat([tokens, position_columns(offsets, len(tokens), tokens)], dim=1))
         return out
+
+    def _reduce_by_evs(self, feature: torch.Tensor, grid, setting: ParSettings) -> torch.Tensor:
+        """A video's K rows chosen by vLLM's own EVS (what --video-pruning-rate runs), at the
+        rate that keeps exactly K (the processor made sure K covers the first frame)."""
+        frames, height, width, step = grid
+        merge = self.config.vision_config.spatial_merge_size
+        num_kept = setting.num_kept(len(feature))
+        mask = compute_retention_mask(feature, (frames, height, width), merge, q=1 - (num_kept + 0.5) / len(feature))
+        kept = mask.nonzero().flatten()
+        tokens = feature[kept]
+        placed = len(tokens) < len(feature) and setting.positions == "span"
+        offsets = grid_offsets(height // merge, width // merge, frames, step)[kept.cpu()] if placed else None
+        return torch.cat([tokens, position_columns(offsets, len(tokens), tokens)], dim=1)
 
     @property
     def par_score_dims(self) -> int | None:
@@ -178,7 +260,7 @@ class ParQwen2_5_VLProcessingInfo(ParQwenProcessingInfo, Qwen2_5_VLProcessingInf
     pass
 
 
-class ParQwen2_5_VLMultiModalProcessor(ParQwenMultiModalProcessor, Qwen2_5_VLMultiModalProcessor):
+class ParQwen2_5_VLMultiModalProcessor(ParQwen2_5_VLVideoProcessor, Qwen2_5_VLMultiModalProcessor):
     pass
 
 
