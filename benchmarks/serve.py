@@ -111,16 +111,20 @@ class KvPeak:
         self._thread.join()
 
 
-def one_request(client, index: int, max_tokens: int, extra: dict, size: int) -> dict:
+def image_part(size: int):
+    """Request i's content part: its own size x size image."""
+    return lambda i: {"type": "image_url", "image_url": {"url": image_data_url(request_image(i, size))}}
+
+
+def one_request(client, index: int, max_tokens: int, extra: dict, media, question: str = QUESTION) -> dict:
+    """One streamed chat request whose content is `media(index)` (a content part) and a question."""
     start = time.perf_counter()
     first = None
     usage = None
     stream = client.chat.completions.create(
         model="par-demo", max_tokens=max_tokens, temperature=0.0, stream=True,
         stream_options={"include_usage": True}, extra_body=extra or None,
-        messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": image_data_url(request_image(index, size))}},
-            {"type": "text", "text": QUESTION}]}],
+        messages=[{"role": "user", "content": [media(index), {"type": "text", "text": question}]}],
     )
     for chunk in stream:
         if first is None and chunk.choices and chunk.choices[0].delta.content:
@@ -132,11 +136,12 @@ def one_request(client, index: int, max_tokens: int, extra: dict, size: int) -> 
             "prompt_tokens": usage.prompt_tokens}
 
 
-def run_batch(server, concurrency, requests, first_index, max_tokens, extra, size, bar) -> dict:
+def run_batch(server, concurrency, requests, first_index, max_tokens, extra, media, bar,
+              question: str = QUESTION) -> dict:
     client = server.client()
     with KvPeak(server) as kv, ThreadPoolExecutor(concurrency) as pool:
         start = time.perf_counter()
-        futures = [pool.submit(one_request, client, first_index + i, max_tokens, extra, size)
+        futures = [pool.submit(one_request, client, first_index + i, max_tokens, extra, media, question)
                    for i in range(requests)]
         results = []
         for future in futures:
@@ -221,7 +226,7 @@ def main() -> None:
         servers = {"stock": stock, "par": par}
         for name in servers:  # warm-up, not measured
             for i in range(2):
-                one_request(servers[name].client(), 10**6 + i, args.max_tokens, {}, sizes[0])
+                one_request(servers[name].client(), 10**6 + i, args.max_tokens, {}, image_part(sizes[0]))
         index = 0
         order = random.Random(args.seed)
         for size in sizes:
@@ -229,7 +234,7 @@ def main() -> None:
                 for concurrency in levels:
                     for label, which, extra in order.sample(series_at(size), 3):
                         result = run_batch(servers[which], concurrency, args.requests, index,
-                                           args.max_tokens, extra, size, bar)
+                                           args.max_tokens, extra, image_part(size), bar)
                         runs.setdefault((label, concurrency), []).append(result)
                         index += args.requests
     for log in ("serve-stock.log", "serve-par.log"):

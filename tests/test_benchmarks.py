@@ -55,3 +55,23 @@ def test_serve_benchmark_counts_qwen_tokens_per_size_and_times_its_own_work(tmp_
     assert [serve.visual_tokens(model, about, size) for size in (448, 896)] == [256, 1024]
     work = serve.par_own_work(model, 256, 29, "cpu", repeats=2)
     assert work["rewrite_s"] > 0 and set(work["reduce_s"]) == {29, 255}
+
+
+def test_video_benchmark_counts_a_clips_tokens_and_sends_it_as_mp4(tmp_path):
+    """N and one frame pair's tokens from the checkpoint's processor (what EVS keeps at
+    least), and each request's clip an MP4 that OpenCV reads back frame for frame."""
+    import base64
+
+    import cv2
+
+    from benchmarks import serve_video
+    from par_vllm.demo_qwen import make_demo_qwen_model
+
+    model = make_demo_qwen_model(tmp_path / "qwen")
+    assert serve_video.video_tokens(model, 32, 336) == (16 * 12 * 12, 12 * 12)
+    url = serve_video.video_part(6, 112)(3)["video_url"]["url"]
+    (tmp_path / "clip.mp4").write_bytes(base64.b64decode(url.split(",", 1)[1]))
+    reader = cv2.VideoCapture(str(tmp_path / "clip.mp4"))
+    assert int(reader.get(cv2.CAP_PROP_FRAME_COUNT)) == 6
+    frames = serve_video.clip_frames(3, 6, 112)
+    assert not (frames[0] == frames[-1]).all() and (frames[0] == serve_video.clip_frames(3, 6, 112)[0]).all()

@@ -1,0 +1,178 @@
+"""Video requests: stock vLLM, EVS and PAR at the same budget, side by side in one run.
+
+Two real vLLM servers on 127.0.0.1 serve one Qwen2.5-VL checkpoint (by default the
+SmolLM2-based one of benchmarks/serve.py): stock vLLM, and the PAR architecture. EVS runs
+through the PAR server as `par_method=evs`: vLLM's own EVS selection
+(`vllm.multimodal.video_prune.evs`, unchanged) at the request's K, its kept tokens placed
+by the plugin. vLLM's own `--video-pruning-rate` cannot be the EVS series on this machine:
+on the CPU build its engine dies on the first multimodal request (the CPU runner never
+strips the position columns EVS appends; ../shared/VLLM_MM_PRUNING.md).
+
+Each request sends its own MP4 clip, a random still scene with a square moving across it
+(frames that mostly repeat, as in real video), and the servers read the same number of
+frames from every clip. Series alternate in a seeded shuffled order per repeat and level.
+Per series: TTFT p50 and p95, latency, requests per second, prompt tokens per request,
+peak KV-cache usage.
+
+    python -m benchmarks.serve_video --model smollm-qwen --keep-ratio 0.111
+Writes benchmarks/results/serve-video-<model>.{txt,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import random
+import statistics
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from benchmarks.serve import RESULTS, describe_device, model_dir, one_request, run_batch, summarize
+from par_vllm import par_architecture
+from par_vllm.server import CPU_ENGINE_ARGS, VllmServer, par_engine_args, par_overrides
+from par_vllm.settings import ParSettings
+
+QUESTION = "Where does the square go?"
+
+
+def clip_frames(index: int, frames: int, side: int) -> np.ndarray:
+    """Request `index`'s clip: its own random scene, a white square crossing it."""
+    rng = np.random.default_rng(index)
+    scene = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+    square = side // 6
+    out = np.repeat(scene[None], frames, axis=0)
+    for f in range(frames):
+        x = (side - square) * f // max(frames - 1, 1)
+        out[f, side // 2 - square // 2:side // 2 + square // 2, x:x + square] = 255
+    return out
+
+
+def video_data_url(pictures: np.ndarray, fps: float = 2.0) -> str:
+    import cv2
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = f"{folder}/clip.mp4"
+        side = pictures.shape[1]
+        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (side, side))
+        for picture in pictures:
+            writer.write(cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
+        writer.release()
+        return "data:video/mp4;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def video_part(frames: int, side: int):
+    return lambda i: {"type": "video_url", "video_url": {"url": video_data_url(clip_frames(i, frames, side))}}
+
+
+def video_tokens(path: Path, frames: int, side: int) -> tuple[int, int]:
+    """(N, tokens per frame pair) of a clip, from the checkpoint's own processor."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(path)
+    metadata = {"fps": 2.0, "duration": frames / 2.0, "total_num_frames": frames,
+                "frames_indices": list(range(frames))}
+    grid = processor.video_processor(videos=[clip_frames(0, frames, side)], video_metadata=[metadata],
+                                     do_sample_frames=False, return_tensors="pt")["video_grid_thw"][0].tolist()
+    t, h, w = grid
+    return t * h * w // 4, h * w // 4
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm-qwen", help="smollm-qwen, or a Qwen2.5-VL checkpoint directory")
+    parser.add_argument("--keep-ratio", type=float, default=0.111, help="EVS's and PAR's budget, a share of N")
+    parser.add_argument("--frames", type=int, default=32, help="frames the servers read from each clip")
+    parser.add_argument("--side", type=int, default=336, help="clip frames' side in px")
+    parser.add_argument("--concurrency", default="1,4")
+    parser.add_argument("--requests", type=int, default=8, help="requests per batch")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--gpu", action="store_true", help="vLLM's default engine settings (bf16, graphs)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the series order")
+    args = parser.parse_args()
+
+    path, about = model_dir(args.model)
+    architecture = par_architecture(json.loads((path / "config.json").read_text())["architectures"])
+    levels = [int(c) for c in args.concurrency.split(",")]
+    full, per_frame = video_tokens(path, args.frames, args.side)
+    kept = ParSettings(keep_ratio=args.keep_ratio).num_kept(full)
+    if kept < per_frame:
+        raise SystemExit(f"--keep-ratio {args.keep_ratio} keeps {kept} of {full} tokens, under one frame pair's "
+                         f"{per_frame}, which EVS always keeps: raise it or send more frames")
+    engine = ["--max-model-len", "4096", "--max-num-batched-tokens", "4096"]
+    common = [*([] if args.gpu else CPU_ENGINE_ARGS), *engine, "--no-enable-prefix-caching",
+              "--mm-processor-cache-gb", "0", "--trust-request-mm-kwargs",
+              "--limit-mm-per-prompt", '{"image": 0, "video": 1}',
+              "--media-io-kwargs", json.dumps({"video": {"num_frames": args.frames}})]
+    series = [("vLLM", "stock", {}),
+              (f"vLLM+EVS K={kept}", "par", {"mm_processor_kwargs": {"par_method": "evs"}}),
+              (f"vLLM+PAR K={kept}", "par", {})]
+    stock = VllmServer(path, extra_args=common, log_path=RESULTS / "serve-video-stock.log")
+    par = VllmServer(path, hf_overrides=par_overrides(architecture=architecture, keep_ratio=args.keep_ratio),
+                     extra_args=[*common, *par_engine_args(architecture)], log_path=RESULTS / "serve-video-par.log")
+    RESULTS.mkdir(exist_ok=True)
+    media = video_part(args.frames, args.side)
+    runs: dict[tuple[str, int], list[dict]] = {}
+    with stock, par, tqdm(total=args.repeats * len(levels) * len(series) * args.requests, desc="requests") as bar:
+        servers = {"stock": stock, "par": par}
+        for label, which, extra in series:  # warm-up, not measured
+            one_request(servers[which].client(), 10**6, args.max_tokens, extra, media, QUESTION)
+        index, order = 0, random.Random(args.seed)
+        for _ in range(args.repeats):
+            for concurrency in levels:
+                for label, which, extra in order.sample(series, len(series)):
+                    runs.setdefault((label, concurrency), []).append(run_batch(
+                        servers[which], concurrency, args.requests, index, args.max_tokens, extra, media, bar,
+                        QUESTION))
+                    index += args.requests
+    for log in ("serve-video-stock.log", "serve-video-par.log"):
+        (RESULTS / log).unlink(missing_ok=True)
+
+    summary = {f"{label} @c{c}": summarize(r) for (label, c), r in runs.items()}
+    device = describe_device(args.gpu)
+    lines = [f"model: {about}; video: {args.frames} frames of {args.side}x{args.side} px, {full} visual tokens "
+             f"({per_frame} per frame pair); device: {device}; {args.requests} requests x {args.repeats} repeats per "
+             f"cell, {args.max_tokens} output tokens, caches off; median [min-max] over repeats",
+             f"{'series':<22} {'conc':>4} {'TTFT p50 s':>18} {'TTFT p95 s':>10} {'latency s':>9} "
+             f"{'req/s':>16} {'prompt tok':>10} {'KV peak':>8}"]
+    for c in levels:
+        for label, _, _ in series:
+            s = summary[f"{label} @c{c}"]
+            lines.append(
+                f"{label:<22} {c:>4} {s['ttft_p50']['median']:>7.3f} [{s['ttft_p50']['min']:.2f}-"
+                f"{s['ttft_p50']['max']:.2f}] {s['ttft_p95']['median']:>10.3f} {s['latency_p50']['median']:>9.3f}"
+                f" {s['rps']['median']:>6.2f} [{s['rps']['min']:.2f}-{s['rps']['max']:.2f}]"
+                f" {s['prompt_tokens']['median']:>10.0f} {100 * s['kv_peak']['median']:>7.2f}%")
+    lines.append("\nRatios at the same concurrency (medians of per-repeat ratios):")
+    ratios = {}
+    for c in levels:
+        stock_runs, evs_runs, par_runs = (runs[(label, c)] for label, _, _ in series)
+
+        def ratio(numerator, denominator, key, invert=False):
+            values = [(d[key] / n[key]) if invert else (n[key] / d[key]) for n, d in zip(numerator, denominator)]
+            return statistics.median(values)
+
+        r = {"par_ttft_vs_stock": ratio(par_runs, stock_runs, "ttft_p50", invert=True),
+             "evs_ttft_vs_stock": ratio(evs_runs, stock_runs, "ttft_p50", invert=True),
+             "par_ttft_vs_evs": ratio(par_runs, evs_runs, "ttft_p50", invert=True),
+             "par_rps_vs_evs": ratio(par_runs, evs_runs, "rps"),
+             "par_rps_vs_stock": ratio(par_runs, stock_runs, "rps")}
+        ratios[f"c={c}"] = r
+        lines.append(f"  c={c}: TTFT {r['par_ttft_vs_stock']:.2f}x lower than stock with PAR, "
+                     f"{r['evs_ttft_vs_stock']:.2f}x with EVS (PAR vs EVS {r['par_ttft_vs_evs']:.2f}x); "
+                     f"requests/s PAR/EVS {r['par_rps_vs_evs']:.2f}x, PAR/stock {r['par_rps_vs_stock']:.2f}x")
+    report = "\n".join(lines)
+    print(report)
+    slug = Path(args.model).name
+    (RESULTS / f"serve-video-{slug}.txt").write_text(report + "\n")
+    (RESULTS / f"serve-video-{slug}.json").write_text(json.dumps(
+        {"model": about, "device": device, "args": vars(args), "video_tokens": full, "kept": kept,
+         "summary": summary, "ratios": ratios}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
