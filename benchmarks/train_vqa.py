@@ -121,6 +121,8 @@ class Qwen(Llava):
     a visual token covers the same `patch` pixels of the composite as in the LLaVA."""
 
     placeholder = "<|vision_start|><|image_pad|><|vision_end|>"
+    # True: every token at 1-D positions, as in the LLaVA (a diagnostic, --positions 1d).
+    flat_positions = False
     # Its ViT reads four patches per visual token (the 2x2 merge) where the LLaVA's tower
     # reads one, so a step of the LLaVA's 32 composites costs several times as much: half
     # the composites and twice the minutes give stage 1 a comparable number of steps.
@@ -180,7 +182,7 @@ def encode(processor, chats: list[tuple[Composite, list[tuple[str, str]]]], arch
             content = arch.placeholder + question if i == 0 else question
             messages += [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
         texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
-    if isinstance(arch, Qwen):
+    if isinstance(arch, Qwen) and not arch.flat_positions:
         # Qwen's model places the images' (t, h, w) positions itself, from these.
         enc = processor(text=texts, images=[c.image() for c, _ in chats], return_tensors="pt", padding=True,
                         return_mm_token_type_ids=True)
@@ -459,6 +461,9 @@ def main(argv=None) -> int:
                              "captions (see --align-unit), or stage 3's question chats")
     parser.add_argument("--vision-from", type=Path, default=None,
                         help="a model this script saved: reuse its stage-1 vision tower instead of training one")
+    parser.add_argument("--positions", choices=("family", "1d"), default="family",
+                        help="stage 3's and validation's positions: the family's own (Qwen: M-RoPE's (t, h, w) "
+                             "per image token), or 1-D for every token, as the LLaVA's (a diagnostic)")
     parser.add_argument("--turns", type=int, default=8, help="most questions per training chat in stage 3")
     parser.add_argument("--vision-minutes", type=float, default=None,
                         help="stage 1's budget (default: the family's, 5 for LLaVA, 10 for Qwen)")
@@ -489,6 +494,7 @@ def main(argv=None) -> int:
         model, tokenizer, gguf = arch.build(args.vision_hidden, args.vision_layers, args.seed)
     args.vision_minutes = arch.vision_minutes if args.vision_minutes is None else args.vision_minutes
     args.vision_batch = arch.vision_batch if args.vision_batch is None else args.vision_batch
+    arch.flat_positions = args.positions == "1d"
     processor = arch.processor(tokenizer)
     processor.tokenizer.padding_side = "left"
     lm = model.model.language_model
