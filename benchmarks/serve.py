@@ -175,18 +175,23 @@ def describe_device(gpu: bool) -> str:
     return f"CPU ({os.cpu_count()} cores)"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm", help="demo, smollm, or a checkpoint directory")
-    parser.add_argument("--budget", type=int, default=64, help="PAR tokens per image (K)")
-    parser.add_argument("--keep-ratio", type=float, help="PAR's budget as a share of each image's visual "
-                        "tokens instead of --budget")
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """How a run is shaped, the same in every serving benchmark."""
     parser.add_argument("--concurrency", default="1,4")
     parser.add_argument("--requests", type=int, default=8, help="requests per batch")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--gpu", action="store_true", help="vLLM's default engine settings (bf16, graphs)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the series order")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm", help="demo, smollm, or a checkpoint directory")
+    parser.add_argument("--budget", type=int, default=64, help="PAR tokens per image (K)")
+    parser.add_argument("--keep-ratio", type=float, help="PAR's budget as a share of each image's visual "
+                        "tokens instead of --budget")
+    add_run_arguments(parser)
     parser.add_argument("--sizes", help="image sides in px, comma-separated (Qwen-VL: any; default "
                         "448,896 for Qwen-VL, the checkpoint's own size otherwise)")
     args = parser.parse_args()
@@ -249,15 +254,9 @@ def main() -> None:
     lines = [f"model: {about}; images {', '.join(f'{s}x{s} ({visual[s]} visual tokens)' for s in sizes)}; "
              f"device: {device}; {args.requests} requests x {args.repeats} repeats "
              f"per cell, {args.max_tokens} output tokens, caches off; median [min-max] over repeats",
-             f"{'series':<40} {'conc':>4} {'TTFT p50 s':>18} {'TTFT p95 s':>8} {'latency s':>9} "
-             f"{'req/s':>16} {'prompt tok':>10} {'KV peak':>8}"]
+             table_header(40)]
     for (label, c), _ in runs.items():
-        s = summary[f"{label} @c{c}"]
-        lines.append(
-            f"{label:<40} {c:>4} {s['ttft_p50']['median']:>7.3f} [{s['ttft_p50']['min']:.2f}-{s['ttft_p50']['max']:.2f}]"
-            f" {s['ttft_p95']['median']:>8.3f} {s['latency_p50']['median']:>9.3f}"
-            f" {s['rps']['median']:>6.2f} [{s['rps']['min']:.2f}-{s['rps']['max']:.2f}]"
-            f" {s['prompt_tokens']['median']:>10.0f} {100 * s['kv_peak']['median']:>7.2f}%")
+        lines.append(series_row(label, c, summary[f"{label} @c{c}"], 40))
     lines.append("\nRatios, PAR vs vLLM at the same concurrency (medians of per-repeat ratios):")
     ratios = {}
     for size in sizes:
@@ -290,14 +289,31 @@ def main() -> None:
             lines.append(f"  reduction {visual[size]} -> {k} tokens: {1e3 * seconds:.2f} ms; with the rewrite "
                          f"{share:.2f}% of stock vLLM's p50 latency, {ttft_share:.2f}% of its p50 TTFT "
                          f"at c={levels[0]} ({stock_latency:.2f} s, {stock_ttft:.2f} s)")
+    slug = Path(args.model).name
+    write_report(f"serve-{slug}", lines, {"model": about, "device": device, "args": vars(args), "summary": summary,
+                                          "ratios": ratios, "own_work": own_work})
+    plot(runs, levels, [x for size in sizes for x in series_at(size)], RESULTS / f"serve-{slug}.png", about)
+
+
+def table_header(width: int) -> str:
+    return (f"{'series':<{width}} {'conc':>4} {'TTFT p50 s':>18} {'TTFT p95 s':>8} {'latency s':>9} "
+            f"{'req/s':>16} {'prompt tok':>10} {'KV peak':>8}")
+
+
+def series_row(label: str, concurrency: int, s: dict, width: int) -> str:
+    """One series' line of a results table (medians [min-max] over repeats)."""
+    return (f"{label:<{width}} {concurrency:>4} {s['ttft_p50']['median']:>7.3f} [{s['ttft_p50']['min']:.2f}-"
+            f"{s['ttft_p50']['max']:.2f}] {s['ttft_p95']['median']:>8.3f} {s['latency_p50']['median']:>9.3f}"
+            f" {s['rps']['median']:>6.2f} [{s['rps']['min']:.2f}-{s['rps']['max']:.2f}]"
+            f" {s['prompt_tokens']['median']:>10.0f} {100 * s['kv_peak']['median']:>7.2f}%")
+
+
+def write_report(name: str, lines: list[str], payload: dict) -> None:
+    """Print the report and write it to results/NAME.txt, with its figures in NAME.json."""
     report = "\n".join(lines)
     print(report)
-    slug = Path(args.model).name
-    (RESULTS / f"serve-{slug}.txt").write_text(report + "\n")
-    (RESULTS / f"serve-{slug}.json").write_text(json.dumps(
-        {"model": about, "device": device, "args": vars(args), "summary": summary,
-         "ratios": ratios, "own_work": own_work}, indent=2))
-    plot(runs, levels, [x for size in sizes for x in series_at(size)], RESULTS / f"serve-{slug}.png", about)
+    (RESULTS / f"{name}.txt").write_text(report + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2))
 
 
 def par_own_work(path: Path, n_tokens: int, budget: int, device: str, repeats: int = 30) -> dict:

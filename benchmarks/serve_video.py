@@ -31,7 +31,18 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from benchmarks.serve import RESULTS, describe_device, model_dir, one_request, run_batch, summarize
+from benchmarks.serve import (
+    RESULTS,
+    add_run_arguments,
+    describe_device,
+    model_dir,
+    one_request,
+    run_batch,
+    series_row,
+    summarize,
+    table_header,
+    write_report,
+)
 from par_vllm import par_architecture
 from par_vllm.server import CPU_ENGINE_ARGS, VllmServer, par_engine_args, par_overrides
 from par_vllm.settings import ParSettings
@@ -87,12 +98,7 @@ def main() -> None:
     parser.add_argument("--keep-ratio", type=float, default=0.111, help="EVS's and PAR's budget, a share of N")
     parser.add_argument("--frames", type=int, default=32, help="frames the servers read from each clip")
     parser.add_argument("--side", type=int, default=336, help="clip frames' side in px")
-    parser.add_argument("--concurrency", default="1,4")
-    parser.add_argument("--requests", type=int, default=8, help="requests per batch")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--gpu", action="store_true", help="vLLM's default engine settings (bf16, graphs)")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the series order")
+    add_run_arguments(parser)
     args = parser.parse_args()
 
     path, about = model_dir(args.model)
@@ -137,16 +143,10 @@ def main() -> None:
     lines = [f"model: {about}; video: {args.frames} frames of {args.side}x{args.side} px, {full} visual tokens "
              f"({per_frame} per frame pair); device: {device}; {args.requests} requests x {args.repeats} repeats per "
              f"cell, {args.max_tokens} output tokens, caches off; median [min-max] over repeats",
-             f"{'series':<22} {'conc':>4} {'TTFT p50 s':>18} {'TTFT p95 s':>10} {'latency s':>9} "
-             f"{'req/s':>16} {'prompt tok':>10} {'KV peak':>8}"]
+             table_header(22)]
     for c in levels:
         for label, _, _ in series:
-            s = summary[f"{label} @c{c}"]
-            lines.append(
-                f"{label:<22} {c:>4} {s['ttft_p50']['median']:>7.3f} [{s['ttft_p50']['min']:.2f}-"
-                f"{s['ttft_p50']['max']:.2f}] {s['ttft_p95']['median']:>10.3f} {s['latency_p50']['median']:>9.3f}"
-                f" {s['rps']['median']:>6.2f} [{s['rps']['min']:.2f}-{s['rps']['max']:.2f}]"
-                f" {s['prompt_tokens']['median']:>10.0f} {100 * s['kv_peak']['median']:>7.2f}%")
+            lines.append(series_row(label, c, summary[f"{label} @c{c}"], 22))
     lines.append("\nRatios at the same concurrency (medians of per-repeat ratios):")
     ratios = {}
     for c in levels:
@@ -165,13 +165,9 @@ def main() -> None:
         lines.append(f"  c={c}: TTFT {r['par_ttft_vs_stock']:.2f}x lower than stock with PAR, "
                      f"{r['evs_ttft_vs_stock']:.2f}x with EVS (PAR vs EVS {r['par_ttft_vs_evs']:.2f}x); "
                      f"requests/s PAR/EVS {r['par_rps_vs_evs']:.2f}x, PAR/stock {r['par_rps_vs_stock']:.2f}x")
-    report = "\n".join(lines)
-    print(report)
-    slug = Path(args.model).name
-    (RESULTS / f"serve-video-{slug}.txt").write_text(report + "\n")
-    (RESULTS / f"serve-video-{slug}.json").write_text(json.dumps(
-        {"model": about, "device": device, "args": vars(args), "video_tokens": full, "kept": kept,
-         "summary": summary, "ratios": ratios}, indent=2))
+    write_report(f"serve-video-{Path(args.model).name}", lines, {
+        "model": about, "device": device, "args": vars(args), "video_tokens": full, "kept": kept,
+        "summary": summary, "ratios": ratios})
 
 
 if __name__ == "__main__":
