@@ -228,24 +228,25 @@ class ParQwenModel(ParModel):
             score_dims=self.par_score_dims, with_kept=True,
             # Pooling reads the grid (PAR does not): a video's frames stacked.
             grids=[(frames * height // merge, width // merge) for frames, height, width, _ in grids])
-        out = []
-        for (tokens, kept), feature, (frames, height, width, step), setting in zip(reduced, features, grids,
-                                                                                   settings):
-            placed = len(tokens) < len(feature) and setting.positions == "span"
-            offsets = grid_offsets(height // merge, width // merge, frames, step)[kept.cpu()] if placed else None
-            out.append(torch.cat([tokens, position_columns(offsets, len(tokens), tokens)], dim=1))
-        return out
+        return [self._with_positions(tokens, kept, len(feature), grid, setting)
+                for (tokens, kept), feature, grid, setting in zip(reduced, features, grids, settings)]
 
     def _reduce_by_evs(self, feature: torch.Tensor, grid, setting: ParSettings) -> torch.Tensor:
         """A video's K rows chosen by vLLM's own EVS (what --video-pruning-rate runs), at the
         rate that keeps exactly K (the processor made sure K covers the first frame)."""
-        frames, height, width, step = grid
+        frames, height, width, _ = grid
         merge = self.config.vision_config.spatial_merge_size
         num_kept = setting.num_kept(len(feature))
         mask = compute_retention_mask(feature, (frames, height, width), merge, q=1 - (num_kept + 0.5) / len(feature))
         kept = mask.nonzero().flatten()
-        tokens = feature[kept]
-        placed = len(tokens) < len(feature) and setting.positions == "span"
+        return self._with_positions(feature[kept], kept, len(feature), grid, setting)
+
+    def _with_positions(self, tokens, kept, num_full: int, grid, setting: ParSettings) -> torch.Tensor:
+        """An item's kept rows with the position columns place_rows reads: each row's grid
+        offset where the item is reduced and its tokens keep their own positions."""
+        frames, height, width, step = grid
+        merge = self.config.vision_config.spatial_merge_size
+        placed = len(tokens) < num_full and setting.positions == "span"
         offsets = grid_offsets(height // merge, width // merge, frames, step)[kept.cpu()] if placed else None
         return torch.cat([tokens, position_columns(offsets, len(tokens), tokens)], dim=1)
 
