@@ -79,7 +79,8 @@ def declares_positions(hf_config: object) -> bool:
 #
 # Qwen2.5-VL and Qwen3-VL place an image's tokens on its grid: the token at merged row h,
 # column w sits at (base, base + h, base + w), where base is one past the text before it,
-# and the text after the image starts at base + max(H, W). Which tokens PAR keeps is known
+# and the text after the image starts at base + max(H, W); a Qwen2.5-VL video's token in
+# frame pair t at (base + floor(t x step), base + h, base + w). Which tokens PAR keeps is known
 # only once the image is encoded, after vLLM has asked the model for the prompt's
 # positions, so they are written in two steps:
 # - up front (`reduced_prompt_positions`): everything but the kept tokens, exactly as the
@@ -89,7 +90,7 @@ def declares_positions(hf_config: object) -> bool:
 #   `recompute_mrope_positions`): each row the model emits carries its own grid offset in
 #   POSITION_COLUMNS extra columns, and `place_rows` writes base + offset at the prompt
 #   index the row fills, or leaves the position as written where the row says so (an
-#   image that was not reduced, kept tokens at consecutive positions, a video).
+#   image or video that was not reduced, kept tokens at consecutive positions).
 # The position of a row therefore depends only on the row and on the text before its
 # image, not on how the prompt was split into prefill chunks.
 
