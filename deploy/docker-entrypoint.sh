@@ -20,7 +20,9 @@ if [ -n "${PAR_ALLOWED_MEDIA_DOMAINS:-}" ]; then
 else
   export VLLM_MEDIA_CONNECTOR="${VLLM_MEDIA_CONNECTOR:-par_no_url_fetch}"
 fi
-args+=(--limit-mm-per-prompt "{\"image\": ${PAR_MAX_IMAGES_PER_REQUEST:-4}}")
+# A video's frames all go through the vision encoder, reduced or not: one per request unless
+# the operator says otherwise (vLLM's own default is 999). Models without video ignore it.
+args+=(--limit-mm-per-prompt "{\"image\": ${PAR_MAX_IMAGES_PER_REQUEST:-4}, \"video\": ${PAR_MAX_VIDEOS_PER_REQUEST:-1}}")
 args+=(--middleware par_vllm.limits.RequestBodyLimit)
 export PAR_MAX_REQUEST_BYTES="${PAR_MAX_REQUEST_BYTES:-33554432}"
 export VLLM_MAX_IMAGE_PIXELS="${VLLM_MAX_IMAGE_PIXELS:-40000000}"

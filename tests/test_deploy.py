@@ -202,7 +202,7 @@ def test_docker_entrypoint_exposes_little_by_default():
     env, command = run_entrypoint({"MODEL": LLAVA})
     assert "--trust-request-mm-kwargs" not in command
     assert "--allowed-media-domains" not in command and env["VLLM_MEDIA_CONNECTOR"] == "par_no_url_fetch"
-    assert json.loads(command[command.index("--limit-mm-per-prompt") + 1]) == {"image": 4}
+    assert json.loads(command[command.index("--limit-mm-per-prompt") + 1]) == {"image": 4, "video": 1}
     assert command[command.index("--middleware") + 1] == "par_vllm.limits.RequestBodyLimit"
     assert int(env["PAR_MAX_REQUEST_BYTES"]) == 32 * 1024 * 1024
     assert int(env["VLLM_MAX_IMAGE_PIXELS"]) == 40_000_000
@@ -211,11 +211,11 @@ def test_docker_entrypoint_exposes_little_by_default():
 
 def test_docker_entrypoint_fetches_only_from_allowed_domains_and_follows_no_redirect():
     env, command = run_entrypoint({"MODEL": LLAVA, "PAR_ALLOWED_MEDIA_DOMAINS": "images.example.com,cdn.example.com",
-                                   "PAR_MAX_IMAGES_PER_REQUEST": "1"})
+                                   "PAR_MAX_IMAGES_PER_REQUEST": "1", "PAR_MAX_VIDEOS_PER_REQUEST": "0"})
     at = command.index("--allowed-media-domains")
     assert command[at + 1:at + 3] == ["images.example.com", "cdn.example.com"]
     assert "VLLM_MEDIA_CONNECTOR" not in env and env["VLLM_MEDIA_URL_ALLOW_REDIRECTS"] == "0"
-    assert json.loads(command[command.index("--limit-mm-per-prompt") + 1]) == {"image": 1}
+    assert json.loads(command[command.index("--limit-mm-per-prompt") + 1]) == {"image": 1, "video": 0}
 
 
 def test_every_setting_is_in_the_reference_and_the_reference_is_current():
