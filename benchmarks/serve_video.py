@@ -21,11 +21,9 @@ Writes benchmarks/results/serve-video-<model>.{txt,json}.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import random
 import statistics
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +42,7 @@ from benchmarks.serve import (
     write_report,
 )
 from par_vllm import par_architecture
+from par_vllm.demo import video_data_url
 from par_vllm.server import CPU_ENGINE_ARGS, VllmServer, par_engine_args, par_overrides
 from par_vllm.settings import ParSettings
 
@@ -60,19 +59,6 @@ def clip_frames(index: int, frames: int, side: int) -> np.ndarray:
         x = (side - square) * f // max(frames - 1, 1)
         out[f, side // 2 - square // 2:side // 2 + square // 2, x:x + square] = 255
     return out
-
-
-def video_data_url(pictures: np.ndarray, fps: float = 2.0) -> str:
-    import cv2
-
-    with tempfile.TemporaryDirectory() as folder:
-        path = f"{folder}/clip.mp4"
-        side = pictures.shape[1]
-        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (side, side))
-        for picture in pictures:
-            writer.write(cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
-        writer.release()
-        return "data:video/mp4;base64," + base64.b64encode(Path(path).read_bytes()).decode()
 
 
 def video_part(frames: int, side: int):

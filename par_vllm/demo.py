@@ -29,6 +29,22 @@ def image_data_url(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+def video_data_url(frames, fps: float = 2.0) -> str:
+    """An MP4 clip of `frames` (T x H x W x 3 RGB uint8; none makes an empty clip) as a data URL."""
+    import tempfile
+
+    import cv2
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "clip.mp4"
+        height, width = frames.shape[1:3]
+        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+        for picture in frames:
+            writer.write(cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
+        writer.release()
+        return "data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
 def chat_messages(question: str, image: Image.Image) -> list[dict]:
     return [{
         "role": "user",

@@ -529,21 +529,11 @@ def test_qwen_server_reduces_and_counts_and_refuses_bad_settings(qwen_server):
     assert ask(qwen_server, messages) == default
 
 
-def video_data_url(frames: int = 8, side: int = 224) -> str:
-    """An MP4 clip of the demo image turning, as a data URL."""
-    import base64
-    import tempfile
+def clip_url(frames: int = 8, side: int = 224) -> str:
+    """clip() as an MP4 data URL."""
+    from par_vllm.demo import video_data_url
 
-    import cv2
-
-    with tempfile.TemporaryDirectory() as folder:
-        path = f"{folder}/clip.mp4"
-        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 2.0, (side, side))
-        for picture in clip(frames, side)[0]:
-            writer.write(cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
-        writer.release()
-        data = open(path, "rb").read()
-    return "data:video/mp4;base64," + base64.b64encode(data).decode()
+    return video_data_url(clip(frames, side)[0])
 
 
 def video_message(url: str, question: str = "What moves?") -> list[dict]:
@@ -560,7 +550,7 @@ def test_qwen_server_reduces_videos_counts_them_apart_and_survives_bad_ones(qwen
 
     from test_server import ask, metric, par_samples, same_answer
 
-    messages = video_message(video_data_url())
+    messages = video_message(clip_url())
     before = par_samples(qwen_server)
     first = ask(qwen_server, messages)
     after = par_samples(qwen_server)
@@ -570,7 +560,7 @@ def test_qwen_server_reduces_videos_counts_them_apart_and_survives_bad_ones(qwen
     assert counted["par_visual_tokens_after_total"] == math.ceil(counted["par_visual_tokens_before_total"] * 0.111)
     assert metric(after, "par_visual_tokens_before_total", "image") == metric(
         before, "par_visual_tokens_before_total", "image")
-    for bad in ("data:video/mp4;base64," + "AAAA" * 64, video_data_url(frames=0)):
+    for bad in ("data:video/mp4;base64," + "AAAA" * 64, clip_url(frames=0)):
         with pytest.raises(openai.BadRequestError) as info:
             ask(qwen_server, video_message(bad))
         assert info.value.status_code == 400

@@ -278,16 +278,15 @@ class ParMultiModalProcessor:
         processed_data: BatchFeature,
     ) -> BatchFeature:
         processed_data = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)
+        # Every image and video of a request is scored against the same prompt. The field is
+        # always present (empty for image-only prompts) so items of different requests batch.
+        query = torch.tensor(hf_processor_mm_kwargs.get(QUERY_KEY, ()), dtype=torch.long)
+        packed = self.info.resolved_settings(hf_processor_mm_kwargs).to_tensor()
         for modality in self.reduced_modalities:
             layouts = self.processed_layouts(processed_data, modality)
             if layouts is None:
                 continue
             keys = FIELDS[modality]
-            # Every image and video of a request is scored against the same prompt. The
-            # field is always present (empty for image-only prompts) so items of different
-            # requests batch.
-            query = torch.tensor(hf_processor_mm_kwargs.get(QUERY_KEY, ()), dtype=torch.long)
-            packed = self.info.resolved_settings(hf_processor_mm_kwargs).to_tensor()
             processed_data[keys.query] = [query] * len(layouts)
             processed_data[keys.settings] = packed.expand(len(layouts), -1).clone()
             processed_data[keys.layout] = torch.stack([layout.pack() for layout in layouts])
