@@ -376,15 +376,16 @@ def pretrain_vision(model, processor, args, log, arch: Llava) -> dict:
     return final
 
 
-def train_stage(name, model, groups, step_loss, minutes, args, log, validate) -> dict:
-    """AdamW over `groups` ((params, learning rate) pairs) for `minutes` of wall clock:
-    20 warm-up steps, then a cosine down to a tenth."""
+def train_stage(name, model, groups, step_loss, minutes, args, log, validate, steps=None) -> dict:
+    """AdamW over `groups` ((params, learning rate) pairs) for `minutes` of wall clock, or
+    for `steps` steps where given (the same schedule whatever else shares the CPU): 20
+    warm-up steps, then a cosine down to a tenth."""
     optimizer = torch.optim.AdamW([{"params": p, "base_lr": lr} for p, lr in groups], weight_decay=0.0)
     params = [p for group, _ in groups for p in group]
     budget, start, step = minutes * 60, time.time(), 0
     model.train()
-    while time.time() - start < budget:
-        progress = min(1.0, (time.time() - start) / budget)
+    while step < steps if steps else time.time() - start < budget:
+        progress = step / steps if steps else min(1.0, (time.time() - start) / budget)
         scale = min(1.0, (step + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * scale
@@ -471,6 +472,10 @@ def main(argv=None) -> int:
                         help="composites per stage-1 step (default: the family's, 32 for LLaVA, 16 for Qwen)")
     parser.add_argument("--align-minutes", type=float, default=8.0)
     parser.add_argument("--tune-minutes", type=float, default=42.0)
+    parser.add_argument("--align-steps", type=int, default=None,
+                        help="stage 2's budget in steps instead of minutes (its schedule then does not "
+                             "depend on the machine's speed)")
+    parser.add_argument("--tune-steps", type=int, default=None, help="stage 3's budget in steps instead of minutes")
     parser.add_argument("--val", type=int, default=64, help="held-out composites (train split, own seed)")
     parser.add_argument("--val-every", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
@@ -552,14 +557,14 @@ def main(argv=None) -> int:
         # the unchanged model can only do by reading them as words it knows.
         align_loss = caption_loss if args.align_task == "caption" else (lambda step: chat_loss(step, 3_000_017))
         results["align"] = train_stage("align", model, [(projector, args.align_lr)], align_loss,
-                                       args.align_minutes, args, log, validate)
+                                       args.align_minutes, args, log, validate, args.align_steps)
     layers = [p for name, p in lm.named_parameters() if not name.startswith("embed_tokens")]
     for p in layers:
         p.requires_grad_(True)
     stage, chat_offset = tune_stage(results if args.init else None)
     chats = lambda step: chat_loss(step + chat_offset)  # noqa: E731
     results[stage] = train_stage(stage, model, [(projector, args.tune_lr), (layers, args.lm_lr)],
-                                 chats, args.tune_minutes, args, log, validate)
+                                 chats, args.tune_minutes, args, log, validate, args.tune_steps)
     model.eval()
     log.write(json.dumps({"final": results}) + "\n")
     log.close()
