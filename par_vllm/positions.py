@@ -15,6 +15,7 @@ identical position rows, M-RoPE is exactly the model's ordinary RoPE.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -80,7 +81,10 @@ def declares_positions(hf_config: object) -> bool:
 # Qwen2.5-VL and Qwen3-VL place an image's tokens on its grid: the token at merged row h,
 # column w sits at (base, base + h, base + w), where base is one past the text before it,
 # and the text after the image starts at base + max(H, W); a Qwen2.5-VL video's token in
-# frame pair t at (base + floor(t x step), base + h, base + w). Which tokens PAR keeps is known
+# frame pair t at (base + floor(t x step), base + h, base + w); a Qwen3-VL video's frame
+# pairs each sit on their own grid after their own timestamp's text, all K kept tokens in
+# the first pair's run of placeholders (offsets from the video's first token then span
+# the timestamps between). Which tokens PAR keeps is known
 # only once the image is encoded, after vLLM has asked the model for the prompt's
 # positions, so they are written in two steps:
 # - up front (`reduced_prompt_positions`): everything but the kept tokens, exactly as the
@@ -167,47 +171,69 @@ def place_rows(
     return stripped, positions, delta
 
 
+@dataclass(frozen=True)
+class ReducedItem:
+    """An image or video whose K is below its N, as its placeholders sit in the prompt.
+
+    `tokens[offset:offset + length]` is its placeholder range; `full_tokens` the range it
+    would have unreduced. Its `embed_id` tokens (K in the prompt, N unreduced) are one run
+    in the prompt; its other tokens (Qwen3-VL's per-frame timestamps and vision markers)
+    are the same in both, in order."""
+
+    offset: int
+    length: int
+    full_tokens: Sequence[int]
+    embed_id: int
+    span: bool
+
+
 def reduced_prompt_positions(
     input_tokens: Sequence[int],
-    images: Sequence[tuple[int, int, int, bool]],
+    items: Sequence[ReducedItem],
     unreduced_positions,
 ) -> tuple[torch.Tensor, int]:
-    """Up-front positions (3 x T) and delta of a prompt with reduced images, from the
-    family's own code for the unreduced prompt.
+    """Up-front positions (3 x T) and delta of a prompt with reduced images or videos, from
+    the family's own code for the unreduced prompt.
 
-    `images`: (placeholder offset, K placeholders, N full tokens, span) of each image
-    whose K is below N, in prompt order. `unreduced_positions(tokens, expansions)` is the
-    family's placement of the prompt with each of these images' K placeholders expanded
-    back to N (`expansions`: (offset in the expanded prompt, N)). Text, unreduced images
-    and videos take exactly the positions they have there; a span image's K tokens get
-    provisional ones (place_rows writes the real ones); a consecutive image's K tokens sit
-    at K consecutive positions from the image's first, and everything after it moves up
-    by what the image no longer spans."""
+    `items` in prompt order. `unreduced_positions(tokens, expansions)` is the family's
+    placement of the prompt with each item's range expanded back to its `full_tokens`
+    (`expansions`: (offset in the expanded prompt, length) per item). Text, and the
+    items' own non-embedding tokens, take exactly the positions they have there; a span
+    item's K tokens get provisional ones (place_rows writes the real ones); a consecutive
+    item's range sits at consecutive positions from its first, and everything after it
+    moves up by what the item no longer spans."""
     tokens = list(input_tokens)
     expanded: list[int] = []
     expansions = []
     at = 0
-    for offset, kept, full, _ in images:
-        expanded += tokens[at:offset]
-        expansions.append((len(expanded), full))
-        expanded += [tokens[offset]] * full
-        at = offset + kept
+    for item in items:
+        expanded += tokens[at:item.offset]
+        expansions.append((len(expanded), len(item.full_tokens)))
+        expanded += list(item.full_tokens)
+        at = item.offset + item.length
     expanded += tokens[at:]
     full_positions, _ = unreduced_positions(expanded, expansions)
     full_positions = torch.as_tensor(full_positions, dtype=torch.long)
 
     pieces, at, shift = [], 0, 0
-    for (offset, kept, full, span), (full_offset, _) in zip(images, expansions):
-        text_from = full_offset - (offset - at)
+    for item, (full_offset, full_length) in zip(items, expansions):
+        text_from = full_offset - (item.offset - at)
         pieces.append(full_positions[:, text_from:full_offset] - shift)
-        image = full_positions[:, full_offset:full_offset + full]
-        if span:
-            pieces.append(image[:, :kept] - shift)
+        whole = full_positions[:, full_offset:full_offset + full_length]
+        reduced = torch.tensor(tokens[item.offset:item.offset + item.length]) == item.embed_id
+        if item.span:
+            unreduced = torch.tensor(list(item.full_tokens)) == item.embed_id
+            if int((~reduced).sum()) != int((~unreduced).sum()):
+                raise ValueError("an item's tokens other than its placeholders differ from its unreduced ones")
+            placed = torch.empty(MROPE_ROWS, item.length, dtype=torch.long)
+            placed[:, ~reduced] = whole[:, ~unreduced]
+            placed[:, reduced] = whole[:, unreduced][:, :int(reduced.sum())]
+            pieces.append(placed - shift)
         else:
-            base = int(image[0, 0]) - shift
-            pieces.append(torch.arange(base, base + kept).expand(MROPE_ROWS, -1))
-            shift += int(image.max()) + 1 - (int(image[0, 0]) + kept)
-        at = offset + kept
+            first = int(whole[0, 0]) - shift
+            pieces.append(torch.arange(first, first + item.length).expand(MROPE_ROWS, -1))
+            shift += int(whole.max()) + 1 - (int(whole[0, 0]) + item.length)
+        at = item.offset + item.length
     pieces.append(full_positions[:, len(full_positions[0]) - (len(tokens) - at):] - shift)
     positions = torch.cat(pieces, dim=1)
     return positions, int(positions.max()) + 1 - len(tokens)

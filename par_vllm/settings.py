@@ -56,7 +56,7 @@ class ParSettings(BaseModel):
         "Reduce images at all; false serves every image whole, exactly as vLLM's own model.",
         group=USER, off_flag="disable")] = True
     keep_ratio: Annotated[float, setting(
-        "Share of each image's (and each Qwen2.5-VL video's) N visual tokens to keep: K = "
+        "Share of each image's (and each Qwen-VL video's) N visual tokens to keep: K = "
         "ceil(N x ratio), at least 1 (LLaVA-NeXT's row separators are not visual tokens). 0.111 "
         "keeps 64 of LLaVA-1.5's 576.", group=USER, gt=0, le=1, allow_inf_nan=False)] = 0.111
     num_tokens: Annotated[int | None, setting(
@@ -66,7 +66,7 @@ class ParSettings(BaseModel):
         "What selects the K tokens: PAR, or a baseline at the same budget for comparisons "
         "through the same server: pool (2D average pooling), random, topk (prompt relevance, "
         "no merging), diverse (prompt-agnostic max-min diversity, DivPrune-style), evs "
-        "(Qwen2.5-VL videos only: vLLM's own Efficient Video Sampling, the tokens that changed "
+        "(Qwen-VL videos only: vLLM's own Efficient Video Sampling, the tokens that changed "
         "most from the previous frame, every token of the first frame kept, so K must be at "
         "least one frame's tokens).",
         group=USER)] = "par"

@@ -3,7 +3,8 @@ request, the positions the engine's model runner holds for the prompt once every
 reached the language model, and which tokens PAR kept in each image and video.
 
 Run as a script (tests/test_qwen_vl.py does): the engine runs in this process so that the
-runner's state can be read, away from pytest's. Prints one JSON line.
+runner's state can be read, away from pytest's. Also reports, per call of the model's
+embed_multimodal, the N of the items in each run of the vision tower. Prints one JSON line.
 """
 
 import json
@@ -39,6 +40,16 @@ def main():
         positions_log.append(positions.tolist())
         return rows, positions, delta
 
+    tower_log = []
+    tower_groups = qwen_vl.ParQwenModel._tower_groups
+
+    def recording_tower_groups(self, modality, inputs):
+        groups = tower_groups(self, modality, inputs)
+        sizes = [int(g.prod()) // 4 for g in inputs[f"{modality}_grid_thw"]]
+        tower_log.append([sizes[group] for group in groups])
+        return groups
+
+    qwen_vl.ParQwenModel._tower_groups = recording_tower_groups
     qwen_vl.reduce_per_image = recording_reduce
     qwen_vl.ParQwenModel.recompute_mrope_positions = recording_place
     llm = LLM(model, hf_overrides=par_overrides(architecture=architecture, keep_ratio=float(ratio)),
@@ -50,13 +61,15 @@ def main():
     for request in json.loads(open(requests_path).read()):
         kept_log.clear()
         positions_log.clear()
+        tower_log.clear()
         data = {"image": [Image.open(path).convert("RGB") for path in request["images"]]}
         if "video" in request:  # (frames saved with numpy, metadata)
             data["video"] = (np.load(request["video"]["frames"]), request["video"]["metadata"])
         (out,) = llm.generate({"prompt": request["prompt"], "multi_modal_data": data},
                               SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
         results.append({"prompt_token_ids": list(out.prompt_token_ids), "kept": list(kept_log),
-                        "positions": positions_log[-1], "steps": len(positions_log)})
+                        "positions": positions_log[-1], "steps": len(positions_log),
+                        "tower_runs": list(tower_log)})
     print("PROBE " + json.dumps(results))
 
 

@@ -78,12 +78,12 @@ def grid_positions(tokens, expansions):
 
 
 def test_kept_rows_land_on_their_full_image_positions_whatever_the_chunks():
-    from par_vllm.positions import grid_offsets, place_rows, position_columns, reduced_prompt_positions
+    from par_vllm.positions import ReducedItem, grid_offsets, place_rows, position_columns, reduced_prompt_positions
 
     # Two images of 2 x 6 and 2 x 3 tokens, keeping 4 and 2 of them; a third left whole.
     kept = [torch.tensor([1, 4, 7, 11]), torch.tensor([0, 5])]
     tokens = [TEXT] * 3 + [PAD] * 4 + [TEXT] * 2 + [PAD] * 2 + [TEXT] + [PAD] * 4 + [TEXT] * 3
-    images = [(3, 4, 12, True), (9, 2, 6, True)]
+    images = [ReducedItem(3, 4, [PAD] * 12, PAD, True), ReducedItem(9, 2, [PAD] * 6, PAD, True)]
     expanded = [TEXT] * 3 + [PAD] * 12 + [TEXT] * 2 + [PAD] * 6 + [TEXT] + [PAD] * 4 + [TEXT] * 3
     full, full_delta = grid_positions(expanded, [(3, 12), (17, 6), (24, 4)])
     up_front, delta = reduced_prompt_positions(tokens, images, lambda t, e: grid_positions(t, [*e, (24, 4)]))
@@ -113,13 +113,67 @@ def test_kept_rows_land_on_their_full_image_positions_whatever_the_chunks():
 
 
 def test_consecutive_images_move_the_text_after_them_up():
-    from par_vllm.positions import reduced_prompt_positions
+    from par_vllm.positions import ReducedItem, reduced_prompt_positions
 
     tokens = [TEXT] * 2 + [PAD] * 3 + [TEXT] * 2
-    positions, delta = reduced_prompt_positions(tokens, [(2, 3, 12, False)], grid_positions)
+    positions, delta = reduced_prompt_positions(tokens, [ReducedItem(2, 3, [PAD] * 12, PAD, False)], grid_positions)
     assert positions[0].tolist() == [0, 1, 2, 3, 4, 5, 6]
     assert torch.equal(positions[0], positions[1]) and torch.equal(positions[0], positions[2])
     assert delta == 0
+
+
+START, END = 7, 8
+
+
+def frame_runs_positions(tokens, expansions):
+    """A Qwen3-VL-style placement: each run of PAD between START and END is a frame of 2
+    rows, placed as grid_positions places an image; the expansions must cover the runs."""
+    runs, i = [], 0
+    while i < len(tokens):
+        if tokens[i] == PAD:
+            j = i
+            while j < len(tokens) and tokens[j] == PAD:
+                j += 1
+            runs.append((i, j - i))
+            i = j
+        else:
+            i += 1
+    assert all(any(o <= r < o + n for o, n in expansions) for r, _ in runs)
+    return grid_positions(tokens, runs)
+
+
+def test_a_video_written_one_run_per_frame_keeps_its_timestamps_and_places_all_k_in_the_first_run():
+    """Qwen3-VL's video: per frame a timestamp, START, the frame's tokens, END. Reduced, all K
+    tokens sit in the first frame's run (the processor's `reserve`); every other token of the
+    video, and the text after it, keeps its unreduced position, and each kept row lands on
+    its own frame's grid."""
+    from par_vllm.models.base import reserve
+    from par_vllm.positions import ReducedItem, place_rows, position_columns, reduced_prompt_positions
+    from vllm.multimodal.processing import PromptUpdateDetails
+
+    frame = [TEXT, START] + [PAD] * 6 + [END]
+    full_video = frame * 3
+    reserved = reserve(PromptUpdateDetails.select_token_id(full_video, PAD), 5)
+    assert reserved.full == [TEXT, START] + [PAD] * 5 + [END] + [TEXT, START, END] * 2
+    assert reserved.is_embed(reserved.full).sum() == 5
+    whole = PromptUpdateDetails.select_token_id(full_video, PAD)
+    assert reserve(whole, 18) is whole  # K = N: the family's own placeholders
+    assert reserve([PAD] * 12, 4) == [PAD] * 4
+    tokens = [TEXT] * 2 + reserved.full + [TEXT] * 3
+    item = ReducedItem(2, len(reserved.full), full_video, PAD, True)
+    up_front, delta = reduced_prompt_positions(tokens, [item], frame_runs_positions)
+    expanded = [TEXT] * 2 + full_video + [TEXT] * 3
+    full, full_delta = frame_runs_positions(expanded, [(2, len(full_video))])
+    video_at = [2 + i for i, t in enumerate(full_video) if t == PAD]
+    kept = torch.tensor([0, 5, 8, 13, 17])  # frames 0, 0, 1, 2, 2
+    offsets = full[:, [video_at[k] for k in kept]].T - full[0, video_at[0]]
+    rows = torch.cat([torch.randn(5, 4), position_columns(offsets, 5, torch.zeros(1))], dim=1)
+    _, positions, delta = place_rows(tokens, [rows], up_front, 0, [PAD])
+    pads = [i for i, t in enumerate(tokens) if t == PAD]
+    assert positions[:, pads].T.tolist() == full[:, [video_at[k] for k in kept]].T.tolist()
+    others = [i for i, t in enumerate(tokens) if t != PAD]
+    assert positions[:, others].tolist() == full[:, [i for i, t in enumerate(expanded) if t != PAD]].tolist()
+    assert delta == full_delta + 18 - 5
 
 
 def test_position_columns_carry_large_offsets_exactly_in_bfloat16():

@@ -259,6 +259,24 @@ def video_tokens(out, tokenizer) -> int:
     return out.prompt_token_ids.count(tokenizer.convert_tokens_to_ids("<|video_pad|>"))
 
 
+def frame_runs(ids, tokenizer) -> list[int]:
+    """How many <|video_pad|> each innermost <|vision_start|> ... <|vision_end|> of a prompt
+    holds, of those that hold nothing else (Qwen3-VL writes one per frame of a video)."""
+    start, end, pad = (tokenizer.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>",
+                                                                    "<|video_pad|>"))
+    counts, inside = [], None
+    for token in ids:
+        if token == start:
+            inside = []
+        elif token == end:
+            if inside is not None and all(t == pad for t in inside):
+                counts.append(len(inside))
+            inside = None
+        elif inside is not None:
+            inside.append(token)
+    return counts
+
+
 @pytest.mark.slow
 def test_with_nothing_removed_videos_equal_stock_vllm(runs):
     """At par_keep_ratio 1.0 a video alone, and a video after an image, equal stock vLLM
@@ -269,47 +287,49 @@ def test_with_nothing_removed_videos_equal_stock_vllm(runs):
 
 @pytest.mark.slow
 def test_each_video_reserves_k_of_the_processors_n(runs, tokenizer, family, qwen_model):
-    """Qwen2.5-VL: each clip (two lengths, two resolutions) reserves K = ceil(N x 0.111) of
-    the N its processor counts, and a video after an image gets its own K beside the
-    image's. Qwen3-VL and Qwen3.5 write a video as one run per frame: it passes through
-    whole, and only the image's placeholders shrink."""
-    reduces_video = family == "qwen2_5_vl"
+    """Each clip (two lengths, two resolutions) reserves K = ceil(N x 0.111) of the N its
+    processor counts, and a video after an image gets its own K beside the image's. Qwen3-VL
+    and Qwen3.5 write a video as one run per frame after its timestamp: every frame keeps
+    its timestamp and markers, and the K placeholders sit in the first frame's run."""
     for frames, side in CLIPS:
         full = full_video_tokens(qwen_model, clip(frames, side))
-        expected = math.ceil(full * 0.111) if reduces_video else full
-        assert video_tokens(runs["video", frames, side], tokenizer) == expected, (frames, side)
+        out = runs["video", frames, side]
+        assert video_tokens(out, tokenizer) == math.ceil(full * 0.111), (frames, side)
+        if family != "qwen2_5_vl":
+            assert frame_runs(out.prompt_token_ids, tokenizer) == [math.ceil(full * 0.111)] + [0] * (frames // 2 - 1)
+    if family != "qwen2_5_vl":  # the stock prompt: one run per frame pair
+        full = full_video_tokens(qwen_model, clip())
+        assert frame_runs(runs["stock", "video"].prompt_token_ids, tokenizer) == [full // 4] * 4
     sizes = {clip_size: full_video_tokens(qwen_model, clip(*clip_size)) for clip_size in CLIPS}
     assert len(set(sizes.values())) == len(CLIPS)  # the clips differ in N
     both, whole = runs["par64", "reduced+video"], runs["stock", "image+video"]
-    expected = math.ceil(video_tokens(whole, tokenizer) * 0.111) if reduces_video else video_tokens(whole, tokenizer)
-    assert video_tokens(both, tokenizer) == expected
+    assert video_tokens(both, tokenizer) == math.ceil(video_tokens(whole, tokenizer) * 0.111)
     assert image_tokens(both, tokenizer) == math.ceil(TOKENS[family][(308, 448)] * 0.111)
 
 
 @pytest.mark.slow
-def test_bad_videos_are_refused_and_the_engine_keeps_serving(runs, family):
+def test_bad_videos_are_refused_and_the_engine_keeps_serving(runs, family, tokenizer, qwen_model):
     """A clip of no frames is refused; on Qwen2.5-VL, so is a clip longer than vLLM sized the
-    vision encoder for (its profile's largest item, 16,384 tokens here: a reduced video's
-    few placeholders would otherwise let it through); the next request is answered as
-    before."""
+    vision encoder for (its profile's largest item: a reduced video's few placeholders would
+    otherwise let it through). Qwen3-VL's video processor shrinks a long clip's frames to
+    its own total-pixel budget instead, so the clip is served, reduced from the N that
+    processor counts. The next request is answered as before."""
     from vllm.exceptions import VLLMValidationError
 
     long, empty = runs["bad_video"]["long"], runs["bad_video"]["empty"]
     assert isinstance(empty, VLLMValidationError) and "no frames" in str(empty)
-    if family == "qwen2_5_vl":  # elsewhere videos pass through whole: vLLM's own limits apply
+    if family == "qwen2_5_vl":
         assert isinstance(long, VLLMValidationError) and "fewer frames" in str(long)
+    else:
+        assert video_tokens(long, tokenizer) == math.ceil(full_video_tokens(qwen_model, clip(200, 448)) * 0.111)
     same(runs["after_bad_video"], runs["video", 8, 224])
 
 
 @pytest.mark.slow
 def test_evs_selects_a_videos_tokens_at_the_requests_budget(runs, tokenizer, family, qwen_model):
-    """par_method="evs" runs vLLM's own EVS on a Qwen2.5-VL video at the request's K (an
-    answer of its own, not PAR's at the same K); a K below one frame's tokens (EVS keeps the
-    first frame whole) and an image are refused naming the setting. Models whose PAR reduces
-    no videos refuse it."""
-    if family != "qwen2_5_vl":
-        assert isinstance(runs["evs"], ValueError) and "par_method" in str(runs["evs"])
-        return
+    """par_method="evs" runs vLLM's own EVS on a video at the request's K (an answer of its
+    own, not PAR's at the same K); a K below one frame's tokens (EVS keeps the first frame
+    whole) and an image are refused naming the setting."""
     evs, par = runs["evs"], runs["evs", "par"]
     assert video_tokens(evs, tokenizer) == video_tokens(par, tokenizer) == math.ceil(
         full_video_tokens(qwen_model, clip()) * 0.5)
@@ -385,9 +405,10 @@ def filler_prompt(tokenizer, vision_start_at: int, question: str) -> str:
 @pytest.mark.slow
 def test_every_kept_token_sits_at_its_full_image_position(qwen_model, family, tokenizer, tmp_path):
     """Read from the engine's model runner after prefill, in 64-token chunks split before,
-    right after and inside an image, for two images (a portrait and a square) and one:
-    each kept token's (t, h, w) position equals the one transformers' own Qwen code gives
-    that token in the unreduced prompt, and every text token's equals its unreduced one."""
+    right after and inside an image, for two images (a portrait and a square), one, and an
+    image and a video: each kept token's (t, h, w) position equals the one transformers' own
+    Qwen code gives that token in the unreduced prompt, and every text token's equals its
+    unreduced one. Items above vLLM's encoder budget pass through the tower one at a time."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     sizes = {"portrait": (308, 448), "square": (448, 448)}
@@ -402,16 +423,16 @@ def test_every_kept_token_sits_at_its_full_image_position(qwen_model, family, to
     questions = {62: "What shape is at the top?", 63: "Where is the red square?", 64: "Is the circle green?"}
     requests += [{"prompt": filler_prompt(tokenizer, at, question), "images": [str(paths["portrait"])]}
                  for at, question in questions.items()]
-    if family == "qwen2_5_vl":
-        # A video after an image, at 3 frames a second: its t step (2/3 s per frame pair x
-        # tokens_per_second) is not whole, so the rounding of every t is checked too.
-        import numpy as np
+    # A video after an image, at 3 frames a second: in Qwen2.5-VL its t step (2/3 s per
+    # frame pair x tokens_per_second) is not whole, so the rounding of every t is checked
+    # too; in Qwen3-VL each frame's grid sits after its own timestamp's text.
+    import numpy as np
 
-        frames, metadata = clip(8, 224, fps=3.0)
-        np.save(tmp_path / "clip.npy", frames)
-        requests.append({"prompt": chat(IMAGE + "Where is the star? " + VIDEO + "What moves?"),
-                         "images": [str(paths["portrait"])],
-                         "video": {"frames": str(tmp_path / "clip.npy"), "metadata": metadata}})
+    frames, metadata = clip(8, 224, fps=3.0)
+    np.save(tmp_path / "clip.npy", frames)
+    requests.append({"prompt": chat(IMAGE + "Where is the star? " + VIDEO + "What moves?"),
+                     "images": [str(paths["portrait"])],
+                     "video": {"frames": str(tmp_path / "clip.npy"), "metadata": metadata}})
     (tmp_path / "requests.json").write_text(json.dumps(requests))
     probe = Path(__file__).with_name("qwen_positions_probe.py")
     done = subprocess.run([sys.executable, str(probe), str(qwen_model), ARCH[family], "64", "0.111",
@@ -424,6 +445,7 @@ def test_every_kept_token_sits_at_its_full_image_position(qwen_model, family, to
     model = AutoModelForImageTextToText.from_pretrained(qwen_model, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(qwen_model)
     pads = {tokenizer.convert_tokens_to_ids("<|image_pad|>"), tokenizer.convert_tokens_to_ids("<|video_pad|>")}
+    handed_together = False
     for request, result in zip(requests, results):
         import numpy as np
         from PIL import Image
@@ -437,25 +459,39 @@ def test_every_kept_token_sits_at_its_full_image_position(qwen_model, family, to
         expected, _ = model.model.get_rope_index(
             full["input_ids"], full["mm_token_type_ids"], image_grid_thw=full["image_grid_thw"],
             video_grid_thw=full.get("video_grid_thw"), second_per_grid_ts=full.get("second_per_grid_ts"))
-        expected, full_ids = expected[:, 0].tolist(), full["input_ids"][0].tolist()
-        got, ids = result["positions"], result["prompt_token_ids"]
+        expected, full_ids = expected[:, 0], full["input_ids"][0].tolist()
+        got, ids = torch.tensor(result["positions"]), result["prompt_token_ids"]
         assert result["steps"] > 1  # the prefill was split
-        kept = iter(result["kept"])
-        i = j = 0
-        while i < len(ids):
-            if ids[i] not in pads:
-                assert ids[i] == full_ids[j]
-                assert [row[i] for row in got] == [row[j] for row in expected], (i, j)
-                i, j = i + 1, j + 1
-                continue
-            indices = next(kept)
-            num_full = next(k for k in range(j, len(full_ids) + 1)
-                            if k == len(full_ids) or full_ids[k] != ids[i]) - j
-            assert len(indices) < num_full
-            for r, index in enumerate(indices):
-                assert [row[i + r] for row in got] == [row[j + index] for row in expected], (i + r, j + index)
-            i, j = i + len(indices), j + num_full
-        assert j == len(full_ids)
+        # Text (a Qwen3-VL video's timestamps and markers included) at its unreduced positions.
+        text = [i for i, t in enumerate(ids) if t not in pads]
+        full_text = [k for k, t in enumerate(full_ids) if t not in pads]
+        assert [ids[i] for i in text] == [full_ids[k] for k in full_text]
+        assert torch.equal(got[:, text], expected[:, full_text])
+        # Each item's kept tokens (one run in the reduced prompt) at their places among its N
+        # (images first, then the video, as in these prompts).
+        sizes = [int(g.prod()) // 4 for g in [*full["image_grid_thw"], *full.get("video_grid_thw", [])]]
+        full_pads = [k for k, t in enumerate(full_ids) if t in pads]
+        items = [full_pads[sum(sizes[:n]):sum(sizes[:n + 1])] for n in range(len(sizes))]
+        pad_at = [i for i, t in enumerate(ids) if t in pads]
+        reduced_runs, run = [], []
+        for i in pad_at:
+            if run and i != run[-1] + 1:
+                reduced_runs.append(run)
+                run = []
+            run.append(i)
+        reduced_runs.append(run)
+        assert len(reduced_runs) == len(items) == len(result["kept"])
+        for run, item, kept in zip(reduced_runs, items, result["kept"]):
+            assert len(run) == len(kept) < len(item)
+            assert torch.equal(got[:, run], expected[:, [item[k] for k in kept]])
+        # vLLM's encoder budget here is 64 visual tokens (max_num_encoder_input_tokens follows
+        # --max-num-batched-tokens): every item above it runs through the tower alone, even
+        # when vLLM hands over several at once (it counts their K placeholders, not their N).
+        calls = result["tower_runs"]
+        assert sorted(n for call in calls for tower_run in call for n in tower_run) == sorted(sizes)
+        assert all(len(tower_run) == 1 for call in calls for tower_run in call)
+        handed_together |= any(len(call) > 1 for call in calls)
+    assert handed_together  # or the line above checks nothing
 
 
 @pytest.mark.parametrize("worker, pruning, refused", [

@@ -40,7 +40,7 @@ from vllm.multimodal.parse import (
     VideoEmbeddingItems,
     VideoProcessorItems,
 )
-from vllm.multimodal.processing import PromptReplacement, PromptUpdate
+from vllm.multimodal.processing import PromptReplacement, PromptUpdate, PromptUpdateDetails
 from vllm.platforms import current_platform
 
 from .. import metrics
@@ -327,14 +327,31 @@ class ParMultiModalProcessor:
                 layouts.extend(self._layouts(mm_items))
             return layouts[item_idx]
 
-        def reduced(full: PromptReplacement, item_idx: int) -> list[int]:
-            placeholders = full.replacement(item_idx)
-            return placeholders[: item_layout(full.modality, item_idx).placeholders(settings)]
+        def reduced(full: PromptReplacement, item_idx: int):
+            return reserve(full.replacement(item_idx), item_layout(full.modality, item_idx).placeholders(settings))
 
         return [PromptReplacement(modality=update.modality, target=update.target,
                                   replacement=partial(reduced, update))
                 if update.modality in self.reduced_modalities else update
                 for update in super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)]
+
+
+def reserve(replacement, num_kept: int):
+    """An item's placeholders with K of its embedding tokens: the first K of a plain run; in
+    a replacement that has other tokens between its embedding tokens (Qwen3-VL's video: a
+    timestamp and a <|vision_start|> ... <|vision_end|> run per frame), all K in the first
+    run and every other token kept, as vLLM's own EVS lays out a pruned Qwen3-VL video. The
+    model fills the K with one item's rows, in one piece."""
+    if not isinstance(replacement, PromptUpdateDetails):
+        return replacement[:num_kept]
+    tokens = list(replacement.full)
+    embeds = (torch.ones(len(tokens), dtype=torch.bool) if replacement.is_embed is None
+              else replacement.is_embed(tokens)).tolist()
+    if sum(embeds) <= num_kept:
+        return replacement
+    first = embeds.index(True)
+    kept = tokens[:first] + [tokens[first]] * num_kept + [t for t, e in zip(tokens, embeds) if not e][first:]
+    return PromptUpdateDetails.select_token_id(kept, tokens[first])
 
 
 class ParModel:

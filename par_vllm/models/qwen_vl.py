@@ -11,18 +11,20 @@ front of a hybrid language model. Qwen3-VL's rows carry its deepstack features b
 the main embedding: PAR scores the main embedding and the deepstack columns follow the
 same selection and merge.
 
-Qwen2.5-VL's videos are reduced too: a video is one run of placeholders (its frames' tokens
-in (t, h, w) raster order), one item with its own K, scored against the same prompt, and
-PAR's clustering and routing merge near-repeats across frames. A kept video token keeps
-its (t, h, w) position, t scaled by the video's seconds per frame pair as Qwen's own code
-does. Qwen3-VL and Qwen3.5 write a video as one run per frame with timestamps between, so
-their videos still pass through unreduced.
+Videos are reduced too: each video is one item with its own K, scored against the same
+prompt, and PAR's clustering and routing merge near-repeats across frames. A kept video
+token keeps its (t, h, w) position: in Qwen2.5-VL t is its frame pair's index scaled by the
+video's seconds per pair, as Qwen's own code does; Qwen3-VL and Qwen3.5 write a video as
+one run per frame, each after its timestamp, and a kept token sits on its own frame's grid
+after its own frame's timestamp. There the K placeholders all take the first frame's run,
+the other frames keep their timestamps with empty runs, as vLLM's own EVS lays out a pruned
+Qwen3-VL video.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
-from functools import cached_property
+from functools import cached_property, partial
 
 import torch
 from transformers import BatchFeature
@@ -41,12 +43,18 @@ from vllm.model_executor.models.qwen3_vl import (
 )
 from vllm.exceptions import VLLMValidationError
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalFeatureSpec
+from vllm.multimodal.inputs import (
+    MultiModalFeatureSpec,
+    MultiModalFieldConfig,
+    MultiModalFieldElem,
+    MultiModalKwargsItem,
+    PlaceholderRange,
+)
 from vllm.multimodal.video_prune.evs import compute_retention_mask
 from vllm.utils.import_utils import resolve_obj_by_qualname
 
 from ..dispatch import reduce_per_image
-from ..positions import grid_offsets, place_rows, position_columns, reduced_prompt_positions
+from ..positions import ReducedItem, grid_offsets, place_rows, position_columns, reduced_prompt_positions
 from ..settings import ParSettingError, ParSettings
 from ..worker import WORKER_CLS, ParWorker
 from .base import FIELDS, Layout, ParModel, ParMultiModalProcessor, ParProcessingInfo, ParRequestError
@@ -101,8 +109,8 @@ class ParQwenMultiModalProcessor(ParMultiModalProcessor):
         return result
 
 
-class ParQwen2_5_VLVideoProcessor(ParQwenMultiModalProcessor):
-    """Qwen2.5-VL: videos reduced too, by PAR or, for comparison, by vLLM's own EVS."""
+class ParQwenVideoProcessor(ParQwenMultiModalProcessor):
+    """Videos reduced too, by PAR or, for comparison, by vLLM's own EVS."""
 
     reduced_modalities = ("image", "video")
 
@@ -131,6 +139,11 @@ class ParQwenModel(ParModel):
     # recompute_mrope_positions (par_vllm/worker.py).
     par_places_rows = True
 
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        # The visual tokens' worth of items vLLM sized the tower's memory for (see _tower_groups).
+        self.par_encoder_budget = vllm_config.scheduler_config.max_num_encoder_input_tokens
+
     @staticmethod
     def prepare_positions(vllm_config, server_settings: ParSettings) -> bool:
         worker = vllm_config.parallel_config.worker_cls
@@ -157,25 +170,52 @@ class ParQwenModel(ParModel):
             if keys is None or keys.layout not in (feature.data or {}):
                 continue
             full = Layout.unpack(feature.data[keys.layout].data).full
-            if feature.mm_position.length < full:
+            position = feature.mm_position
+            if position.get_num_embeds() < full:
                 span = ParSettings.from_tensor(feature.data[keys.settings].data).positions == "span"
-                reduced.append((feature, full, span))
+                embed_id = self.config.image_token_id if feature.modality == "image" else self.config.video_token_id
+                placeholders = input_tokens[position.offset:position.offset + position.length]
+                reduced.append((feature, ReducedItem(position.offset, position.length,
+                                                     self._unreduced_tokens(placeholders, embed_id, full, feature),
+                                                     embed_id, span)))
         if not reduced:
             return family.get_mrope_input_positions(input_tokens, mm_features)
 
         def unreduced_positions(tokens, expansions):
-            moved = {id(feature): (offset, full) for (feature, _, _), (offset, full) in zip(reduced, expansions)}
+            moved = {id(feature): (offset, length) for (feature, _), (offset, length) in zip(reduced, expansions)}
             features, grown = [], 0
             for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
                 position = feature.mm_position
-                offset, length = moved.get(id(feature), (position.offset + grown, position.length))
-                grown = offset + length - position.offset - position.length
-                features.append(replace(feature, mm_position=replace(position, offset=offset, length=length)))
+                if id(feature) in moved:
+                    offset, length = moved[id(feature)]
+                    placed = PlaceholderRange(offset=offset, length=length)
+                else:
+                    placed = replace(position, offset=position.offset + grown)
+                grown = placed.offset + placed.length - position.offset - position.length
+                features.append(replace(feature, mm_position=placed))
             return family.get_mrope_input_positions(tokens, features)
 
-        return reduced_prompt_positions(
-            input_tokens, [(f.mm_position.offset, f.mm_position.length, full, span) for f, full, span in reduced],
-            unreduced_positions)
+        return reduced_prompt_positions(input_tokens, [item for _, item in reduced], unreduced_positions)
+
+    @staticmethod
+    def _unreduced_tokens(placeholders: list[int], embed_id: int, num_full: int, feature) -> list[int]:
+        """An item's placeholder range as it would be unreduced: N placeholders, or, for a
+        video written one run per frame (Qwen3-VL), each frame's run whole again after its
+        own <|vision_start|> (the token before the reduced run, which sits in the first
+        frame's place)."""
+        if all(token == embed_id for token in placeholders):
+            return [embed_id] * num_full
+        frames = int(feature.data["video_grid_thw"].data[0])
+        marker = placeholders[placeholders.index(embed_id) - 1]
+        text = [token for token in placeholders if token != embed_id]
+        starts = [i for i, token in enumerate(text) if token == marker]
+        if len(starts) != frames:
+            raise ValueError(f"a video of {frames} frames has {len(starts)} frame runs in its placeholders")
+        unreduced, at = [], 0
+        for start in starts:
+            unreduced += text[at:start + 1] + [embed_id] * (num_full // frames)
+            at = start + 1
+        return unreduced + text[at:]
 
     def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens):
         return place_rows(input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens,
@@ -193,27 +233,69 @@ class ParQwenModel(ParModel):
         rows = []
         for modality, inputs in self._parse_and_validate_multimodal_inputs(**kwargs).items():
             query_ids, packed_settings, _ = fields["image" if modality == "image" else "video"]
+            merge = self.config.vision_config.spatial_merge_size
             if modality == "image":
-                features = list(self._process_image_input(inputs))
-                grids = [(1, h, w, 1.0) for _, h, w in inputs["image_grid_thw"].tolist()]
+                grids = [(1, h, w, partial(grid_offsets, h // merge, w // merge))
+                         for _, h, w in inputs["image_grid_thw"].tolist()]
             else:
-                features = list(self._process_video_input(inputs))
-                grids = [(t, h, w, step) for (t, h, w), step in
-                         zip(inputs["video_grid_thw"].tolist(), self._time_steps(inputs))]
-            rows += self._reduce(features, grids, packed_settings, query_ids)
+                grids = [(t, h, w, offsets) for (t, h, w), offsets in
+                         zip(inputs["video_grid_thw"].tolist(), self._video_offsets(inputs))]
+            for items in self._tower_groups(modality, inputs):
+                features = list((self._process_image_input if modality == "image" else
+                                 self._process_video_input)(self._items_of(modality, inputs, items)))
+                rows += self._reduce(features, grids[items], packed_settings[items] if packed_settings is not None
+                                     else None, query_ids[items] if query_ids is not None else None)
         return tuple(rows)
 
-    def _time_steps(self, video_inputs) -> list[float]:
-        """Per video, the M-RoPE t step from one frame pair to the next, as Qwen2.5-VL's own
-        placement computes it (seconds per frame pair x the config's tokens per second)."""
+    def _tower_groups(self, modality: str, inputs) -> list[slice]:
+        """The items in runs whose summed N stays within vLLM's encoder budget (at least one
+        item a run). vLLM's scheduler counts an item's encoder work by its placeholders, K,
+        but the tower runs on all N of it: at one step it may hand over up to N / K times
+        the tokens vLLM profiled the tower's memory for. Run by run, each run's N rows are
+        reduced before the next run's tower, so the tower's activations and the unreduced
+        rows never exceed what was profiled."""
+        count = len(inputs[f"{modality}_grid_thw"])
+        if inputs["type"] not in ("pixel_values", "pixel_values_videos"):
+            return [slice(0, count)]  # precomputed embeddings: no tower to run
+        merge = self.config.vision_config.spatial_merge_size
+        sizes = (inputs[f"{modality}_grid_thw"].prod(-1) // merge**2).tolist()
+        groups, start, total = [], 0, 0
+        for i, size in enumerate(sizes):
+            if i > start and total + size > self.par_encoder_budget:
+                groups.append(slice(start, i))
+                start, total = i, 0
+            total += size
+        return groups + [slice(start, count)]
+
+    @staticmethod
+    def _items_of(modality: str, inputs, items: slice) -> dict:
+        """The tower's inputs for some of the items (pixel rows are packed, each item's
+        grid t x h x w of them)."""
+        grid_key, pixels_key = f"{modality}_grid_thw", ("pixel_values" if modality == "image" else
+                                                        "pixel_values_videos")
+        grids = inputs[grid_key]
+        if inputs["type"] != pixels_key or (items.start == 0 and items.stop == len(grids)):
+            return inputs
+        rows = grids.prod(-1).cumsum(0).tolist()
+        first, last = (rows[items.start - 1] if items.start else 0), rows[items.stop - 1]
+        return {"type": inputs["type"], pixels_key: inputs[pixels_key][first:last], grid_key: grids[items]}
+
+    def _video_offsets(self, video_inputs) -> list:
+        """Per video, a function giving its N tokens' (t, h, w) offsets from its first token's
+        position, as Qwen2.5-VL's own placement puts them: t is the frame pair's index times
+        its seconds per pair times the config's tokens per second."""
         per_second = getattr(self.config.vision_config, "tokens_per_second", 1.0)
         seconds = video_inputs.get("second_per_grid_ts")
-        count = len(video_inputs["video_grid_thw"])
-        return [s * per_second for s in (seconds.tolist() if seconds is not None else [1.0] * count)]
+        grids = video_inputs["video_grid_thw"].tolist()
+        seconds = seconds.tolist() if seconds is not None else [1.0] * len(grids)
+        merge = self.config.vision_config.spatial_merge_size
+        return [partial(grid_offsets, h // merge, w // merge, t, step * per_second)
+                for (t, h, w), step in zip(grids, seconds)]
 
     def _reduce(self, features, grids, packed_settings, query_ids) -> list[torch.Tensor]:
         """Each image's or video's rows, reduced, with the position columns place_rows reads.
-        `grids`: (frames, height, width, t step) per item, height and width in patches."""
+        `grids`: (frames, height, width, offsets) per item, height and width in patches,
+        offsets() its N tokens' (t, h, w) offsets (what place_rows adds to the item's base)."""
         if packed_settings is None:  # start-up profiling's dummy items, or videos left whole
             return [torch.cat([f, position_columns(None, len(f), f)], dim=1) for f in features]
         settings = [ParSettings.from_tensor(row) for row in packed_settings]
@@ -244,10 +326,8 @@ class ParQwenModel(ParModel):
     def _with_positions(self, tokens, kept, num_full: int, grid, setting: ParSettings) -> torch.Tensor:
         """An item's kept rows with the position columns place_rows reads: each row's grid
         offset where the item is reduced and its tokens keep their own positions."""
-        frames, height, width, step = grid
-        merge = self.config.vision_config.spatial_merge_size
         placed = len(tokens) < num_full and setting.positions == "span"
-        offsets = grid_offsets(height // merge, width // merge, frames, step)[kept.cpu()] if placed else None
+        offsets = grid[3]()[kept.cpu()] if placed else None
         return torch.cat([tokens, position_columns(offsets, len(tokens), tokens)], dim=1)
 
     @property
@@ -261,7 +341,7 @@ class ParQwen2_5_VLProcessingInfo(ParQwenProcessingInfo, Qwen2_5_VLProcessingInf
     pass
 
 
-class ParQwen2_5_VLMultiModalProcessor(ParQwen2_5_VLVideoProcessor, Qwen2_5_VLMultiModalProcessor):
+class ParQwen2_5_VLMultiModalProcessor(ParQwenVideoProcessor, Qwen2_5_VLMultiModalProcessor):
     pass
 
 
@@ -274,11 +354,37 @@ class ParQwen2_5_VLForConditionalGeneration(ParQwenModel, Qwen2_5_VLForCondition
     pass
 
 
+class ParQwen3Model(ParQwenModel):
+    """Qwen3-VL and Qwen3.5: a video is one run per frame, each after its timestamp."""
+
+    def _video_offsets(self, video_inputs) -> list:
+        timestamps = video_inputs["timestamps"]
+        return [partial(self._frame_runs_offsets, t, h, w, stamps)
+                for (t, h, w), stamps in zip(video_inputs["video_grid_thw"].tolist(), timestamps)]
+
+    def _frame_runs_offsets(self, frames: int, height: int, width: int, timestamps) -> torch.Tensor:
+        """A video's N tokens' (t, h, w) offsets from its first token's position, from the
+        family's own placement of the video's unreduced placeholders (as vLLM's EVS for
+        Qwen3-VL reads them): each frame's grid sits after its timestamp's text."""
+        merge = self.config.vision_config.spatial_merge_size
+        tokens = Qwen3VLMultiModalProcessor.get_video_repl(
+            tokens_per_frame=[height * width // merge**2] * frames, timestamps=timestamps, tokenizer=self._tokenizer,
+            vision_start_token_id=self.config.vision_start_token_id,
+            vision_end_token_id=self.config.vision_end_token_id, video_token_id=self.config.video_token_id).full
+        grid = MultiModalFieldElem(data=torch.tensor([frames, height, width]),
+                                   field=MultiModalFieldConfig.batched("video").field)
+        video = MultiModalFeatureSpec(data=MultiModalKwargsItem({"video_grid_thw": grid}), modality="video",
+                                      identifier="par-offsets", mm_position=PlaceholderRange(0, len(tokens)))
+        positions, _ = super(ParModel, self).get_mrope_input_positions(tokens, [video])
+        positions = torch.as_tensor(positions)[:, torch.tensor(tokens) == self.config.video_token_id].T
+        return positions - positions[0, 0]
+
+
 class ParQwen3VLProcessingInfo(ParQwenProcessingInfo, Qwen3VLProcessingInfo):
     pass
 
 
-class ParQwen3VLMultiModalProcessor(ParQwenMultiModalProcessor, Qwen3VLMultiModalProcessor):
+class ParQwen3VLMultiModalProcessor(ParQwenVideoProcessor, Qwen3VLMultiModalProcessor):
     pass
 
 
@@ -287,7 +393,7 @@ class ParQwen3VLMultiModalProcessor(ParQwenMultiModalProcessor, Qwen3VLMultiModa
     info=ParQwen3VLProcessingInfo,
     dummy_inputs=Qwen3VLDummyInputsBuilder,
 )
-class ParQwen3VLForConditionalGeneration(ParQwenModel, Qwen3VLForConditionalGeneration):
+class ParQwen3VLForConditionalGeneration(ParQwen3Model, Qwen3VLForConditionalGeneration):
     pass
 
 
@@ -300,5 +406,5 @@ class ParQwen3_5ProcessingInfo(ParQwenProcessingInfo, Qwen3_5ProcessingInfo):
     info=ParQwen3_5ProcessingInfo,
     dummy_inputs=Qwen3VLDummyInputsBuilder,
 )
-class ParQwen3_5ForConditionalGeneration(ParQwenModel, Qwen3_5ForConditionalGeneration):
+class ParQwen3_5ForConditionalGeneration(ParQwen3Model, Qwen3_5ForConditionalGeneration):
     pass
