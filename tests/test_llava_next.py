@@ -113,7 +113,10 @@ def runs(next_model):
     """Everything the engine tests check, from three engines: PAR (vLLM's positions on, as
     par-vllm serve starts it), PAR with the prefix cache on, and vLLM's own LLaVA-NeXT."""
     res = {}
-    llm = make_llm(next_model, par_overrides(architecture=NEXT), enable_prefix_caching=False)
+    # A 4,096-token encoder budget (vLLM's follows --max-num-batched-tokens): the two images
+    # below (2,928 + 2,340 tokens) go through the tower one at a time.
+    llm = make_llm(next_model, par_overrides(architecture=NEXT), enable_prefix_caching=False,
+                   max_num_batched_tokens=4096)
     for size in LAYOUTS:
         res["par", size] = generate(llm, PROMPT, image(size))
         res["whole", size] = generate(llm, PROMPT, image(size), {"par_keep_ratio": 1.0})
@@ -145,6 +148,27 @@ def apart(a, b, tolerance=1e-4) -> bool:
     return any(abs(lp.logprob - step_b[token].logprob) >= tolerance
                for step_a, step_b in zip(a.outputs[0].logprobs, b.outputs[0].logprobs)
                for token, lp in step_a.items() if token in step_b)
+
+
+def test_the_tower_takes_images_in_groups_within_the_encoder_budget():
+    """vLLM's scheduler counts an image's encoder work by its K placeholders, the tower runs
+    on its N: images go through it in runs whose summed N fits the budget (one at least),
+    when every field holds one entry per image."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from par_vllm.models.base import ParModel, tower_groups
+
+    assert tower_groups([2928, 2340, 576], 4096) == [slice(0, 1), slice(1, 3)]
+    assert tower_groups([576, 576, 576, 2928], 2048) == [slice(0, 3), slice(3, 4)]
+    assert tower_groups([5000], 64) == [slice(0, 1)]
+    model = SimpleNamespace(par_encoder_budget=1000)
+    per_image = {"pixel_values": [torch.zeros(5, 3, 2, 2), torch.zeros(1, 3, 2, 2)], "image_sizes": torch.zeros(2, 2)}
+    assert ParModel._image_groups(model, [900, 900], per_image) == [slice(0, 1), slice(1, 2)]
+    packed = {**per_image, "pixel_values": torch.zeros(6, 3, 2, 2)}  # not one entry per image
+    assert ParModel._image_groups(model, [900, 900], packed) == [slice(0, 2)]
+    assert ParModel._image_groups(model, [900, 900], {**per_image, "extra": None}) == [slice(0, 2)]
 
 
 @pytest.mark.slow

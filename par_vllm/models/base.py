@@ -366,6 +366,8 @@ class ParModel:
         log_defaults(server_settings, places_tokens)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.par_model_name = vllm_config.model_config.served_model_name
+        # The visual tokens' worth of items vLLM sized the tower's memory for (tower_groups).
+        self.par_encoder_budget = vllm_config.scheduler_config.max_num_encoder_input_tokens
 
     @staticmethod
     def prepare_positions(vllm_config, server_settings: ParSettings) -> bool:
@@ -406,22 +408,57 @@ class ParModel:
         query_ids = kwargs.pop(QUERY_KEY, None)
         packed_settings = kwargs.pop(SETTINGS_KEY, None)
         packed_layouts = kwargs.pop(LAYOUT_KEY, None)
-        features = super().embed_multimodal(**kwargs)
-        if packed_settings is None or len(features) == 0:
-            return features
-        return reduce_images(
-            list(features), [Layout.unpack(row) for row in packed_layouts],
-            [ParSettings.from_tensor(row) for row in packed_settings], list(query_ids),
-            embed_tokens=self.get_language_model().embed_input_ids,
-            on_batch=self._count_batch,
-            on_kernel_failure=self._count_kernel_failure,
-        )
+        if packed_settings is None:
+            return super().embed_multimodal(**kwargs)
+        layouts = [Layout.unpack(row) for row in packed_layouts]
+        settings = [ParSettings.from_tensor(row) for row in packed_settings]
+        rows = []
+        for items in self._image_groups([layout.full for layout in layouts], kwargs):
+            # Each field of these families holds one entry per image, so a group's are a slice.
+            features = super().embed_multimodal(**({k: v[items] for k, v in kwargs.items()}
+                                                   if items != slice(0, len(layouts)) else kwargs))
+            rows += reduce_images(
+                list(features), layouts[items], settings[items], list(query_ids[items]),
+                embed_tokens=self.get_language_model().embed_input_ids,
+                on_batch=self._count_batch,
+                on_kernel_failure=self._count_kernel_failure,
+            )
+        return rows
+
+    def _image_groups(self, sizes: list[int], kwargs: Mapping[str, object]) -> list[slice]:
+        """The images in runs whose summed N stays within vLLM's encoder budget (one image at
+        least), where every field holds one entry per image (else all at once). vLLM's
+        scheduler counts an image's encoder work by its K placeholders, but the tower runs on
+        all N of it, so one step may hand over up to N / K times the tokens vLLM profiled the
+        tower's memory for; run by run, each run's rows are reduced before the next run."""
+        if not all(_one_per_item(value, len(sizes)) for value in kwargs.values()):
+            return [slice(0, len(sizes))]
+        return tower_groups(sizes, self.par_encoder_budget)
 
     def _count_batch(self, images: int, implementation: str) -> None:
         metrics.engine_batches.labels(model_name=self.par_model_name, implementation=implementation).inc()
 
     def _count_kernel_failure(self, error: Exception) -> None:
         metrics.kernel_fallbacks.labels(model_name=self.par_model_name).inc()
+
+
+def _one_per_item(value: object, count: int) -> bool:
+    try:
+        return len(value) == count
+    except TypeError:  # None, a number, a 0-d tensor
+        return False
+
+
+def tower_groups(sizes: list[int], budget: int) -> list[slice]:
+    """Consecutive runs of items (their N in `sizes`) whose summed N stays within `budget`,
+    one item at least per run."""
+    groups, start, total = [], 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and total + size > budget:
+            groups.append(slice(start, i))
+            start, total = i, 0
+        total += size
+    return groups + [slice(start, len(sizes))]
 
 
 def reduce_images(

@@ -57,7 +57,7 @@ from ..dispatch import reduce_per_image
 from ..positions import ReducedItem, grid_offsets, place_rows, position_columns, reduced_prompt_positions
 from ..settings import ParSettingError, ParSettings
 from ..worker import WORKER_CLS, ParWorker
-from .base import FIELDS, Layout, ParModel, ParMultiModalProcessor, ParProcessingInfo, ParRequestError
+from .base import FIELDS, Layout, ParModel, ParMultiModalProcessor, ParProcessingInfo, ParRequestError, tower_groups
 
 
 class ParQwenProcessingInfo(ParProcessingInfo):
@@ -138,11 +138,6 @@ class ParQwenModel(ParModel):
     # Asks the plugin's worker to pass every multimodal row through
     # recompute_mrope_positions (par_vllm/worker.py).
     par_places_rows = True
-
-    def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        # The visual tokens' worth of items vLLM sized the tower's memory for (see _tower_groups).
-        self.par_encoder_budget = vllm_config.scheduler_config.max_num_encoder_input_tokens
 
     @staticmethod
     def prepare_positions(vllm_config, server_settings: ParSettings) -> bool:
@@ -248,24 +243,14 @@ class ParQwenModel(ParModel):
         return tuple(rows)
 
     def _tower_groups(self, modality: str, inputs) -> list[slice]:
-        """The items in runs whose summed N stays within vLLM's encoder budget (at least one
-        item a run). vLLM's scheduler counts an item's encoder work by its placeholders, K,
-        but the tower runs on all N of it: at one step it may hand over up to N / K times
-        the tokens vLLM profiled the tower's memory for. Run by run, each run's N rows are
-        reduced before the next run's tower, so the tower's activations and the unreduced
-        rows never exceed what was profiled."""
+        """The items in runs whose summed N stays within vLLM's encoder budget (ParModel's
+        _image_groups says why); Qwen's pixel rows are packed, each item's grid t x h x w of
+        them (_items_of)."""
         count = len(inputs[f"{modality}_grid_thw"])
         if inputs["type"] not in ("pixel_values", "pixel_values_videos"):
             return [slice(0, count)]  # precomputed embeddings: no tower to run
         merge = self.config.vision_config.spatial_merge_size
-        sizes = (inputs[f"{modality}_grid_thw"].prod(-1) // merge**2).tolist()
-        groups, start, total = [], 0, 0
-        for i, size in enumerate(sizes):
-            if i > start and total + size > self.par_encoder_budget:
-                groups.append(slice(start, i))
-                start, total = i, 0
-            total += size
-        return groups + [slice(start, count)]
+        return tower_groups((inputs[f"{modality}_grid_thw"].prod(-1) // merge**2).tolist(), self.par_encoder_budget)
 
     @staticmethod
     def _items_of(modality: str, inputs, items: slice) -> dict:
