@@ -345,8 +345,7 @@ def reserve(replacement, num_kept: int):
     if not isinstance(replacement, PromptUpdateDetails):
         return replacement[:num_kept]
     tokens = list(replacement.full)
-    embeds = (torch.ones(len(tokens), dtype=torch.bool) if replacement.is_embed is None
-              else replacement.is_embed(tokens)).tolist()
+    embeds = [True] * len(tokens) if replacement.is_embed is None else replacement.is_embed(tokens).tolist()
     if sum(embeds) <= num_kept:
         return replacement
     first = embeds.index(True)
