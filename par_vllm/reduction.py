@@ -156,7 +156,9 @@ def _unit_rows(visual: torch.Tensor, mean: torch.Tensor | None, block: int = 102
 def near_duplicates(sim: torch.Tensor, retrieved: torch.Tensor, threshold: float) -> torch.Tensor:
     """Non-retrieved tokens whose similarity (`sim`, in token_space) to some retrieved token
     exceeds the threshold."""
-    to_retrieved = sim.masked_fill(~retrieved[:, None, :], -math.inf).amax(dim=-1)
+    # An added 0 or -inf per column: cheaper on a CPU than selecting through an N x N mask.
+    off_retrieved = torch.zeros(retrieved.shape, dtype=sim.dtype, device=sim.device).masked_fill_(~retrieved, -math.inf)
+    to_retrieved = (sim + off_retrieved[:, None, :]).amax(dim=-1)
     return (to_retrieved > threshold) & ~retrieved
 
 
@@ -182,28 +184,31 @@ def density_peaks(sim: torch.Tensor, candidates: torch.Tensor, knn_k: int) -> to
     to the nearest denser candidate (the densest gets its farthest distance). Distances
     are Euclidean between unit vectors, d^2 = 2 - 2 cos. B x N, 0 off the candidates."""
     num_visual = sim.shape[-1]
-    index = torch.arange(num_visual, device=sim.device)
-    not_self = index[:, None] != index[None, :]
-    pair = candidates[:, :, None] & candidates[:, None, :] & not_self
-    dist2 = (2.0 - 2.0 * sim).clamp(min=0.0)
+    # N x N passes dominate on a CPU: each one is made in place where it can be, and masks
+    # are added (0 or inf) rather than selected, which is cheaper there.
+    off_candidates = torch.zeros_like(sim[..., 0]).masked_fill_(~candidates, math.inf)
+    dist2 = (sim * -2.0).add_(2.0).clamp_(min=0.0)
+    # inf off the candidate pairs (i, j), i != j
+    pair_dist2 = dist2.add_(off_candidates[:, None, :]).add_(off_candidates[:, :, None])
+    pair_dist2.diagonal(dim1=1, dim2=2).fill_(math.inf)
 
     k = min(knn_k, num_visual - 1)
     if k == 0:
         density = torch.ones_like(sim[..., 0])
     else:
-        nearest = dist2.masked_fill(~pair, math.inf).topk(k, dim=-1, largest=False).values
+        nearest = pair_dist2.topk(k, dim=-1, largest=False).values
         valid = torch.isfinite(nearest)
         mean_d2 = nearest.masked_fill(~valid, 0.0).sum(-1) / valid.sum(-1).clamp(min=1)
         density = torch.exp(-mean_d2)
 
-    # j is denser than i; equal densities are ordered by index so exactly one token is densest.
-    denser = (density[:, None, :] > density[:, :, None]) | (
-        (density[:, None, :] == density[:, :, None]) & (index[None, :] < index[:, None])
-    )
-    dist = dist2.sqrt()
-    delta = dist.masked_fill(~(denser & pair), math.inf).amin(dim=-1)
-    farthest = dist.masked_fill(~pair, 0.0).amax(dim=-1)
-    delta = torch.where(torch.isinf(delta), farthest, delta)
+    # j is denser than i when it comes first in density order; equal densities are ordered
+    # by index, so exactly one token is densest.
+    order = density.sort(dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(num_visual, device=sim.device).expand_as(order))
+    farthest2 = pair_dist2.nan_to_num(posinf=0.0).amax(dim=-1)
+    delta2 = pair_dist2.masked_fill_(rank[:, None, :] >= rank[:, :, None], math.inf).amin(dim=-1)
+    # sqrt is monotone, so it is taken of the two chosen distances only.
+    delta = torch.where(torch.isinf(delta2), farthest2, delta2).sqrt()
     return (density * delta).masked_fill(~candidates, 0.0)
 
 
