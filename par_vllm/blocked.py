@@ -4,10 +4,12 @@ reduction.py compares every visual token with every other through N x N similari
 matrices (its density-peak step holds several), which is clear and fine at LLaVA's 576
 tokens but gigabytes at the 16,384 a large Qwen2.5-VL image has. Here the same steps read
 similarities a tile (block x block) at a time, computed from the features as they are
-needed, so memory grows with the block, not with N x N or even N x D:
+needed, so memory grows with a block of rows (block x N at most), not with N x N or even
+N x D:
 - near-duplicates and routing compare every token with the retrieved or the kept tokens
   only (R or K columns);
-- density peaks take one pass that keeps each candidate's nearest candidates; most tokens'
+- density peaks take one pass that keeps each candidate's nearest candidates (a block of
+  rows against every column, one top-k per row as the reference takes it); most tokens'
   nearest denser neighbour is among them, exactly (every candidate nearer than the last
   one listed is listed), and only the rest, the local density maxima, are compared with
   every token again.
@@ -115,14 +117,10 @@ def nearest_candidates(space: Space, candidates: torch.Tensor, knn_k: int, neigh
     rows_of = candidates.nonzero().squeeze(1)
     for part in _blocks(rows_of.numel(), space.block):
         rows = rows_of[part]
-        best_d2 = torch.full((rows.numel(), 0), math.inf, device=device)
-        best_index = torch.zeros((rows.numel(), 0), dtype=torch.long, device=device)
-        for columns, sim in space.row_tiles(rows):
-            d2 = torch.cat([best_d2, _distances2(sim, rows, columns, candidates)], dim=1)
-            index = torch.cat([best_index, torch.arange(columns.start, columns.stop, device=device)
-                               .expand(rows.numel(), -1)], dim=1)
-            nearest = d2.topk(min(listed, d2.shape[1]), dim=-1, largest=False)
-            best_d2, best_index = nearest.values, index.gather(1, nearest.indices)
+        # A block of rows against every column (block x N): one top-k per row, as the
+        # reference takes it, rather than one per tile.
+        d2 = torch.cat([_distances2(sim, rows, columns, candidates) for columns, sim in space.row_tiles(rows)], dim=1)
+        best_d2, best_index = d2.topk(listed, dim=-1, largest=False)
         near_d2[rows], near_index[rows] = best_d2, best_index
         if k > 0:
             first = best_d2[:, :k]

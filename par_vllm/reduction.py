@@ -184,19 +184,19 @@ def density_peaks(sim: torch.Tensor, candidates: torch.Tensor, knn_k: int) -> to
     to the nearest denser candidate (the densest gets its farthest distance). Distances
     are Euclidean between unit vectors, d^2 = 2 - 2 cos. B x N, 0 off the candidates."""
     num_visual = sim.shape[-1]
-    # N x N passes dominate on a CPU: each one is made in place where it can be, and masks
-    # are added (0 or inf) rather than selected, which is cheaper there.
+    # N x N passes dominate on a CPU: each one is made in place where it can be, masks are
+    # added (0 or inf) rather than selected through, and only columns are masked, since a
+    # row off the candidates scores 0 whatever its distances (its density only takes a
+    # place in the density order, which leaves the candidates' own order as it is).
     off_candidates = torch.zeros_like(sim[..., 0]).masked_fill_(~candidates, math.inf)
-    dist2 = (sim * -2.0).add_(2.0).clamp_(min=0.0)
-    # inf off the candidate pairs (i, j), i != j
-    pair_dist2 = dist2.add_(off_candidates[:, None, :]).add_(off_candidates[:, :, None])
-    pair_dist2.diagonal(dim1=1, dim2=2).fill_(math.inf)
+    dist2 = (sim * -2.0).add_(2.0).clamp_(min=0.0).add_(off_candidates[:, None, :])
+    dist2.diagonal(dim1=1, dim2=2).fill_(math.inf)  # inf off the candidate pairs
 
     k = min(knn_k, num_visual - 1)
     if k == 0:
         density = torch.ones_like(sim[..., 0])
     else:
-        nearest = pair_dist2.topk(k, dim=-1, largest=False).values
+        nearest = dist2.topk(k, dim=-1, largest=False).values
         valid = torch.isfinite(nearest)
         mean_d2 = nearest.masked_fill(~valid, 0.0).sum(-1) / valid.sum(-1).clamp(min=1)
         density = torch.exp(-mean_d2)
@@ -205,10 +205,15 @@ def density_peaks(sim: torch.Tensor, candidates: torch.Tensor, knn_k: int) -> to
     # by index, so exactly one token is densest.
     order = density.sort(dim=-1, descending=True, stable=True).indices
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(num_visual, device=sim.device).expand_as(order))
-    farthest2 = pair_dist2.nan_to_num(posinf=0.0).amax(dim=-1)
-    delta2 = pair_dist2.masked_fill_(rank[:, None, :] >= rank[:, :, None], math.inf).amin(dim=-1)
-    # sqrt is monotone, so it is taken of the two chosen distances only.
-    delta = torch.where(torch.isinf(delta2), farthest2, delta2).sqrt()
+    delta2 = dist2.masked_fill_(rank[:, None, :] >= rank[:, :, None], math.inf).amin(dim=-1)
+    # A candidate with no denser one (the densest) takes its farthest candidate's distance.
+    image, token = (torch.isinf(delta2) & candidates).nonzero(as_tuple=True)
+    if image.numel():
+        row = (sim[image, token] * -2.0).add_(2.0).clamp_(min=0.0)
+        others = candidates[image] & (torch.arange(num_visual, device=sim.device)[None, :] != token[:, None])
+        delta2[image, token] = row.masked_fill_(~others, 0.0).amax(dim=-1)
+    # sqrt is monotone, so it is taken of the chosen distances only.
+    delta = delta2.sqrt()
     return (density * delta).masked_fill(~candidates, 0.0)
 
 
