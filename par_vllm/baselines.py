@@ -104,6 +104,16 @@ def diverse_keep(visual, query, query_mask, num_kept, settings) -> Reduction:
                    torch.zeros(batch, dtype=torch.bool, device=visual.device))
 
 
+def uniform_frames(frames: int, per_frame: int, num_kept: int) -> torch.Tensor:
+    """Uniform frame dropping for a video of `frames` frames of `per_frame` tokens each
+    (frame after frame): the ascending indices of its K kept tokens, those of
+    ceil(K / per_frame) evenly spaced frames, evenly thinned to K where those hold more."""
+    count = min(frames, math.ceil(num_kept / per_frame))
+    chosen = ((torch.arange(count) + 0.5) * frames / count).long()  # each the middle of an equal share
+    tokens = (chosen[:, None] * per_frame + torch.arange(per_frame)).reshape(-1)
+    return tokens[((torch.arange(num_kept) + 0.5) * len(tokens) / num_kept).long()]
+
+
 BASELINES = {"pool": uniform_pool, "random": random_keep, "topk": topk_keep, "diverse": diverse_keep}
 
 

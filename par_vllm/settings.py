@@ -62,13 +62,14 @@ class ParSettings(BaseModel):
     num_tokens: Annotated[int | None, setting(
         "An explicit K per image (and per video), clamped to its N; wins over keep_ratio.",
         group=USER, ge=1)] = None
-    method: Annotated[Literal["par", "pool", "random", "topk", "diverse", "evs"], setting(
+    method: Annotated[Literal["par", "pool", "random", "topk", "diverse", "evs", "frames"], setting(
         "What selects the K tokens: PAR, or a baseline at the same budget for comparisons "
         "through the same server: pool (2D average pooling), random, topk (prompt relevance, "
-        "no merging), diverse (prompt-agnostic max-min diversity, DivPrune-style), evs "
-        "(Qwen-VL videos only: vLLM's own Efficient Video Sampling, the tokens that changed "
-        "most from the previous frame, every token of the first frame kept, so K must be at "
-        "least one frame's tokens).",
+        "no merging), diverse (prompt-agnostic max-min diversity, DivPrune-style); for Qwen-VL "
+        "videos only, evs (vLLM's own Efficient Video Sampling, the tokens that changed most "
+        "from the previous frame, every token of the first frame kept, so K must be at least "
+        "one frame's tokens) and frames (uniform frame dropping: evenly spaced frames, whole, "
+        "and evenly spaced tokens within them where K is not a whole number of frames).",
         group=USER)] = "par"
     positions: Annotated[Literal["auto", "span", "consecutive"], setting(
         "Where the K kept tokens sit among the language model's positions: span keeps them "

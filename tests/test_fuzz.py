@@ -97,7 +97,7 @@ BAD_SETTINGS = {
     "similarity": ["euclidean"],
     "routing": ["random"],
     "positions": ["raster", None],
-    "method": ["magic", None, "evs"],  # evs: vLLM's video pruning, and a LLaVA reduces no videos
+    "method": ["magic", None, "evs", "frames"],  # video-only methods, and a LLaVA reduces no videos
     # Server settings: no request may change them, whatever the value.
     "backend": ["triton", "torch", "auto"],
     "allowed_request_kwargs": [["size"]],

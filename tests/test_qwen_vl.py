@@ -186,6 +186,8 @@ def runs(qwen_model, family):
     res["evs", "par"] = generate_video(llm, False, {"par_keep_ratio": 0.5})
     res["evs", "below a frame"] = capture(lambda: generate_video(llm, False, {"par_method": "evs"}))
     res["evs", "image"] = capture(lambda: generate_video(llm, True, {"par_method": "evs", "par_keep_ratio": 0.5}))
+    res["frames"] = generate_video(llm, False, {"par_method": "frames", "par_keep_ratio": 0.5})
+    res["frames", "image"] = capture(lambda: generate_video(llm, True, {"par_method": "frames", "par_keep_ratio": 0.5}))
     close(llm)
     llm = make_llm(qwen_model, family, enable_prefix_caching=False, max_num_batched_tokens=64)
     for name, (prompt, sizes) in WHOLE.items():
@@ -339,6 +341,18 @@ def test_evs_selects_a_videos_tokens_at_the_requests_budget(runs, tokenizer, fam
     below, image = runs["evs", "below a frame"], runs["evs", "image"]
     assert isinstance(below, ValueError) and "par_keep_ratio" in str(below) and "first frame" in str(below)
     assert isinstance(image, ValueError) and "par_method" in str(image) and "image" in str(image)
+
+
+@pytest.mark.slow
+def test_frame_dropping_keeps_a_videos_budget_and_refuses_images(runs, tokenizer, qwen_model):
+    """par_method="frames" (uniform frame dropping) keeps the request's K of a video, an
+    answer of its own; an image is refused naming the setting."""
+    frames, par, image = runs["frames"], runs["evs", "par"], runs["frames", "image"]
+    assert video_tokens(frames, tokenizer) == math.ceil(full_video_tokens(qwen_model, clip()) * 0.5)
+    assert frames.outputs[0].token_ids != par.outputs[0].token_ids or any(
+        abs(a[t].logprob - b[t].logprob) > 1e-3
+        for a, b in zip(frames.outputs[0].logprobs, par.outputs[0].logprobs) for t in a if t in b)
+    assert isinstance(image, ValueError) and "par_method" in str(image) and "frames" in str(image)
 
 
 @pytest.mark.slow

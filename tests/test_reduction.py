@@ -345,6 +345,28 @@ def test_pooled_shape_follows_the_grid_aspect(k, rows, cols, shape):
     assert pooled_shape(k, rows, cols) == shape
 
 
+@pytest.mark.parametrize(("frames", "per_frame", "k", "kept_frames"), [
+    (8, 16, 32, [2, 6]),  # two whole frames, each the middle of its half of the clip
+    (8, 16, 16, [4]),
+    (9, 16, 48, [1, 4, 7]),
+    (8, 16, 20, [2, 6]),  # two frames, thinned evenly to 20 tokens
+    (8, 16, 5, [4]),
+    (3, 16, 48, [0, 1, 2]),
+    (3, 16, 40, [0, 1, 2]),
+])
+def test_uniform_frames_keeps_evenly_spaced_frames_whole_then_thins_them(frames, per_frame, k, kept_frames):
+    from par_vllm.baselines import uniform_frames
+
+    kept = uniform_frames(frames, per_frame, k)
+    assert len(kept) == k and bool((kept[1:] > kept[:-1]).all())
+    assert sorted(set((kept // per_frame).tolist())) == kept_frames
+    if k == len(kept_frames) * per_frame:
+        assert kept.tolist() == [f * per_frame + i for f in kept_frames for i in range(per_frame)]
+    else:  # thinned: no frame keeps more than its share plus one
+        counts = torch.bincount(kept // per_frame, minlength=frames)[kept_frames]
+        assert int(counts.max() - counts.min()) <= 1
+
+
 def test_topk_keeps_the_most_relevant_and_diverse_ignores_the_prompt():
     torch.manual_seed(0)
     visual = torch.randn(1, 200, 32)

@@ -52,6 +52,8 @@ from ..settings import PREFIX, ParSettingError, ParSettings, settings_from_hf_co
 
 # Keys the processor adds to the mm processor kwargs after validating the request's.
 # vLLM hashes these kwargs into each image's cache identity.
+# The methods that select a video's tokens only, and how.
+VIDEO_METHODS = {"evs": "vLLM's EVS compares each frame with the one before", "frames": "it drops whole frames"}
 SETTINGS_KEY = "par_settings"
 QUERY_KEY = "par_query_ids"
 # Per-image field: the image's Layout, packed (for the reduction and its positions).
@@ -192,8 +194,8 @@ class ParMultiModalProcessor:
     def apply(self, inputs, timing_ctx):
         request_kwargs = inputs.hf_processor_mm_kwargs
         settings = self.info.request_settings(request_kwargs)
-        if settings.method == "evs" and not settings.reduces_nothing:
-            self._check_evs(inputs.mm_data_items)
+        if settings.method in VIDEO_METHODS and not settings.reduces_nothing:
+            self._check_video_method(settings.method, inputs.mm_data_items)
         check_videos(inputs.mm_data_items)
         query = () if settings.reduces_nothing else tuple(
             self.info.query_rewriter(inputs.prompt, settings.drop_question_type_words, settings.query_turn))
@@ -211,9 +213,9 @@ class ParMultiModalProcessor:
             )
         return result
 
-    def _check_evs(self, mm_items: MultiModalDataItems) -> None:
-        """par_method="evs" is vLLM's own video pruning, which compares each frame with the one
-        before: it selects a video's tokens, never an image's."""
+    def _check_video_method(self, method: str, mm_items: MultiModalDataItems) -> None:
+        """par_method="evs" (vLLM's own video pruning, which compares each frame with the one
+        before) and "frames" (frame dropping) select a video's tokens, never an image's."""
         if "video" not in self.reduced_modalities:
             problem = "this model's PAR reduces no videos"
         elif "image" in mm_items:
@@ -221,8 +223,8 @@ class ParMultiModalProcessor:
         else:
             return
         raise ParRequestError(ParSettingError(
-            f"par_method: 'evs' selects video tokens (vLLM's EVS compares each frame with the one before) "
-            f"and {problem}", setting="par_method"))
+            f"par_method: {method!r} selects video tokens ({VIDEO_METHODS[method]}) and {problem}",
+            setting="par_method"))
 
     def _item_sizes(self, modality: str, mm_items: MultiModalDataItems, result) -> tuple[list[int], list[int]]:
         """Each item's N and K, for the metrics. An image's N comes from its size; a video's

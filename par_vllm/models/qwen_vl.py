@@ -53,11 +53,21 @@ from vllm.multimodal.inputs import (
 from vllm.multimodal.video_prune.evs import compute_retention_mask
 from vllm.utils.import_utils import resolve_obj_by_qualname
 
+from ..baselines import uniform_frames
 from ..dispatch import reduce_per_image
 from ..positions import ReducedItem, grid_offsets, place_rows, position_columns, reduced_prompt_positions
 from ..settings import ParSettingError, ParSettings
 from ..worker import WORKER_CLS, ParWorker
-from .base import FIELDS, Layout, ParModel, ParMultiModalProcessor, ParProcessingInfo, ParRequestError, tower_groups
+from .base import (
+    FIELDS,
+    VIDEO_METHODS,
+    Layout,
+    ParModel,
+    ParMultiModalProcessor,
+    ParProcessingInfo,
+    ParRequestError,
+    tower_groups,
+)
 
 
 class ParQwenProcessingInfo(ParProcessingInfo):
@@ -285,9 +295,9 @@ class ParQwenModel(ParModel):
             return [torch.cat([f, position_columns(None, len(f), f)], dim=1) for f in features]
         settings = [ParSettings.from_tensor(row) for row in packed_settings]
         merge = self.config.vision_config.spatial_merge_size
-        if any(setting.method == "evs" for setting in settings):
-            return [self._reduce_by_evs(f, grid, setting) if setting.method == "evs" else
-                    self._reduce([f], [grid], setting.to_tensor()[None], [query])[0]
+        if any(setting.method in VIDEO_METHODS for setting in settings):
+            return [self._reduce_video_by(setting.method, f, grid, setting) if setting.method in VIDEO_METHODS
+                    else self._reduce([f], [grid], setting.to_tensor()[None], [query])[0]
                     for f, grid, setting, query in zip(features, grids, settings, query_ids)]
         reduced = reduce_per_image(
             features, list(query_ids), settings, embed_tokens=self.get_language_model().embed_input_ids,
@@ -298,14 +308,19 @@ class ParQwenModel(ParModel):
         return [self._with_positions(tokens, kept, len(feature), grid, setting)
                 for (tokens, kept), feature, grid, setting in zip(reduced, features, grids, settings)]
 
-    def _reduce_by_evs(self, feature: torch.Tensor, grid, setting: ParSettings) -> torch.Tensor:
+    def _reduce_video_by(self, method: str, feature: torch.Tensor, grid, setting: ParSettings) -> torch.Tensor:
         """A video's K rows chosen by vLLM's own EVS (what --video-pruning-rate runs), at the
-        rate that keeps exactly K (the processor made sure K covers the first frame)."""
+        rate that keeps exactly K (the processor made sure K covers the first frame), or by
+        uniform frame dropping."""
         frames, height, width, _ = grid
         merge = self.config.vision_config.spatial_merge_size
         num_kept = setting.num_kept(len(feature))
-        mask = compute_retention_mask(feature, (frames, height, width), merge, q=1 - (num_kept + 0.5) / len(feature))
-        kept = mask.nonzero().flatten()
+        if method == "evs":
+            mask = compute_retention_mask(feature, (frames, height, width), merge,
+                                          q=1 - (num_kept + 0.5) / len(feature))
+            kept = mask.nonzero().flatten()
+        else:
+            kept = uniform_frames(frames, height * width // merge**2, num_kept).to(feature.device)
         return self._with_positions(feature[kept], kept, len(feature), grid, setting)
 
     def _with_positions(self, tokens, kept, num_full: int, grid, setting: ParSettings) -> torch.Tensor:
