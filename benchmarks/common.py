@@ -21,7 +21,8 @@ from .composite_vqa import COLORS
 
 # Names the accuracy tables give each method; a variant may not reuse one.
 LABELS = {"par": "PAR", "pool": "uniform 2D pooling", "random": "random",
-          "topk": "relevance top-k", "diverse": "diversity (DivPrune-style)", "full": "no reduction"}
+          "topk": "relevance top-k", "diverse": "diversity (DivPrune-style)", "full": "no reduction",
+          "evs": "EVS (vLLM's own)", "frames": "uniform frame dropping"}
 
 
 def model_about(model: Path) -> dict:

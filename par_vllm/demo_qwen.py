@@ -131,7 +131,7 @@ def make_demo_qwen_model(
 def qwen_processor(tokenizer, family: str, pixels: int | None = None):
     """The family's own processor: images resized to multiples of 2 patches, any size
     between Qwen's default minimum and maximum pixel counts (or to about `pixels` pixels,
-    the composite benchmark's fixed token grid)."""
+    the composite benchmark's fixed token grid, for video frames too)."""
     if family == "qwen2_5_vl":
         from transformers import Qwen2_5_VLProcessor as Processor, Qwen2VLImageProcessor as Images
         from transformers import Qwen2VLVideoProcessor as Videos
@@ -144,5 +144,6 @@ def qwen_processor(tokenizer, family: str, pixels: int | None = None):
              {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 16384})
     return Processor(
         image_processor=Images(patch_size=patch, merge_size=2, temporal_patch_size=2, size=sizes),
-        video_processor=Videos(patch_size=patch, merge_size=2, temporal_patch_size=2),
+        video_processor=Videos(patch_size=patch, merge_size=2, temporal_patch_size=2,
+                               **({"size": sizes} if pixels else {})),
         tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)

@@ -3,6 +3,7 @@ evaluation loop through vLLM on a tiny untrained model (answers are noise there;
 checked is that every method and budget runs and is counted right)."""
 
 import json
+import math
 import subprocess
 import sys
 from collections import Counter
@@ -536,6 +537,69 @@ def test_the_recipe_trains_a_qwen_architecture_on_the_same_token_grid(tmp_path):
     merger = {id(p) for p in arch.projector(model).parameters()}
     assert tower and merger and tower.isdisjoint(merger)
     assert len(tower) + len(merger) == len(list(model.model.visual.parameters()))
+
+
+def test_the_recipe_encodes_video_chats_with_each_frame_pairs_time(tmp_path):
+    """train_vqa --task video: a clip's chat carries every frame pair's 144 tokens and the
+    seconds per pair its positions are placed by (the fps the benchmark serves at); the
+    model places later pairs later in time; the reply loss is finite."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from benchmarks import train_vqa
+    from benchmarks.composite_vqa import make_video_composites
+    from par_vllm.demo_qwen import build_tokenizer, make_demo_qwen_model
+
+    arch = train_vqa.Qwen(grid=3, patch=16)
+    model = AutoModelForImageTextToText.from_pretrained(make_demo_qwen_model(tmp_path / "q"), dtype=torch.float32)
+    processor = arch.processor(build_tokenizer())
+    processor.tokenizer.padding_side = "left"
+    clips = make_video_composites("train", 2, scenes=3, frames_per_scene=4, seed=5)
+    enc, targets = train_vqa.encode(processor, [(c, train_vqa.conversation(c, None, 8)) for c in clips], arch)
+    pad = processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    assert enc["video_grid_thw"].tolist() == [[6, 24, 24]] * 2 and int((enc["input_ids"] == pad).sum()) == 2 * 6 * 144
+    assert enc["second_per_grid_ts"].tolist() == [1.0, 1.0]
+    positions, _ = model.model.get_rope_index(enc["input_ids"], video_grid_thw=enc["video_grid_thw"],
+                                              second_per_grid_ts=enc["second_per_grid_ts"],
+                                              attention_mask=enc["attention_mask"],
+                                              mm_token_type_ids=enc["mm_token_type_ids"])
+    times = positions[0, 0][enc["input_ids"][0] == pad].reshape(6, 144)
+    assert bool((times == times[:, :1]).all()) and bool((times[1:, 0] > times[:-1, 0]).all())
+    with torch.no_grad():
+        loss, _ = train_vqa.answer_loss(model, enc, targets)
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.slow
+def test_video_evaluation_runs_end_to_end_through_vllm(tmp_path):
+    """benchmarks.accuracy_video on a tiny random-weight Qwen2.5-VL: every method at every
+    budget keeps the clip's K through vLLM, and EVS below one frame pair is a row that says
+    why instead of an accuracy."""
+    from par_vllm.demo_qwen import make_demo_qwen_model
+
+    model = make_demo_qwen_model(tmp_path / "q")
+    out = tmp_path / "results"
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.accuracy_video", "--model", str(model), "--count", "4",
+         "--budgets", "0.5", "0.06", "--frames-per-scene", "2", "--max-num-seqs", "4", "--name", "tiny",
+         "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    data = json.loads((out / "accuracy-video-tiny.json").read_text())
+    assert data["visual_tokens"] == 3 * data["tokens_per_step"]
+    rows = {(r["method"], r["budget"]): r for r in data["rows"]}
+    assert set(rows) == {("full", 1.0)} | {(m, b) for m in ("par", "evs", "frames", "random") for b in (0.5, 0.06)}
+    full = rows["full", 1.0]
+    for (method, budget), row in rows.items():
+        if (method, budget) == ("evs", 0.06):
+            assert row["accuracy"] is None
+            continue
+        assert row["visual_tokens"] == (full["visual_tokens"] if method == "full"
+                                        else math.ceil(full["visual_tokens"] * budget))
+        assert row["prefill_tokens"] == pytest.approx(full["prefill_tokens"] - full["visual_tokens"]
+                                                      + row["visual_tokens"])
+    text = (out / "accuracy-video-tiny.txt").read_text()
+    assert "n/a: EVS keeps the first frame whole" in text and "uniform frame dropping" in text
 
 
 def test_video_composites_ask_about_one_tile_at_one_moment():
