@@ -109,6 +109,13 @@ def server(demo_model, fresh_answers):
         yield server
 
 
+def test_the_language_model_runs_its_own_rope_on_one_row(server):
+    """LLaVA's positions reach the language model through M-RoPE as three identical rows;
+    the model runs the checkpoint's own RoPE on the first (vLLM's fused op on a CPU) rather
+    than M-RoPE, which is the same rotation on identical rows."""
+    assert "the language model runs its own RoPE on the first" in server.log_tail(200_000)
+
+
 def test_chat_completion_with_a_base64_image(server):
     with_par = ask(server, chat_messages(QUESTIONS[0], demo_image()))
     without = ask(server, chat_messages(QUESTIONS[0], demo_image()), mm_processor_kwargs={"par_enabled": False})

@@ -32,6 +32,8 @@ import torch
 from transformers import BatchFeature
 from vllm.exceptions import VLLMValidationError
 from vllm.logger import init_logger
+from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.layers.rotary_embedding.mrope import MRotaryEmbedding
 from vllm.multimodal.inputs import MultiModalFeatureSpec, MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import (
     ImageEmbeddingItems,
@@ -358,6 +360,10 @@ def reserve(replacement, num_kept: int):
 class ParModel:
     """Mixed in before a family's vLLM model class (which must also declare SupportsMRoPE)."""
 
+    # Family hook: whether the language model's own RoPE is 1-D, so that the M-RoPE positions
+    # this plugin gives it always come as three identical rows (LLaVA's families).
+    one_row_rope = True
+
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         config = vllm_config.model_config.hf_config
         # Fail at start-up, naming the key, if --hf-overrides holds a bad default.
@@ -369,6 +375,30 @@ class ParModel:
         self.par_model_name = vllm_config.model_config.served_model_name
         # The visual tokens' worth of items vLLM sized the tower's memory for (tower_groups).
         self.par_encoder_budget = vllm_config.scheduler_config.max_num_encoder_input_tokens
+        self.par_first_row_only = places_tokens and self.one_row_rope and self._rope_back(config.get_text_config())
+        if self.par_first_row_only:
+            logger.info("PAR: positions come through vLLM's M-RoPE as three identical rows; the language "
+                        "model runs its own RoPE on the first")
+
+    def _rope_back(self, text_config) -> bool:
+        """Give the language model back its own RoPE where vLLM built M-RoPE for it; whether
+        it did. M-RoPE on three identical rows is that RoPE on one, and vLLM's CPU build runs
+        M-RoPE op by op where it runs RoPE as one fused op, on every layer at every step;
+        forward then hands the language model the first row."""
+        rope = {k: v for k, v in text_config.rope_parameters.items() if k not in ("mrope_section", "mrope_interleaved")}
+        swapped = False
+        for module in self.get_language_model().modules():
+            current = getattr(module, "rotary_emb", None)
+            if isinstance(current, MRotaryEmbedding):
+                module.rotary_emb = get_rope(current.head_size, current.max_position_embeddings,
+                                             current.is_neox_style, rope, current.dtype)
+                swapped = True
+        return swapped
+
+    def forward(self, input_ids, positions, *args, **kwargs):
+        if self.par_first_row_only and positions.ndim == 2:
+            positions = positions[0]
+        return super().forward(input_ids, positions, *args, **kwargs)
 
     @staticmethod
     def prepare_positions(vllm_config, server_settings: ParSettings) -> bool:

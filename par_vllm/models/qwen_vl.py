@@ -145,6 +145,8 @@ class ParQwenVideoProcessor(ParQwenMultiModalProcessor):
 class ParQwenModel(ParModel):
     """Mixed in before vLLM's Qwen2.5-VL, Qwen3-VL or Qwen3.5 model class."""
 
+    one_row_rope = False  # Qwen's own M-RoPE: (t, h, w) rows
+
     # Asks the plugin's worker to pass every multimodal row through
     # recompute_mrope_positions (par_vllm/worker.py).
     par_places_rows = True
