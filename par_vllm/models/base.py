@@ -52,10 +52,10 @@ from ..prompt import QueryRewriter
 from ..reduction import check_backend
 from ..settings import PREFIX, ParSettingError, ParSettings, settings_from_hf_config
 
-# Keys the processor adds to the mm processor kwargs after validating the request's.
-# vLLM hashes these kwargs into each image's cache identity.
 # The methods that select a video's tokens only, and how.
 VIDEO_METHODS = {"evs": "vLLM's EVS compares each frame with the one before", "frames": "it drops whole frames"}
+# Keys the processor adds to the mm processor kwargs after validating the request's.
+# vLLM hashes these kwargs into each image's cache identity.
 SETTINGS_KEY = "par_settings"
 QUERY_KEY = "par_query_ids"
 # Per-image field: the image's Layout, packed (for the reduction and its positions).
