@@ -25,11 +25,11 @@ import argparse
 import json
 import os
 import textwrap
-import time
 from pathlib import Path
 
 from benchmarks.common import (
     LABELS,
+    answer_each,
     is_correct,
     model_about,
     model_words,
@@ -62,19 +62,7 @@ def run_vllm(model: Path, composites, configs, max_num_seqs: int):
     images = [c.image() for c in composites]
     placeholder = QWEN_PLACEHOLDER if architecture in PLACES_ROWS else None
     prompts = [chat_prompt(tokenizer, c.question, placeholder) for c in composites]
-    out = {}
-    for name, kwargs in configs:
-        requests = [{"prompt": p, "multi_modal_data": {"image": im}, "mm_processor_kwargs": kwargs}
-                    for p, im in zip(prompts, images)]
-        print(f"vLLM: {name}", flush=True)
-        started = time.time()
-        results = llm.generate(requests, params, use_tqdm=True)
-        out[name] = {
-            "answers": [r.outputs[0].text for r in results],
-            "prefill_tokens": [len(r.prompt_token_ids) for r in results],
-            "seconds": time.time() - started,
-        }
-    return out
+    return answer_each(llm, params, prompts, "image", images, configs)
 
 
 def run_placement(model: Path, composites, configs, patch_px: int):

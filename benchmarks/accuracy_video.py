@@ -21,10 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 
-from benchmarks.common import LABELS, is_correct, model_about, model_words, write_results
+from benchmarks.common import LABELS, answer_each, is_correct, model_about, model_words, write_results
 from benchmarks.composite_vqa import QWEN_VIDEO_PLACEHOLDER, TILE_PX, chat_prompt, make_video_composites
 from par_vllm import PLACES_ROWS, WORKER_CLS, par_architecture
 from par_vllm.server import CPU_ENV, par_overrides
@@ -73,21 +72,7 @@ def run_vllm(model: Path, clips, configs, max_num_seqs: int, max_model_len: int)
     params = SamplingParams(max_tokens=4, temperature=0.0)
     prompts = [chat_prompt(tokenizer, c.question, QWEN_VIDEO_PLACEHOLDER) for c in clips]
     videos = [c.clip() for c in clips]
-    out = {}
-    for name, kwargs in configs:
-        if kwargs is None:
-            continue
-        requests = [{"prompt": p, "multi_modal_data": {"video": v}, "mm_processor_kwargs": kwargs}
-                    for p, v in zip(prompts, videos)]
-        print(f"vLLM: {name}", flush=True)
-        started = time.time()
-        results = llm.generate(requests, params, use_tqdm=True)
-        out[name] = {
-            "answers": [r.outputs[0].text for r in results],
-            "prefill_tokens": [len(r.prompt_token_ids) for r in results],
-            "seconds": time.time() - started,
-        }
-    return out
+    return answer_each(llm, params, prompts, "video", videos, configs)
 
 
 def summarize(clips, configs, answers, num_visual: int) -> list[dict]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import time
 from pathlib import Path
 
 from par_vllm.demo_model import IMAGE_TOKEN, NEXT_PINPOINTS, save_llava, save_llava_next, vision_config
@@ -34,6 +35,27 @@ def model_about(model: Path) -> dict:
 def model_words(about: dict, model: Path) -> str:
     """How a results file names the model: random-weight models say so."""
     return "random-weight model" if about.get("random_weights") else about.get("language_model", model.name)
+
+
+def answer_each(llm, params, prompts, modality: str, items, configs) -> dict:
+    """Greedy answers to every prompt with its item (`modality` "image" or "video") under
+    each config's mm_processor_kwargs (a config of None is skipped): per config name, the
+    answers, vLLM's prompt token counts and the seconds the batch took."""
+    out = {}
+    for name, kwargs in configs:
+        if kwargs is None:
+            continue
+        requests = [{"prompt": p, "multi_modal_data": {modality: item}, "mm_processor_kwargs": kwargs}
+                    for p, item in zip(prompts, items)]
+        print(f"vLLM: {name}", flush=True)
+        started = time.time()
+        results = llm.generate(requests, params, use_tqdm=True)
+        out[name] = {
+            "answers": [r.outputs[0].text for r in results],
+            "prefill_tokens": [len(r.prompt_token_ids) for r in results],
+            "seconds": time.time() - started,
+        }
+    return out
 
 
 def write_results(stem: Path, text: str, data: dict) -> None:
