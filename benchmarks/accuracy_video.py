@@ -24,7 +24,13 @@ import os
 from pathlib import Path
 
 from benchmarks.common import LABELS, answer_each, is_correct, model_about, model_words, write_results
-from benchmarks.composite_vqa import QWEN_VIDEO_PLACEHOLDER, TILE_PX, chat_prompt, make_video_composites
+from benchmarks.composite_vqa import (
+    QWEN_VIDEO_PLACEHOLDER,
+    TILE_PX,
+    chat_prompt,
+    hf_video_metadata,
+    make_video_composites,
+)
 from par_vllm import PLACES_ROWS, WORKER_CLS, par_architecture
 from par_vllm.server import CPU_ENV, par_overrides
 from par_vllm.settings import ParSettings
@@ -40,8 +46,7 @@ def clip_tokens(model: Path, clip) -> tuple[int, int]:
     processor = AutoProcessor.from_pretrained(model)
     frames, meta = clip
     out = processor.video_processor(videos=[frames], do_sample_frames=False, return_tensors="pt",
-                                    video_metadata=[{k: v for k, v in meta.items()
-                                                     if k not in ("do_sample_frames", "video_backend")}])
+                                    video_metadata=[hf_video_metadata(meta)])
     steps, height, width = out["video_grid_thw"][0].tolist()
     merge = processor.video_processor.merge_size
     return steps * height * width // merge**2, height * width // merge**2

@@ -174,6 +174,12 @@ QWEN_VIDEO_PLACEHOLDER = "<|vision_start|><|video_pad|><|vision_end|>"
 VIDEO_FPS = 2.0
 
 
+def hf_video_metadata(metadata: dict) -> dict:
+    """A clip's metadata as vLLM takes it (VideoComposite.clip) made what transformers'
+    processors take: without vLLM's own keys."""
+    return {k: v for k, v in metadata.items() if k not in ("do_sample_frames", "video_backend")}
+
+
 # Where a tile sits, by its row and column of a 3 x 3 grid.
 PLACES = ("top-left", "top", "top-right", "left", "centre", "right", "bottom-left", "bottom", "bottom-right")
 MOMENTS = ("start", "end")

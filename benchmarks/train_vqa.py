@@ -64,6 +64,7 @@ from benchmarks.composite_vqa import (
     TILE_PX,
     Composite,
     VideoComposite,
+    hf_video_metadata,
     make_composites,
     make_video_composites,
     other_questions,
@@ -202,8 +203,7 @@ def encode(processor, chats: list[tuple[Composite | VideoComposite, list[tuple[s
             raise ValueError("video chats are for Qwen's own positions")
         clips = [c.clip() for c, _ in chats]
         enc = processor(text=texts, videos=[frames for frames, _ in clips], return_tensors="pt", padding=True,
-                        video_metadata=[{k: v for k, v in meta.items() if k not in ("do_sample_frames", "video_backend")}
-                                        for _, meta in clips],
+                        video_metadata=[hf_video_metadata(meta) for _, meta in clips],
                         do_sample_frames=False, return_mm_token_type_ids=True)
     elif isinstance(arch, Qwen) and not arch.flat_positions:
         # Qwen's model places the images' (t, h, w) positions itself, from these.
