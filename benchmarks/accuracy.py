@@ -30,6 +30,7 @@ from pathlib import Path
 from benchmarks.common import (
     LABELS,
     answer_each,
+    correct_strings,
     is_correct,
     model_about,
     model_words,
@@ -248,6 +249,7 @@ def main(argv=None) -> int:
     write_results(stem, text, {
         "model": str(args.model), "about": about, "count": len(composites), "seed": args.seed, "base": args.base,
         "grid": grid, "visual_tokens": visual_tokens, "rows": rows,
+        "split": "test", "correct": correct_strings(answers, composites),
     })
     plot(rows, stem.with_suffix(".png"), title)
     headline = min(args.budgets, key=lambda b: abs(b - 0.111))

@@ -23,7 +23,7 @@ import json
 import os
 from pathlib import Path
 
-from benchmarks.common import LABELS, answer_each, is_correct, model_about, model_words, write_results
+from benchmarks.common import LABELS, answer_each, correct_strings, is_correct, model_about, model_words, write_results
 from benchmarks.composite_vqa import (
     QWEN_VIDEO_PLACEHOLDER,
     TILE_PX,
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     write_results(stem, text, {
         "model": str(args.model), "about": about, "count": len(clips), "seed": args.seed, "scenes": args.scenes,
         "frames_per_scene": args.frames_per_scene, "visual_tokens": num_visual, "tokens_per_step": per_step,
-        "rows": rows,
+        "rows": rows, "split": "test", "correct": correct_strings(answers, clips),
     })
     print(f"wrote {stem}.txt/.json")
     return 0

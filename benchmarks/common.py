@@ -58,6 +58,14 @@ def answer_each(llm, params, prompts, modality: str, items, configs) -> dict:
     return out
 
 
+def correct_strings(answers: dict, items) -> dict[str, str]:
+    """Per config name, which of `items` (each with an `answer`) it answered right, as a
+    string of 1 and 0 in question order: the form diagnostics/paired.py compares question
+    by question."""
+    return {name: "".join(str(int(is_correct(text, item.answer))) for text, item in zip(out["answers"], items))
+            for name, out in answers.items()}
+
+
 def write_results(stem: Path, text: str, data: dict) -> None:
     """stem.txt (the printed table) and stem.json (the same rows, machine-readable)."""
     stem.parent.mkdir(parents=True, exist_ok=True)

@@ -132,6 +132,15 @@ def test_evaluation_runs_end_to_end_through_vllm(tmp_path):
     assert "relevance top-k" in text and "par-fps" in text and "random-weight model" in text
     for png in ("accuracy-tiny.png", "accuracy-tiny-explain-0.png"):
         assert Image.open(out / png).size[0] > 300
+    # Answers question by question, so two rows compare through diagnostics.paired.
+    for (method, budget), row in rows.items():
+        answers = data["correct"]["full" if method == "full" else f"{method}@{budget:g}"]
+        assert len(answers) == 6 and answers.count("1") / 6 == pytest.approx(row["accuracy"])
+    result = subprocess.run([sys.executable, "-m", "benchmarks.diagnostics.paired", str(out / "accuracy-tiny.json"),
+                             str(out / "accuracy-tiny.json"), "--rows", "par", "topk"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "par@0.25 / topk" in result.stdout and "par@0.06 / topk" in result.stdout
 
 
 def test_variants_are_par_settings_checked_before_vllm_starts():
@@ -598,6 +607,11 @@ def test_video_evaluation_runs_end_to_end_through_vllm(tmp_path):
                                         else math.ceil(full["visual_tokens"] * budget))
         assert row["prefill_tokens"] == pytest.approx(full["prefill_tokens"] - full["visual_tokens"]
                                                       + row["visual_tokens"])
+    assert set(data["correct"]) == {"full"} | {f"{m}@{b:g}" for m in ("par", "evs", "frames", "random")
+                                              for b in (0.5, 0.06)} - {"evs@0.06"}
+    for key, answers in data["correct"].items():
+        method, _, budget = key.partition("@")
+        assert answers.count("1") / 4 == pytest.approx(rows[method, float(budget or 1.0)]["accuracy"])
     text = (out / "accuracy-video-tiny.txt").read_text()
     assert "n/a: EVS keeps the first frame whole" in text and "uniform frame dropping" in text
 

@@ -1,4 +1,5 @@
-"""Question by question, two par_ablation.py result files on the same questions: for every
+"""Question by question, two result files on the same questions (par_ablation.py's, or
+accuracy.py's and accuracy_video.py's, which answer through vLLM): for every
 row both have, the answers only the first got right against those only the second got
 right, and the exact McNemar p-value.
 
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
         first, second = (json.loads(path.read_text()) for path in (first_path, second_path))
         for data, path in ((first, first_path), (second, second_path)):
             if "correct" not in data:
-                parser.error(f"{path} has no per-question answers (written before par_ablation.py kept them)")
+                parser.error(f"{path} has no per-question answers (written before the benchmarks kept them)")
         if (first["split"], first["seed"], first["count"]) != (second["split"], second["seed"], second["count"]):
             parser.error(f"{first_path} and {second_path} were measured on different questions "
                          "(split, seed or count differ)")
