@@ -6,12 +6,13 @@ routing) compare tokens with each other: through N x N matrices up to
 `par_vllm.reduction.FULL_MATRIX_MAX` tokens, a tile at a time above (par_vllm/blocked.py).
 This measures what one image costs the plugin's own reduction
 (`par_vllm.dispatch.reduce_per_image`, default settings, K = ceil(0.111 N)) at N = 1,024,
-4,096 and 16,384 tokens of width D (Qwen2.5-VL-7B's 3,584 by default).
+3,072 (the most through full N x N matrices), 4,096 and 16,384 tokens of width D
+(Qwen2.5-VL-7B's 3,584 by default).
 
 Each N runs in a fresh process: peak extra memory is that process's peak resident set (or
 on a GPU the allocator's peak) during the reduction, less what it held before it.
 
-    python -m benchmarks.par_cost [--sizes 1024 4096 16384] [--dim 3584] [--gpu]
+    python -m benchmarks.par_cost [--sizes 1024 3072 4096 16384] [--dim 3584] [--gpu]
 Writes benchmarks/results/par-cost-{cpu,gpu}.{txt,json}.
 """
 
@@ -74,7 +75,7 @@ def measure(num_visual: int, dim: int, device: str, repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 3072, 4096, 16384])
     parser.add_argument("--dim", type=int, default=3584)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--gpu", action="store_true")

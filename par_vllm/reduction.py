@@ -20,8 +20,11 @@ import torch.nn.functional as F
 
 from .settings import ParSettingError, ParSettings
 
-# Images of more visual tokens take par_vllm/blocked.py's path, which holds no N x N matrix.
-FULL_MATRIX_MAX = 2048
+# Images of more visual tokens take par_vllm/blocked.py's path, which holds no N x N matrix
+# but computes similarities again for each pairwise step. Below this the full matrices are
+# faster, and their peak memory stays under what the blocked path takes for the largest
+# images benchmarks/par_cost.py measures (its table has both sides of the boundary).
+FULL_MATRIX_MAX = 3072
 
 
 @dataclass
