@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from .settings import ParSettingError, ParSettings
 
 # Images of more visual tokens take par_vllm/blocked.py's path, which holds no N x N matrix
-# but computes similarities again for each pairwise step. Below this the full matrices are
-# faster, and their peak memory stays under what the blocked path takes for the largest
-# images benchmarks/par_cost.py measures (its table has both sides of the boundary).
+# but computes similarities again for each pairwise step. Up to here the full matrices are
+# the faster path and their memory, which grows as N x N, is still of the order the
+# blocked path takes for the largest images (benchmarks/par_cost.py measures both sides).
 FULL_MATRIX_MAX = 3072
 
 
