@@ -31,11 +31,11 @@ from benchmarks.common import (
     LABELS,
     answer_each,
     correct_strings,
-    is_correct,
     model_about,
     model_words,
     object_patches,
     placement,
+    right_answers,
     settings_arg,
     settings_line,
     variant_arg,
@@ -115,11 +115,11 @@ def configs_for(methods, budgets, variants=(), base=None):
     return configs
 
 
-def summarize(composites, configs, answers, placements, visual_tokens):
+def summarize(composites, configs, answers, right, placements, visual_tokens):
     rows = []
     full_accuracy = None
     for name, kwargs in configs:
-        correct = [is_correct(t, c.answer) for t, c in zip(answers[name]["answers"], composites)]
+        correct = right[name]
         accuracy = sum(correct) / len(correct)
         if name == "full":
             full_accuracy = accuracy
@@ -237,7 +237,8 @@ def main(argv=None) -> int:
     # Hugging Face reads a relative path as a hub id, so the engines get an absolute one.
     answers = run_vllm(args.model.resolve(), composites, configs, args.max_num_seqs)
     explainer, placements = run_placement(args.model.resolve(), composites, configs, patch_px)
-    rows = summarize(composites, configs, answers, placements, visual_tokens)
+    right = right_answers(answers, composites)
+    rows = summarize(composites, configs, answers, right, placements, visual_tokens)
 
     about = model_about(args.model)
     title = (f"composite easy-VQA ({grid}x{grid} tiles, {visual_tokens} visual tokens), "
@@ -249,7 +250,7 @@ def main(argv=None) -> int:
     write_results(stem, text, {
         "model": str(args.model), "about": about, "count": len(composites), "seed": args.seed, "base": args.base,
         "grid": grid, "visual_tokens": visual_tokens, "rows": rows,
-        "split": "test", "correct": correct_strings(answers, composites),
+        "split": "test", "correct": correct_strings(right),
     })
     plot(rows, stem.with_suffix(".png"), title)
     headline = min(args.budgets, key=lambda b: abs(b - 0.111))

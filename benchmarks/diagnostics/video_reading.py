@@ -63,9 +63,10 @@ def main(argv=None) -> int:
     parser.add_argument("--frames-per-scene", type=int, default=6)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    model, tokenizer, _, about = load_saved(args.model.resolve())
+    about = model_about(args.model)
     if about.get("family") != "qwen2_5_vl":
         parser.error(f"{args.model} is not a Qwen2.5-VL model train_vqa saved: videos are Qwen's")
+    model, tokenizer, _, _ = load_saved(args.model.resolve())
     arch = FAMILIES["qwen2_5_vl"](about["training"]["grid"], about["training"]["patch"])
     processor = arch.processor(tokenizer)
     processor.tokenizer.padding_side = "left"
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
     rows.append(("video task, one scene", accuracy(model, processor, arch, one_scene)))
 
     header = (f"Teacher-forced exact-match accuracy, {args.count} held-out composites / clips each (train split, "
-              f"train_vqa's validation seeds); model: {model_words(model_about(args.model), args.model)}; "
+              f"train_vqa's validation seeds); model: {model_words(about, args.model)}; "
               "transformers, float32, CPU")
     text = "\n".join([
         header,
