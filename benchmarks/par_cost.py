@@ -9,8 +9,12 @@ This measures what one image costs the plugin's own reduction
 3,072 (the most through full N x N matrices), 4,096 and 16,384 tokens of width D
 (Qwen2.5-VL-7B's 3,584 by default).
 
-Each N runs in a fresh process: peak extra memory is that process's peak resident set (or
-on a GPU the allocator's peak) during the reduction, less what it held before it.
+Each N runs in a fresh process. Peak extra memory is measured two ways. "tensors": the
+most bytes of tensors alive at once during the reduction, beyond its inputs, summed from
+torch's own allocation and free events (on a GPU the CUDA allocator's peak): what the
+reduction itself holds, the same from run to run. "RSS": the process's peak resident set
+less what it held before, which also counts what glibc's allocator keeps after a free, and
+so varies from run to run (benchmarks/results/README.md).
 
     python -m benchmarks.par_cost [--sizes 1024 3072 4096 16384] [--dim 3584] [--gpu]
 Writes benchmarks/results/par-cost-{cpu,gpu}.{txt,json}.
@@ -29,6 +33,30 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def peak_tensor_bytes(run) -> int:
+    """The most bytes of CPU tensors alive at once while `run()` runs, counting only what it
+    allocates: torch's profiler records every allocation and free with its time (a private
+    interface of torch's profiler, hence the check)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as trace:
+        run()
+    changes, pending = [], list(trace.profiler.kineto_results.experimental_event_tree())
+    while pending:
+        event = pending.pop()
+        if event.tag == _EventType.Allocation:
+            changes.append((event.start_time_ns, event.extra_fields.alloc_size))
+        pending.extend(event.children)
+    if not changes:
+        raise RuntimeError("torch's profiler recorded no allocation: cannot measure tensor memory")
+    live = peak = 0
+    for _, size in sorted(changes):
+        live += size
+        peak = max(peak, live)
+    return peak
 
 
 def measure(num_visual: int, dim: int, device: str, repeats: int) -> dict:
@@ -56,7 +84,7 @@ def measure(num_visual: int, dim: int, device: str, repeats: int) -> dict:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
         kept = run()[0].shape[0]
-        extra = torch.cuda.max_memory_allocated() - before
+        extra = tensors = torch.cuda.max_memory_allocated() - before
     else:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         kept = run()[0].shape[0]
@@ -66,11 +94,13 @@ def measure(num_visual: int, dim: int, device: str, repeats: int) -> dict:
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
+    if device != "cuda":  # last: the profiler's records would count in the resident set
+        tensors = peak_tensor_bytes(run)
     from par_vllm.reduction import FULL_MATRIX_MAX
 
     return {"num_visual": num_visual, "kept": kept, "dim": dim, "seconds": statistics.median(times),
             "path": "tiles" if num_visual > FULL_MATRIX_MAX else "N x N",
-            "peak_extra_bytes": extra, "repeats": repeats}
+            "peak_extra_bytes": extra, "peak_tensor_bytes": tensors, "repeats": repeats}
 
 
 def main() -> None:
@@ -103,10 +133,12 @@ def main() -> None:
         where = f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
     lines = [f"PAR's own reduction of one image (reduce_per_image, default settings, torch reference), "
              f"D = {args.dim}, random tokens; {where}; median of {args.repeats}",
-             f"{'N':>7} {'K':>6} {'path':>6} {'seconds':>9} {'peak extra MiB':>15}"]
+             "peak extra memory in MiB: tensors alive at once (torch's allocation events), and the "
+             "process's resident set (also what the C allocator keeps; varies from run to run)",
+             f"{'N':>7} {'K':>6} {'path':>6} {'seconds':>9} {'tensors MiB':>12} {'RSS MiB':>9}"]
     for row in rows:
         lines.append(f"{row['num_visual']:>7} {row['kept']:>6} {row['path']:>6} {row['seconds']:>9.3f} "
-                     f"{row['peak_extra_bytes'] / 2**20:>15.1f}")
+                     f"{row['peak_tensor_bytes'] / 2**20:>12.1f} {row['peak_extra_bytes'] / 2**20:>9.1f}")
     report = "\n".join(lines)
     print(report)
     name = f"par-cost-{device if device == 'cpu' else 'gpu'}"

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
 from benchmarks import flops
 
@@ -44,6 +45,25 @@ def test_par_cost_benchmark_measures_each_size_in_its_own_process(tmp_path):
     rows = json.loads((tmp_path / "par-cost-cpu.json").read_text())["rows"]
     assert [(r["num_visual"], r["kept"]) for r in rows] == [(64, 8), (256, 29)]  # K = ceil(0.111 N)
     assert all(r["seconds"] > 0 and r["peak_extra_bytes"] >= 0 for r in rows)
+    # At D = 16 the pairwise N x N similarities dominate what is alive at once: at least
+    # one float32 matrix, and growing with N.
+    assert all(r["peak_tensor_bytes"] >= 4 * r["num_visual"] ** 2 for r in rows)
+    assert rows[1]["peak_tensor_bytes"] > rows[0]["peak_tensor_bytes"]
+
+
+def test_par_cost_counts_tensors_alive_at_once():
+    import torch
+
+    from benchmarks.par_cost import peak_tensor_bytes
+
+    def run():
+        first = torch.ones(1000, 1000)    # 4 MB
+        second = first * 2                # 8 MB alive
+        del first
+        third = second + 1                # 8 MB again: first was freed
+        return third.sum()
+
+    assert peak_tensor_bytes(run) == pytest.approx(8_000_000, abs=64)
 
 
 def test_serve_benchmark_counts_qwen_tokens_per_size_and_times_its_own_work(tmp_path):
