@@ -29,7 +29,8 @@ import statistics
 import time
 from pathlib import Path
 
-from benchmarks.common import is_correct, model_about, model_words, variant_arg, write_results
+from benchmarks.common import (correct_strings, discordant, is_correct, mcnemar, model_about, model_words,
+                               variant_arg, write_results)
 from benchmarks.composite_vqa import make_composites, other_questions
 from par_vllm.demo import image_data_url
 from par_vllm.server import CPU_ENGINE_ARGS, VllmServer, par_overrides
@@ -103,6 +104,24 @@ def summarize(results: list[list[dict]]) -> list[dict]:
     return rows
 
 
+def later_turns_right(results: list[list[dict]]) -> list[bool]:
+    """Whether each answer of turns 2-4 was right, conversation by conversation."""
+    return [reply["correct"] for conversation in results for reply in conversation[1:]]
+
+
+def paired_lines(right: dict[str, list[bool]]) -> list[str]:
+    """Every two PAR servers, question by question over turns 2-4: the answers only one of
+    them got right, and the exact McNemar p-value."""
+    names = [name for name in right if name != "stock vLLM"]
+    lines = ["Turns 2-4 question by question (answers only the first / only the second got right, McNemar p):"]
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            only_first, only_second = discordant(right[first], right[second])
+            lines.append(f"  {first} against {second}: {only_first}:{only_second}, "
+                         f"p {mcnemar(only_first, only_second):.3f}")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True)
@@ -169,11 +188,15 @@ def main() -> None:
         lines.append(f"{name:<{width}} turns 2-4: accuracy {statistics.mean(r['accuracy'] for r in later):.3f}, "
                      f"TTFT {statistics.mean(r['ttft_vs_stock'] for r in later):.2f}x stock's, "
                      f"cache hits {statistics.mean(r['cache_hit_rate'] for r in later):.1%}")
+    right = {name: later_turns_right(r) for name, r in results.items()}
+    lines += ["", *paired_lines(right)]
     text = "\n".join(lines)
     print(text)
     write_results(args.out / f"multiturn-{args.name or args.model.name}", text,
                   {"model": about, "args": {k: str(v) for k, v in vars(args).items()}, "summary": summary,
-                   "answers": {name: [[r["text"] for r in c] for c in conv] for name, conv in results.items()}})
+                   "answers": {name: [[r["text"] for r in c] for c in conv] for name, conv in results.items()},
+                   # diagnostics/paired.py's form: "server@turns 2-4" -> one 1 or 0 per answer.
+                   "correct": {f"{name}@turns 2-4": oks for name, oks in correct_strings(right).items()}})
 
 
 if __name__ == "__main__":

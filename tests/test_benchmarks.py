@@ -95,3 +95,18 @@ def test_video_benchmark_counts_a_clips_tokens_and_sends_it_as_mp4(tmp_path):
     assert int(reader.get(cv2.CAP_PROP_FRAME_COUNT)) == 6
     frames = serve_video.clip_frames(3, 6, 112)
     assert not (frames[0] == frames[-1]).all() and (frames[0] == serve_video.clip_frames(3, 6, 112)[0]).all()
+
+
+def test_multiturn_compares_every_two_par_servers_on_later_turns():
+    from benchmarks.multiturn import later_turns_right, paired_lines
+
+    def conversation(*turns):
+        return [{"correct": ok} for ok in turns]
+
+    results = {"stock vLLM": [conversation(True, True, True, True)],
+               "PAR, latest": [conversation(False, True, True, True), conversation(True, True, True, False)],
+               "PAR, image": [conversation(True, False, False, True), conversation(True, True, False, False)]}
+    right = {name: later_turns_right(r) for name, r in results.items()}
+    assert right["PAR, latest"] == [True, True, True, True, True, False]  # turn 1 left out
+    lines = paired_lines(right)
+    assert lines[1:] == ["  PAR, latest against PAR, image: 3:0, p 0.250"]
