@@ -195,7 +195,9 @@ def main() -> None:
     write_results(args.out / f"multiturn-{args.name or args.model.name}", text,
                   {"model": about, "args": {k: str(v) for k, v in vars(args).items()}, "summary": summary,
                    "answers": {name: [[r["text"] for r in c] for c in conv] for name, conv in results.items()},
-                   # diagnostics/paired.py's form: "server@turns 2-4" -> one 1 or 0 per answer.
+                   # What diagnostics/paired.py compares: which questions, and "server@turns 2-4"
+                   # -> one 1 or 0 per answer of turns 2-4.
+                   "split": "test", "seed": args.seed, "count": len(chats),
                    "correct": {f"{name}@turns 2-4": oks for name, oks in correct_strings(right).items()}})
 
 

@@ -70,6 +70,8 @@ def main(argv=None) -> int:
         for data, path in ((first, first_path), (second, second_path)):
             if "correct" not in data:
                 parser.error(f"{path} has no per-question answers (written before the benchmarks kept them)")
+            if not {"split", "seed", "count"} <= data.keys():
+                parser.error(f"{path} does not say which questions it answered (split, seed, count)")
         if (first["split"], first["seed"], first["count"]) != (second["split"], second["seed"], second["count"]):
             parser.error(f"{first_path} and {second_path} were measured on different questions "
                          "(split, seed or count differ)")
