@@ -29,8 +29,16 @@ import statistics
 import time
 from pathlib import Path
 
-from benchmarks.common import (correct_strings, discordant, is_correct, mcnemar, model_about, model_words,
-                               variant_arg, write_results)
+from benchmarks.common import (
+    correct_strings,
+    discordant,
+    is_correct,
+    mcnemar,
+    model_about,
+    model_words,
+    variant_arg,
+    write_results,
+)
 from benchmarks.composite_vqa import make_composites, other_questions
 from par_vllm.demo import image_data_url
 from par_vllm.server import CPU_ENGINE_ARGS, VllmServer, par_overrides

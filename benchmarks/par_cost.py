@@ -131,10 +131,10 @@ def main() -> None:
         import torch
 
         where = f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
-    lines = [f"PAR's own reduction of one image (reduce_per_image, default settings, torch reference), "
-             f"D = {args.dim}, random tokens; {where}; median of {args.repeats}",
-             "peak extra memory in MiB: tensors alive at once (torch's allocation events), and the "
-             "process's resident set (also what the C allocator keeps; varies from run to run)",
+    lines = [(f"PAR's own reduction of one image (reduce_per_image, default settings, torch reference), "
+              f"D = {args.dim}, random tokens; {where}; median of {args.repeats}"),
+             ("peak extra memory in MiB: tensors alive at once (torch's allocation events), and the "
+              "process's resident set (also what the C allocator keeps; varies from run to run)"),
              f"{'N':>7} {'K':>6} {'path':>6} {'seconds':>9} {'tensors MiB':>12} {'RSS MiB':>9}"]
     for row in rows:
         lines.append(f"{row['num_visual']:>7} {row['kept']:>6} {row['path']:>6} {row['seconds']:>9.3f} "
