@@ -553,8 +553,8 @@ def qwen_server(tmp_path_factory):
 @pytest.mark.slow
 def test_qwen_server_reduces_and_counts_and_refuses_bad_settings(qwen_server):
     """Through /v1/chat/completions: K per image from the default ratio and from a request's
-    setting, the PAR metrics, /v1/par/config, a 400 naming a bad setting, and the server
-    still answering after it."""
+    setting, the PAR metrics, /v1/par/config, a 400 naming a bad setting, one saying why
+    the image processor refused an image, and the server still answering after them."""
     import openai
 
     from par_vllm.demo import chat_messages
@@ -576,6 +576,11 @@ def test_qwen_server_reduces_and_counts_and_refuses_bad_settings(qwen_server):
     with pytest.raises(openai.BadRequestError) as info:
         ask(qwen_server, messages, mm_processor_kwargs={"par_keep_ratio": 0})
     assert info.value.status_code == 400 and "par_keep_ratio" in info.value.message
+    # Qwen's image processor takes no image whose sides differ more than 200-fold; the 400
+    # says so rather than only that the processor failed.
+    with pytest.raises(openai.BadRequestError) as info:
+        ask(qwen_server, chat_messages("What color is the triangle?", image((4, 900))))
+    assert info.value.status_code == 400 and "aspect ratio must be smaller than 200" in info.value.message
     assert ask(qwen_server, messages) == default
 
 

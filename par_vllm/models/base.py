@@ -273,7 +273,19 @@ class ParMultiModalProcessor:
 
     def _call_hf_processor(self, hf_data, hf_kwargs):
         hf_kwargs = {k: v for k, v in hf_kwargs.items() if k not in (SETTINGS_KEY, QUERY_KEY)}
-        return super()._call_hf_processor(hf_data, hf_kwargs)
+        try:
+            return super()._call_hf_processor(hf_data, hf_kwargs)
+        except ValueError as error:
+            # vLLM's message names the processor and echoes the data, not why it refused;
+            # the processor's own reason (Qwen's: an image's aspect ratio over 200) is what
+            # a client can act on.
+            reason = error.__cause__
+            if not isinstance(reason, ValueError):
+                raise
+            media = [name[:-1] for name in ("images", "videos") if name in hf_data]
+            raise VLLMValidationError(
+                f"the model's processor refused this request's {' and '.join(media) or 'input'}: {reason}",
+                parameter=media[0] if media else "prompt") from error
 
     def _postprocess_hf_mm_data(
         self,
