@@ -526,7 +526,9 @@ def reduce_images(
 
 def check_videos(mm_items: MultiModalDataItems) -> None:
     """A clip with no frames is the client's error, answered 400: vLLM's own processor would
-    fail on it later with an error that reads as the server's."""
+    fail on it later with an error that reads as the server's. vLLM's loader also hands back
+    none for a clip it could not decode a frame of (vLLM 0.32's OpenCV decoder reads no frame
+    of a one-frame MP4)."""
     if "video" not in mm_items:
         return
     videos = mm_items.get_items("video", (VideoEmbeddingItems, VideoProcessorItems))
@@ -536,7 +538,8 @@ def check_videos(mm_items: MultiModalDataItems) -> None:
             if isinstance(frames, tuple):  # (frames, metadata), as Qwen's processors take them
                 frames = frames[0]
             if frames is not None and len(frames) == 0:
-                raise VLLMValidationError(f"video {i} has no frames", parameter="video")
+                raise VLLMValidationError(f"video {i} has no frames that vLLM's video loader could decode",
+                                          parameter="video")
 
 
 def log_defaults(settings: ParSettings, places_tokens: bool) -> None:
