@@ -159,9 +159,16 @@ def _unit_rows(visual: torch.Tensor, mean: torch.Tensor | None, block: int = 102
 def near_duplicates(sim: torch.Tensor, retrieved: torch.Tensor, threshold: float) -> torch.Tensor:
     """Non-retrieved tokens whose similarity (`sim`, in token_space) to some retrieved token
     exceeds the threshold."""
-    # An added 0 or -inf per column: cheaper on a CPU than selecting through an N x N mask.
-    off_retrieved = torch.zeros(retrieved.shape, dtype=sim.dtype, device=sim.device).masked_fill_(~retrieved, -math.inf)
-    to_retrieved = (sim + off_retrieved[:, None, :]).amax(dim=-1)
+    # Only the retrieved columns are read (at most K of N), padded to the same count per
+    # image with a column whose -inf leaves the max as it is.
+    counts = retrieved.sum(dim=-1)
+    width = int(counts.max()) if counts.numel() else 0
+    if width == 0:
+        return torch.zeros_like(retrieved)
+    columns = _stable_desc_order(retrieved.to(torch.uint8))[:, :width]  # retrieved first
+    to_retrieved = sim.gather(2, columns[:, None, :].expand(-1, sim.shape[1], -1))
+    padding = torch.arange(width, device=sim.device)[None, :] >= counts[:, None]
+    to_retrieved = to_retrieved.masked_fill_(padding[:, None, :], -math.inf).amax(dim=-1)
     return (to_retrieved > threshold) & ~retrieved
 
 
@@ -192,7 +199,9 @@ def density_peaks(sim: torch.Tensor, candidates: torch.Tensor, knn_k: int) -> to
     # row off the candidates scores 0 whatever its distances (its density only takes a
     # place in the density order, which leaves the candidates' own order as it is).
     off_candidates = torch.zeros_like(sim[..., 0]).masked_fill_(~candidates, math.inf)
-    dist2 = (sim * -2.0).add_(2.0).clamp_(min=0.0).add_(off_candidates[:, None, :])
+    # 2 + inf - 2 cos is inf and 2 + 0 - 2 cos is 2 - 2 cos to the bit, so the columns are
+    # masked in the same pass; clamping after it leaves inf as it is.
+    dist2 = torch.add(off_candidates[:, None, :] + 2.0, sim, alpha=-2.0).clamp_(min=0.0)
     dist2.diagonal(dim1=1, dim2=2).fill_(math.inf)  # inf off the candidate pairs
 
     k = min(knn_k, num_visual - 1)
