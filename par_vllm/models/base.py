@@ -283,9 +283,11 @@ class ParMultiModalProcessor:
             if not isinstance(reason, ValueError):
                 raise
             media = [name[:-1] for name in ("images", "videos") if name in hf_data]
+            # With images and videos both sent, the reason does not say which one it was.
+            parameter = "prompt" if not media else media[0] if len(media) == 1 else None
             raise VLLMValidationError(
                 f"the model's processor refused this request's {' and '.join(media) or 'input'}: {reason}",
-                parameter=media[0] if media else "prompt") from error
+                parameter=parameter) from error
 
     def _postprocess_hf_mm_data(
         self,
