@@ -112,7 +112,7 @@ def main() -> None:
     with stock, par, tqdm(total=args.repeats * len(levels) * len(series) * args.requests, desc="requests") as bar:
         servers = {"stock": stock, "par": par}
         for label, which, extra in series:  # warm-up, not measured
-            one_request(servers[which].client(), 10**6, args.max_tokens, extra, media, QUESTION)
+            one_request(servers[which].client(), media(10**6), args.max_tokens, extra, QUESTION)
         index, order = 0, random.Random(args.seed)
         for _ in range(args.repeats):
             for concurrency in levels:
