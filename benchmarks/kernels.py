@@ -4,7 +4,9 @@ For LLaVA-1.5 shapes (N 576, D 4096, bf16, B 1..256, T 16..256) and LLaVA-NeXT s
 (N 2880): median time over CUDA-event-timed repeats, achieved GB/s of the relevance pass
 (bytes of visual tokens + prompts read) against the measured device-to-device copy
 bandwidth, speedups, and the whole reduction's time per image against the LLaVA-1.5-7B
-prefill time it saves (FLOPs from benchmarks/flops.py at the measured bf16 GEMM rate).
+prefill time it saves (FLOPs from benchmarks/flops.py at the measured bf16 GEMM rate); and,
+at the same shapes, how far the kernels' results lie from the reference's (relevance,
+merged tokens, and the share of images whose whole reduction keeps the same tokens).
 
     python -m benchmarks.kernels            # on a CUDA machine
     python -m benchmarks.kernels --smoke    # tiny shapes on any machine (a CPU runs the
@@ -64,6 +66,26 @@ def gemm_tflops(device: str, measure) -> float:
     b = torch.randn(n, n, device=device, dtype=dtype)
     ms = measure(lambda: a @ b)
     return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def agreement(visual, query, mask, k, rel, reference_tokens, kernel_tokens) -> dict:
+    """The kernels against the torch reference at this shape: the largest relevance and
+    merged-token differences, and the share of images whose whole reduction keeps the same
+    tokens (where scores tie within float error either choice is right, so below 1 is a
+    reason to look, not a failure by itself; tests/test_kernels.py holds the exact checks)."""
+    from par_vllm.kernels import relevance_topk
+    from par_vllm.reduction import par_reduce
+    from par_vllm.settings import ParSettings
+
+    kernel_rel = relevance_topk.relevance(visual, query, mask, "max")
+    reference = par_reduce(visual, query, mask, k, ParSettings(backend="torch"))
+    kernel = par_reduce(visual, query, mask, k, ParSettings(backend="triton"))
+    same = (reference.kept_indices == kernel.kept_indices).all(dim=1)
+    token_diff = ((reference.tokens[same].float() - kernel.tokens[same].float()).abs().max().item()
+                  if same.any() else None)
+    return {"relevance_max_diff": (kernel_rel.float() - rel).abs().max().item(),
+            "route_merge_max_diff": (kernel_tokens.float() - reference_tokens.float()).abs().max().item(),
+            "same_kept_share": same.float().mean().item(), "reduce_token_max_diff": token_diff}
 
 
 def main() -> None:
@@ -133,7 +155,8 @@ def main() -> None:
 
         ref_all = measure(lambda: par_reduce(visual, query, mask, k, ParSettings(backend="torch")))
         tri_all = measure(lambda: par_reduce(visual, query, mask, k, ParSettings(backend="triton")))
-        rows.append({
+        rows.append({**agreement(visual, query, mask, k, rel, reference_route_merge(),
+                                 route_merge.route_merge(visual, visual_n, weight, kept, retrieved, duplicates)[0]),
             "shape": family, "B": batch, "N": n, "D": d, "T": t, "K": k,
             "relevance_ref_ms": ref_rel, "relevance_triton_ms": tri_rel,
             "relevance_GBps": rel_bytes / (tri_rel * 1e-3) / 1e9,
@@ -151,14 +174,18 @@ def main() -> None:
               f"LLaVA-1.5-7B prefill saved per image at 64/576 (40 text tokens): {saved_ms:.2f} ms")
     lines = [header,
              f"{'shape':<10} {'B':>4} {'T':>4} {'rel ref':>8} {'rel tri':>8} {'GB/s':>6} {'%copy':>6} "
-             f"{'x':>5} {'rm ref':>8} {'rm tri':>8} {'x':>5} {'all ref':>8} {'all tri':>8} {'ms/img':>7} {'%saved':>6}"]
+             f"{'x':>5} {'rm ref':>8} {'rm tri':>8} {'x':>5} {'all ref':>8} {'all tri':>8} {'ms/img':>7} {'%saved':>6}"
+             f" {'rel diff':>8} {'rm diff':>8} {'same kept':>9} {'out diff':>8}"]
     for r in rows:
         pct = f"{r['reduce_pct_of_saved_prefill']:.2f}" if r["reduce_pct_of_saved_prefill"] is not None else "-"
+        out_diff = f"{r['reduce_token_max_diff']:.1e}" if r["reduce_token_max_diff"] is not None else "-"
         lines.append(
             f"{r['shape']:<10} {r['B']:>4} {r['T']:>4} {r['relevance_ref_ms']:>8.3f} {r['relevance_triton_ms']:>8.3f} "
             f"{r['relevance_GBps']:>6.0f} {r['relevance_pct_of_copy']:>6.1f} {r['relevance_speedup']:>5.1f} "
             f"{r['route_merge_ref_ms']:>8.3f} {r['route_merge_triton_ms']:>8.3f} {r['route_merge_speedup']:>5.1f} "
             f"{r['reduce_ref_ms']:>8.3f} {r['reduce_triton_ms']:>8.3f} {r['reduce_per_image_ms']:>7.3f} {pct:>6}"
+            f" {r['relevance_max_diff']:>8.1e} {r['route_merge_max_diff']:>8.1e} {r['same_kept_share']:>9.2f}"
+            f" {out_diff:>8}"
         )
     report = "\n".join(lines)
     print(report)

@@ -27,6 +27,7 @@ def test_kernel_benchmark_smoke_runs():
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rel tri" in result.stdout and "smoke" in result.stdout
+    assert "same kept" in result.stdout  # the kernels against the reference, at each shape
 
 
 def test_serve_benchmark_times_pars_own_work(demo_model):
