@@ -99,7 +99,8 @@ def main() -> None:
         if not args.smoke:
             RESULTS.mkdir(exist_ok=True)
             note = ("No GPU was available where this ran; nothing was measured. Run "
-                    "`python -m benchmarks.kernels` on a CUDA machine to fill this in.\n")
+                    "`python -m benchmarks.kernels` on a CUDA machine to fill this in "
+                    "(`bash scripts/gpu_checks.sh` runs it with the kernel tests and par_cost).\n")
             (RESULTS / "kernels-no-gpu.txt").write_text(note)
             print(note)
             return
