@@ -68,23 +68,17 @@ def gemm_tflops(device: str, measure) -> float:
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
-def agreement(visual, query, mask, k, rel, reference_tokens, kernel_tokens) -> dict:
-    """The kernels against the torch reference at this shape: the largest relevance and
-    merged-token differences, and the share of images whose whole reduction keeps the same
-    tokens (where scores tie within float error either choice is right, so below 1 is a
-    reason to look, not a failure by itself; tests/test_kernels.py holds the exact checks)."""
-    from par_vllm.kernels import relevance_topk
-    from par_vllm.reduction import par_reduce
-    from par_vllm.settings import ParSettings
-
-    kernel_rel = relevance_topk.relevance(visual, query, mask, "max")
-    reference = par_reduce(visual, query, mask, k, ParSettings(backend="torch"))
-    kernel = par_reduce(visual, query, mask, k, ParSettings(backend="triton"))
+def agreement(reference_rel, kernel_rel, reference_merged, kernel_merged, reference, kernel) -> dict:
+    """The kernels against the torch reference at one shape: the largest relevance and
+    merged-token differences, and the share of images whose whole reduction (`reference`,
+    `kernel`: par_reduce's Reductions) keeps the same tokens (where scores tie within float
+    error either choice is right, so below 1 is a reason to look, not a failure by itself;
+    tests/test_kernels.py holds the exact checks)."""
     same = (reference.kept_indices == kernel.kept_indices).all(dim=1)
     token_diff = ((reference.tokens[same].float() - kernel.tokens[same].float()).abs().max().item()
                   if same.any() else None)
-    return {"relevance_max_diff": (kernel_rel.float() - rel).abs().max().item(),
-            "route_merge_max_diff": (kernel_tokens.float() - reference_tokens.float()).abs().max().item(),
+    return {"relevance_max_diff": (kernel_rel.float() - reference_rel).abs().max().item(),
+            "route_merge_max_diff": (kernel_merged.float() - reference_merged.float()).abs().max().item(),
             "same_kept_share": same.float().mean().item(), "reduce_token_max_diff": token_diff}
 
 
@@ -156,8 +150,10 @@ def main() -> None:
 
         ref_all = measure(lambda: par_reduce(visual, query, mask, k, ParSettings(backend="torch")))
         tri_all = measure(lambda: par_reduce(visual, query, mask, k, ParSettings(backend="triton")))
-        rows.append({**agreement(visual, query, mask, k, rel, reference_route_merge(),
-                                 route_merge.route_merge(visual, visual_n, weight, kept, retrieved, duplicates)[0]),
+        rows.append({**agreement(
+            rel, relevance_topk.relevance(visual, query, mask, "max"),
+            reference_route_merge(), route_merge.route_merge(visual, visual_n, weight, kept, retrieved, duplicates)[0],
+            *(par_reduce(visual, query, mask, k, ParSettings(backend=backend)) for backend in ("torch", "triton"))),
             "shape": family, "B": batch, "N": n, "D": d, "T": t, "K": k,
             "relevance_ref_ms": ref_rel, "relevance_triton_ms": tri_rel,
             "relevance_GBps": rel_bytes / (tri_rel * 1e-3) / 1e9,

@@ -13,13 +13,14 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-NEEDS=("pydantic>=2" pytest setuptools wheel)  # setuptools, wheel: the editable install below
+NEEDS=("pydantic>=2" pytest)
+BUILD=("setuptools>=70" wheel)  # for the editable install below
 
 if [ "${1:-}" = "--wheels" ]; then
   # The device's Python version is not known here: wheels for each one it may run.
   for version in 3.10 3.11 3.12 3.13; do
     "$PYTHON" -m pip download -q -d .whl --only-binary=:all: --python-version "$version" \
-      --platform manylinux2014_x86_64 "${NEEDS[@]}" || exit 1
+      --platform manylinux2014_x86_64 "${NEEDS[@]}" "${BUILD[@]}" || exit 1
   done
   exit 0
 fi
@@ -33,7 +34,7 @@ step "$PYTHON" -m pip install -q --no-index --find-links .whl "${NEEDS[@]}"
 # par_vllm.kernels lives in kernels/ (setup.py's package_dir): an editable install maps it,
 # but only a setuptools that installs an import finder for it (an older one links the
 # repository root alone, where par_vllm has no kernels/).
-step "$PYTHON" -m pip install -q --no-index --find-links .whl --upgrade "setuptools>=70" wheel
+step "$PYTHON" -m pip install -q --no-index --find-links .whl --upgrade "${BUILD[@]}"
 step "$PYTHON" -m pip install -q --no-deps --no-build-isolation --no-index -e .
 "$PYTHON" -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
 step "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_reduction.py tests/test_blocked.py
