@@ -4,8 +4,9 @@ budget, served by the real vLLM engine.
     .venv/bin/python -m benchmarks.accuracy_video --model .models/vqa-qwen-video
 
 The model answers questions about clips of composite easy-VQA images whose tiles change
-from scene to scene (composite_vqa.make_video_composites): "what shape is in the top-left
-tile at the end?", so an answer needs the right tile at the right moment. Every method
+from scene to scene (composite_vqa.make_video_composites): "what color is the triangle at
+the end?" (or with `--naming place`, "what shape is in the top-left tile at the end?"), so
+an answer needs the right tile at the right moment. Every method
 runs inside the plugin (`par_method` per request, the video's K = ceil(N x budget)), so
 the language model, the prompt and the clip are the same and only the kept tokens differ.
 EVS keeps a video's first frame whole, so it cannot run at a budget below one frame's
@@ -33,6 +34,7 @@ from benchmarks.common import (
     write_results,
 )
 from benchmarks.composite_vqa import (
+    NAMINGS,
     QWEN_VIDEO_PLACEHOLDER,
     TILE_PX,
     chat_prompt,
@@ -138,6 +140,8 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
     parser.add_argument("--scenes", type=int, default=3)
+    parser.add_argument("--naming", choices=NAMINGS, default="attribute",
+                        help="how a question names its tile (make_video_composites)")
     parser.add_argument("--frames-per-scene", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-num-seqs", type=int, default=8)
@@ -148,7 +152,7 @@ def main(argv=None) -> int:
         os.environ.setdefault(key, value)
 
     clips = make_video_composites("test", args.count, scenes=args.scenes, frames_per_scene=args.frames_per_scene,
-                                  seed=args.seed)
+                                  seed=args.seed, naming=args.naming)
     model = args.model.resolve()  # Hugging Face reads a relative path as a hub id
     num_visual, per_step = clip_tokens(model, clips[0].clip())
     configs = configs_for(args.methods, args.budgets, num_visual, per_step)

@@ -185,15 +185,19 @@ PLACES = ("top-left", "top", "top-right", "left", "centre", "right", "bottom-lef
 MOMENTS = ("start", "end")
 VIDEO_QUESTIONS = {"color": "what color is the shape in the {place} tile at the {moment}?",
                    "shape": "what shape is in the {place} tile at the {moment}?"}
+# The image task's questions plus a moment: the tile is named by the attribute not asked.
+VIDEO_ATTRIBUTE_QUESTIONS = {"color": "what color is the {shape} at the {moment}?",
+                             "shape": "what shape is {color} at the {moment}?"}
+NAMINGS = ("attribute", "place")
 
 
 @dataclass(frozen=True)
 class VideoComposite:
     """The video version: a 3 x 3 composite whose tiles change over `len(scenes)` scenes
     (each a tuple of tiles in raster order, shown for `frames_per_scene` frames). The
-    question names a tile by its place and a moment, the first scene or the last, and the
-    queried tile differs between the two in the attribute asked: answering needs both the
-    right tile and the right time."""
+    question names a tile (by its other attribute or its place) and a moment, the first
+    scene or the last, and the queried tile differs between the two in the attribute asked:
+    answering needs both the right tile and the right time."""
 
     scenes: tuple[tuple[Tile, ...], ...]
     grid: int
@@ -203,6 +207,7 @@ class VideoComposite:
     question: str
     answer: str
     frames_per_scene: int = 2
+    fps: float = VIDEO_FPS  # what the clip says it was sampled at: Qwen times frame pairs by it
 
     @property
     def scene(self) -> int:
@@ -220,9 +225,9 @@ class VideoComposite:
 
     def clip(self) -> tuple[np.ndarray, dict]:
         """The frames as vLLM takes a video (frames x H x W x 3), with the metadata Qwen's
-        processors read (VIDEO_FPS, every frame used as sent)."""
+        processors read (`fps`, every frame used as sent)."""
         frames = np.stack([np.asarray(frame) for frame in self.frames()])
-        return frames, {"fps": VIDEO_FPS, "duration": len(frames) / VIDEO_FPS, "total_num_frames": len(frames),
+        return frames, {"fps": self.fps, "duration": len(frames) / self.fps, "total_num_frames": len(frames),
                         "frames_indices": list(range(len(frames))), "video_backend": "opencv",
                         "do_sample_frames": False}
 
@@ -236,12 +241,20 @@ class VideoComposite:
 
 
 def make_video_composites(split: str, count: int, *, scenes: int = 3, changes: int = 3,
-                          frames_per_scene: int = 2, seed: int = 0) -> list[VideoComposite]:
+                          frames_per_scene: int = 2, seed: int = 0,
+                          naming: str = "attribute") -> list[VideoComposite]:
     """`count` 3 x 3 clips of `scenes` scenes, each scene replacing `changes` tiles of the
     one before (the queried tile always among them); questions alternate colour and shape
-    and the start and the end, deterministic in seed."""
+    and the start and the end, deterministic in seed.
+
+    `naming` is how a question names its tile: "attribute", as the image task does ("what
+    color is the triangle at the end?": in every scene the queried place holds the one
+    triangle, a different one each time), or "place" ("what color is the shape in the
+    top-left tile at the end?"). Either way the other moment's tile answers differently."""
     if scenes < 2 or not 1 <= changes <= 9:
         raise ValueError(f"scenes must be at least 2 and changes 1-9, got {scenes} and {changes}")
+    if naming not in NAMINGS:
+        raise ValueError(f"naming must be one of {NAMINGS}, got {naming!r}")
     pool = tiles(split)
     rng = random.Random(seed)
     out = []
@@ -250,20 +263,32 @@ def make_video_composites(split: str, count: int, *, scenes: int = 3, changes: i
         moment = MOMENTS[(i // 2) % 2]
         target = rng.randrange(9)
         first = list(rng.sample(pool, 9))
+        if naming == "attribute":
+            names = "shape" if asks == "color" else "color"
+            value = getattr(first[target], names)
+            # The queried place holds the only tile with the naming attribute, in every scene.
+            named = [t for t in pool if getattr(t, names) == value]
+            unnamed = [t for t in pool if getattr(t, names) != value]
+            first = [t if p == target else rng.choice(unnamed) for p, t in enumerate(first)]
+        else:
+            named = unnamed = pool
         clip = [tuple(first)]
         for _ in range(scenes - 1):
             scene = list(clip[-1])
             for place in [target] + rng.sample([p for p in range(9) if p != target], changes - 1):
-                scene[place] = rng.choice(pool)
+                scene[place] = rng.choice(named if place == target else unnamed)
             clip.append(tuple(scene))
         # The other moment's tile must answer differently, so the moment matters.
         other = 0 if moment == "end" else len(clip) - 1
         asked = clip[0 if moment == "start" else -1]
         while getattr(clip[other][target], asks) == getattr(asked[target], asks):
             scene = list(clip[other])
-            scene[target] = rng.choice(pool)
+            scene[target] = rng.choice(named)
             clip[other] = tuple(scene)
         answer = getattr(asked[target], asks)
-        question = VIDEO_QUESTIONS[asks].format(place=PLACES[target], moment=moment)
+        if naming == "attribute":
+            question = VIDEO_ATTRIBUTE_QUESTIONS[asks].format(moment=moment, **{names: value})
+        else:
+            question = VIDEO_QUESTIONS[asks].format(place=PLACES[target], moment=moment)
         out.append(VideoComposite(tuple(clip), 3, target, moment, asks, question, answer, frames_per_scene))
     return out

@@ -33,7 +33,9 @@ are per merged token), stage 2 the merger alone.
 
 The video benchmark's model continues a Qwen model's stage 3 on clips whose tiles change
 from scene to scene (composite_vqa.make_video_composites), each question about one tile
-at the start or the end, the clip sent at composite_vqa.VIDEO_FPS as the benchmark serves it:
+(named by its other attribute, as the image task names it; `--video-naming place`: by its
+place) at the start or the end, the clip sent at composite_vqa.VIDEO_FPS as the benchmark
+serves it:
 
     .venv/bin/python -m benchmarks.train_vqa --init .models/vqa-qwen-mrope --task video \
         --tune-steps 100 --batch 4 --out .models/vqa-qwen-video
@@ -59,6 +61,7 @@ import torch.nn.functional as F
 from benchmarks.common import smollm_llava, smollm_qwen
 from benchmarks.composite_vqa import (
     COLORS,
+    NAMINGS,
     QWEN_VIDEO_PLACEHOLDER,
     SHAPES,
     TILE_PX,
@@ -512,6 +515,9 @@ def main(argv=None) -> int:
     parser.add_argument("--video-scenes", type=int, default=3)
     parser.add_argument("--video-frames-per-scene", type=int, default=6,
                         help="frames each scene is shown for (two make one of Qwen's temporal steps)")
+    parser.add_argument("--video-naming", choices=NAMINGS, default="attribute",
+                        help="how a clip's question names its tile: by the attribute not asked, as the image "
+                             "task does, or by its place (composite_vqa.make_video_composites)")
     args = parser.parse_args(argv)
     video = args.task == "video"
 
@@ -557,7 +563,8 @@ def main(argv=None) -> int:
     def composites(count: int, seed: int):
         if video:
             return make_video_composites("train", count, scenes=args.video_scenes,
-                                         frames_per_scene=args.video_frames_per_scene, seed=seed)
+                                         frames_per_scene=args.video_frames_per_scene, seed=seed,
+                                         naming=args.video_naming)
         return make_composites("train", count, grid=args.grid, seed=seed)
 
     val = composites(args.val, 10_000 + args.seed)

