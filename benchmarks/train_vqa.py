@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import math
 import random
@@ -74,6 +75,7 @@ from benchmarks.composite_vqa import (
 )
 from par_vllm.demo_model import IMAGE_TOKEN, _save, llava_processor, save_llava, vision_config
 from par_vllm.demo_qwen import qwen_processor
+from par_vllm.positions import grid_offsets
 from par_vllm.prompt import QueryRewriter
 from par_vllm.reduction import relevance
 
@@ -235,13 +237,50 @@ def reply_targets(ids: torch.Tensor, marker: list[int], end: int) -> torch.Tenso
     return targets
 
 
+def served_positions(config, enc) -> torch.Tensor:
+    """(3, B, L) M-RoPE positions of a left-padded Qwen2.5-VL batch, placed as vLLM serves
+    the prompt (its Qwen2_5_VLForConditionalGeneration.get_mrope_input_positions, the
+    original Qwen code's rule): an image's or a video's tokens at their grid offsets from
+    one past the text before, a video's frame pairs `second_per_grid_t x tokens_per_second`
+    apart (rounded toward zero), and the text after it one past its highest position, time
+    included. transformers' own placement starts that text max(H, W) past the item's first
+    position whatever its time, which for a clip whose times outrun its height and width
+    puts the question among the clip's later frames: a model trained so would be served
+    positions it never saw. Padding stays at 0, as transformers leaves it."""
+    merge = config.vision_config.spatial_merge_size
+    per_second = config.vision_config.tokens_per_second
+    grids = {1: iter(enc.get("image_grid_thw", [])), 2: iter(enc.get("video_grid_thw", []))}
+    seconds = iter(enc.get("second_per_grid_ts", []))
+    out = torch.zeros(3, *enc["input_ids"].shape, dtype=torch.long)
+    for row in range(out.shape[1]):
+        real = enc["attention_mask"][row].bool()
+        pieces, start = [], 0
+        for kind, run in itertools.groupby(enc["mm_token_type_ids"][row][real].tolist()):
+            length = len(list(run))
+            if kind == 0:
+                pieces.append(torch.arange(length).expand(3, -1) + start)
+            else:
+                frames, height, width = (int(v) for v in next(grids[kind]))
+                step = float(next(seconds)) * per_second if kind == 2 else 1.0
+                grid = grid_offsets(height // merge, width // merge, frames, step)
+                if len(grid) != length:
+                    raise ValueError(f"{length} tokens of one image or video for a grid of {len(grid)}")
+                pieces.append(grid.T + start)
+            start = int(pieces[-1].max()) + 1
+        out[:, row, real] = torch.cat(pieces, dim=1)
+    return out
+
+
 def answer_loss(model, enc, targets):
     """Cross-entropy on the reply tokens only (the vocabulary projection runs only there:
     elsewhere it would cost a third of the language model). Also the share of rows whose
-    every reply token is the argmax, i.e. exact-match accuracy under teacher forcing."""
+    every reply token is the argmax, i.e. exact-match accuracy under teacher forcing.
+    Qwen's (t, h, w) positions are the ones vLLM serves (served_positions)."""
     inputs = {k: enc[k] for k in ("input_ids", "pixel_values", "attention_mask", "position_ids", "image_grid_thw",
                                   "mm_token_type_ids", "pixel_values_videos", "video_grid_thw",
                                   "second_per_grid_ts") if k in enc}
+    if "mm_token_type_ids" in enc and "position_ids" not in enc:
+        inputs["position_ids"] = served_positions(model.config, enc)
     hidden = model.model(**inputs).last_hidden_state
     rows, cols = (targets[:, 1:] != -100).nonzero(as_tuple=True)
     logits = model.lm_head(hidden[rows, cols])

@@ -579,6 +579,65 @@ def test_the_recipe_encodes_video_chats_with_each_frame_pairs_time(tmp_path):
     assert torch.isfinite(loss)
 
 
+def test_the_recipe_trains_qwen_at_the_positions_vllm_serves(tmp_path):
+    """train_vqa.served_positions: a left-padded batch of image chats gets transformers'
+    own positions; clips get vLLM's, row by row (its Qwen2.5-VL get_mrope_input_positions,
+    run as it is): the same as transformers' for the clip's tokens, but the text after a
+    clip whose times (0, 4, ..., 20 over 12 x 12 tokens) outrun its height and width starts
+    one past its last time, where transformers starts it at 12."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import AutoModelForImageTextToText
+    from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+
+    from benchmarks import train_vqa
+    from benchmarks.composite_vqa import make_video_composites
+    from par_vllm.demo_qwen import build_tokenizer, make_demo_qwen_model
+
+    arch = train_vqa.Qwen(grid=3, patch=16)
+    model = AutoModelForImageTextToText.from_pretrained(make_demo_qwen_model(tmp_path / "q"), dtype=torch.float32)
+    processor = arch.processor(build_tokenizer())
+    processor.tokenizer.padding_side = "left"
+
+    def transformers_positions(enc):
+        return model.model.get_rope_index(enc["input_ids"], image_grid_thw=enc.get("image_grid_thw"),
+                                          video_grid_thw=enc.get("video_grid_thw"),
+                                          second_per_grid_ts=enc.get("second_per_grid_ts"),
+                                          attention_mask=enc["attention_mask"],
+                                          mm_token_type_ids=enc["mm_token_type_ids"])[0]
+
+    composites = make_composites("train", 2, grid=3, seed=4)
+    chats = [(composites[0], [(composites[0].question, composites[0].answer)]),
+             (composites[1], [(composites[1].question + " answer in one word please", composites[1].answer)])]
+    enc, _ = train_vqa.encode(processor, chats, arch)
+    assert int((enc["attention_mask"] == 0).sum()) > 0, "left padding is part of the check"
+    assert torch.equal(train_vqa.served_positions(model.config, enc), transformers_positions(enc))
+
+    clips = make_video_composites("train", 2, scenes=3, frames_per_scene=4, seed=5)
+    enc, _ = train_vqa.encode(processor, [(c, [(c.question + " now" * i, c.answer)]) for i, c in enumerate(clips)],
+                              arch)
+    served = train_vqa.served_positions(model.config, enc)
+    theirs = transformers_positions(enc)
+    per_second = model.config.vision_config.tokens_per_second
+    pad = processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    for row in range(2):
+        real = enc["attention_mask"][row].bool()
+        tokens = enc["input_ids"][row][real].tolist()
+        first = tokens.index(pad)
+        t, h, w = (int(v) for v in enc["video_grid_thw"][row])
+        grids = [(first, t, h // 2, w // 2, float(enc["second_per_grid_ts"][row]) * per_second)]
+        vllm_self = SimpleNamespace(iter_mm_grid_thw=lambda features, grids=grids: iter(grids))
+        vllm_positions, _ = Qwen2_5_VLForConditionalGeneration.get_mrope_input_positions(vllm_self, tokens, [])
+        assert torch.equal(served[:, row, real], vllm_positions)
+        clip = torch.tensor(tokens) == pad
+        assert torch.equal(served[:, row, real][:, clip], theirs[:, row, real][:, clip])
+        base = int(served[0, row, real][first])
+        after = first + int(clip.sum())
+        assert int(served[0, row, real][after]) == base + 20 + 1
+        assert int(theirs[0, row, real][after]) == base + 12
+
+
 @pytest.mark.slow
 def test_video_evaluation_runs_end_to_end_through_vllm(tmp_path):
     """benchmarks.accuracy_video on a tiny random-weight Qwen2.5-VL: every method at every
