@@ -208,6 +208,7 @@ class VideoComposite:
     answer: str
     frames_per_scene: int = 2
     fps: float = VIDEO_FPS  # what the clip says it was sampled at: Qwen times frame pairs by it
+    naming: str = "attribute"  # how its questions name a tile (NAMINGS)
 
     @property
     def scene(self) -> int:
@@ -290,5 +291,36 @@ def make_video_composites(split: str, count: int, *, scenes: int = 3, changes: i
             question = VIDEO_ATTRIBUTE_QUESTIONS[asks].format(moment=moment, **{names: value})
         else:
             question = VIDEO_QUESTIONS[asks].format(place=PLACES[target], moment=moment)
-        out.append(VideoComposite(tuple(clip), 3, target, moment, asks, question, answer, frames_per_scene))
+        out.append(VideoComposite(tuple(clip), 3, target, moment, asks, question, answer, frames_per_scene,
+                                  naming=naming))
     return out
+
+
+def other_video_questions(clip: VideoComposite, rng: random.Random) -> list[tuple[str, str]]:
+    """(question, answer) pairs about a clip besides its own, named as its own is: first
+    the same tile and attribute at the other moment (which answers differently, so the
+    pair differs only in time), then every other tile at either moment that its place, or
+    an attribute no other tile of that scene shares, names."""
+    other = "end" if clip.moment == "start" else "start"
+    scene_of = {"start": clip.scenes[0], "end": clip.scenes[-1]}
+    out = [_video_question(clip.naming, scene_of[other], clip.target, clip.asks, other)]
+    for moment in MOMENTS:
+        scene = scene_of[moment]
+        for i in range(len(scene)):
+            if i == clip.target:
+                continue
+            if clip.naming == "place":
+                out.append(_video_question("place", scene, i, rng.choice(("color", "shape")), moment))
+                continue
+            if [t.color for t in scene].count(scene[i].color) == 1:
+                out.append(_video_question("attribute", scene, i, "shape", moment))
+            if [t.shape for t in scene].count(scene[i].shape) == 1:
+                out.append(_video_question("attribute", scene, i, "color", moment))
+    return out
+
+
+def _video_question(naming: str, scene, index: int, asks: str, moment: str) -> tuple[str, str]:
+    tile = scene[index]
+    if naming == "place":
+        return VIDEO_QUESTIONS[asks].format(place=PLACES[index], moment=moment), getattr(tile, asks)
+    return VIDEO_ATTRIBUTE_QUESTIONS[asks].format(shape=tile.shape, color=tile.color, moment=moment), getattr(tile, asks)

@@ -35,7 +35,9 @@ The video benchmark's model continues a Qwen model's stage 3 on clips whose tile
 from scene to scene (composite_vqa.make_video_composites), each question about one tile
 (named by its other attribute, as the image task names it; `--video-naming place`: by its
 place) at the start or the end, the clip sent at composite_vqa.VIDEO_FPS as the benchmark
-serves it:
+serves it. A training chat asks up to `--turns` questions of one clip, the clip's own
+question at the other moment always among them when there are two or more (`--turns 1`:
+the clip's own question alone, as the earlier video runs did):
 
     .venv/bin/python -m benchmarks.train_vqa --init .models/vqa-qwen-mrope --task video \
         --tune-steps 100 --batch 4 --out .models/vqa-qwen-video
@@ -72,6 +74,7 @@ from benchmarks.composite_vqa import (
     make_composites,
     make_video_composites,
     other_questions,
+    other_video_questions,
 )
 from par_vllm.demo_model import IMAGE_TOKEN, _save, llava_processor, save_llava, vision_config
 from par_vllm.demo_qwen import qwen_processor
@@ -180,12 +183,18 @@ FAMILIES = {"llava": Llava, "qwen2_5_vl": Qwen}
 
 def conversation(composite: Composite | VideoComposite, rng: random.Random, turns: int) -> list[tuple[str, str]]:
     """The composite's own question plus up to turns - 1 more about other tiles, each
-    naming its tile by an attribute no other tile shares (so every answer is defined); a
-    clip's own question alone."""
+    naming its tile by an attribute no other tile shares (so every answer is defined). A
+    clip's second question, where there is one, is its own at the other moment: the one
+    pair that differs only in time, which the clip's other questions seldom teach."""
+    own = [(composite.question, composite.answer)]
     if isinstance(composite, VideoComposite):
-        return [(composite.question, composite.answer)]
-    extra = [(question, answer) for _, question, answer in other_questions(composite, rng)]
-    chosen = rng.sample(extra, min(turns - 1, len(extra))) + [(composite.question, composite.answer)]
+        other_moment, *extra = other_video_questions(composite, rng)
+        if turns > 1:
+            own.append(other_moment)
+            turns -= 1
+    else:
+        extra = [(question, answer) for _, question, answer in other_questions(composite, rng)]
+    chosen = rng.sample(extra, min(turns - 1, len(extra))) + own
     rng.shuffle(chosen)
     return chosen
 

@@ -705,6 +705,49 @@ def test_video_composites_ask_about_one_tile_at_one_moment(naming):
         make_video_composites("test", 1, naming="colour")
 
 
+def _answer_from_the_clip(clip, question: str) -> str:
+    """Read a video question back against the clip's frames: the one tile it names in
+    the scene of its moment, and that tile's asked attribute."""
+    from benchmarks.composite_vqa import PLACES
+
+    body, moment = question.removesuffix("?").rsplit(" at the ", 1)
+    scene = clip.scenes[0] if moment == "start" else clip.scenes[-1]
+    if " tile" in body:
+        place = body.split("in the ", 1)[1].removesuffix(" tile")
+        tile = scene[PLACES.index(place)]
+        return tile.color if body.startswith("what color") else tile.shape
+    if body.startswith("what color is the "):
+        named = [t for t in scene if t.shape == body.removeprefix("what color is the ")]
+        assert len(named) == 1, question
+        return named[0].color
+    named = [t for t in scene if t.color == body.removeprefix("what shape is ")]
+    assert len(named) == 1, question
+    return named[0].shape
+
+
+@pytest.mark.parametrize("naming", ["attribute", "place"])
+def test_a_clips_training_chat_asks_it_again_at_the_other_moment_and_every_answer_is_defined(naming):
+    import random
+
+    from benchmarks.composite_vqa import make_video_composites, other_video_questions
+    from benchmarks.train_vqa import conversation
+
+    for clip in make_video_composites("train", 12, scenes=3, seed=5, naming=naming):
+        assert _answer_from_the_clip(clip, clip.question) == clip.answer
+        extra = other_video_questions(clip, random.Random(0))
+        (again, again_answer), rest = extra[0], extra[1:]
+        assert again.replace("start", "MOMENT").replace("end", "MOMENT") == \
+            clip.question.replace("start", "MOMENT").replace("end", "MOMENT") != again
+        assert again_answer != clip.answer
+        assert len({q for q, _ in extra}) == len(extra)
+        for question, answer in extra:
+            assert _answer_from_the_clip(clip, question) == answer
+        assert conversation(clip, random.Random(1), 1) == [(clip.question, clip.answer)]
+        chat = conversation(clip, random.Random(1), 5)
+        assert len(chat) == min(5, 2 + len(rest)) and (clip.question, clip.answer) in chat and extra[0] in chat
+        assert len(set(chat)) == len(chat) and all(_answer_from_the_clip(clip, q) == a for q, a in chat)
+
+
 def test_video_frames_show_each_scene_and_the_mask_finds_the_tile_in_time():
     from benchmarks.composite_vqa import make_video_composites
 
