@@ -74,14 +74,20 @@ def configs_for(methods, budgets, num_visual: int, per_step: int) -> list[tuple[
 
 
 def run_vllm(model: Path, clips, configs, max_num_seqs: int, max_model_len: int):
-    from transformers import AutoTokenizer
+    from transformers import AutoProcessor, AutoTokenizer
     from vllm import LLM, SamplingParams
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     architecture = par_architecture(json.loads((model / "config.json").read_text())["architectures"])
     if architecture not in PLACES_ROWS:
         raise SystemExit(f"{model} is a {architecture}: the video benchmark needs a Qwen-VL model")
+    # vLLM admits a video of at most 14 frames at the processor's largest frame size. This
+    # model resizes every frame to one size (its smallest and largest are equal), so the
+    # benchmark's longer clips would be refused; a larger largest size admits them and, the
+    # smallest unchanged, leaves every frame resized as before.
+    largest = AutoProcessor.from_pretrained(model).video_processor.size["longest_edge"]
     llm = LLM(str(model), hf_overrides=par_overrides(architecture=architecture), enforce_eager=True,
+              mm_processor_kwargs={"max_pixels": 4 * largest},
               dtype="float32", max_model_len=max_model_len, max_num_seqs=max_num_seqs,
               limit_mm_per_prompt={"video": 1, "image": 0}, seed=0, worker_cls=WORKER_CLS)
     params = SamplingParams(max_tokens=4, temperature=0.0)
@@ -156,7 +162,8 @@ def main(argv=None) -> int:
     model = args.model.resolve()  # Hugging Face reads a relative path as a hub id
     num_visual, per_step = clip_tokens(model, clips[0].clip())
     configs = configs_for(args.methods, args.budgets, num_visual, per_step)
-    answers = run_vllm(model, clips, configs, args.max_num_seqs, max_model_len=num_visual + 256)
+    # vLLM sizes the most tokens a video may have within the context length.
+    answers = run_vllm(model, clips, configs, args.max_num_seqs, max_model_len=max(4096, 2 * num_visual))
     right = right_answers(answers, clips)
     rows = summarize(clips, configs, answers, right, num_visual)
 
