@@ -552,6 +552,8 @@ def test_the_recipe_encodes_video_chats_with_each_frame_pairs_time(tmp_path):
     """train_vqa --task video: a clip's chat carries every frame pair's 144 tokens and the
     seconds per pair its positions are placed by (the fps the benchmark serves at); the
     model places later pairs later in time; the reply loss is finite."""
+    import random
+
     import torch
     from transformers import AutoModelForImageTextToText
 
@@ -564,7 +566,9 @@ def test_the_recipe_encodes_video_chats_with_each_frame_pairs_time(tmp_path):
     processor = arch.processor(build_tokenizer())
     processor.tokenizer.padding_side = "left"
     clips = make_video_composites("train", 2, scenes=3, frames_per_scene=4, seed=5)
-    enc, targets = train_vqa.encode(processor, [(c, train_vqa.conversation(c, None, 8)) for c in clips], arch)
+    chats = [(c, train_vqa.conversation(c, random.Random(i), 8)) for i, c in enumerate(clips)]
+    assert all(len(turns) > 1 for _, turns in chats)
+    enc, targets = train_vqa.encode(processor, chats, arch)
     pad = processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")
     assert enc["video_grid_thw"].tolist() == [[6, 24, 24]] * 2 and int((enc["input_ids"] == pad).sum()) == 2 * 6 * 144
     assert enc["second_per_grid_ts"].tolist() == [1.0, 1.0]
