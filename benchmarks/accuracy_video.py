@@ -49,11 +49,8 @@ METHODS = ("par", "evs", "frames", "random")
 BUDGETS = (0.25, 0.111, 0.06)
 
 
-def clip_tokens(model: Path, clip) -> tuple[int, int]:
+def clip_tokens(processor, clip) -> tuple[int, int]:
     """(N, tokens per temporal step) of a clip, from the model's own processor."""
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(model)
     frames, meta = clip
     out = processor.video_processor(videos=[frames], do_sample_frames=False, return_tensors="pt",
                                     video_metadata=[hf_video_metadata(meta)])
@@ -73,21 +70,16 @@ def configs_for(methods, budgets, num_visual: int, per_step: int) -> list[tuple[
     return configs
 
 
-def run_vllm(model: Path, clips, configs, max_num_seqs: int, max_model_len: int):
-    from transformers import AutoProcessor, AutoTokenizer
+def run_vllm(model: Path, clips, configs, max_num_seqs: int, max_model_len: int, max_pixels: int):
+    from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     architecture = par_architecture(json.loads((model / "config.json").read_text())["architectures"])
     if architecture not in PLACES_ROWS:
         raise SystemExit(f"{model} is a {architecture}: the video benchmark needs a Qwen-VL model")
-    # vLLM admits a video of at most 14 frames at the processor's largest frame size. This
-    # model resizes every frame to one size (its smallest and largest are equal), so the
-    # benchmark's longer clips would be refused; a larger largest size admits them and, the
-    # smallest unchanged, leaves every frame resized as before.
-    largest = AutoProcessor.from_pretrained(model).video_processor.size["longest_edge"]
     llm = LLM(str(model), hf_overrides=par_overrides(architecture=architecture), enforce_eager=True,
-              mm_processor_kwargs={"max_pixels": 4 * largest},
+              mm_processor_kwargs={"max_pixels": max_pixels},
               dtype="float32", max_model_len=max_model_len, max_num_seqs=max_num_seqs,
               limit_mm_per_prompt={"video": 1, "image": 0}, seed=0, worker_cls=WORKER_CLS)
     params = SamplingParams(max_tokens=4, temperature=0.0)
@@ -160,10 +152,17 @@ def main(argv=None) -> int:
     clips = make_video_composites("test", args.count, scenes=args.scenes, frames_per_scene=args.frames_per_scene,
                                   seed=args.seed, naming=args.naming)
     model = args.model.resolve()  # Hugging Face reads a relative path as a hub id
-    num_visual, per_step = clip_tokens(model, clips[0].clip())
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model)
+    num_visual, per_step = clip_tokens(processor, clips[0].clip())
     configs = configs_for(args.methods, args.budgets, num_visual, per_step)
-    # vLLM sizes the most tokens a video may have within the context length.
-    answers = run_vllm(model, clips, configs, args.max_num_seqs, max_model_len=max(4096, 2 * num_visual))
+    # vLLM admits a video of at most 14 frames at the processor's largest frame size, and
+    # within the context length. This model resizes every frame to one size (its smallest
+    # and largest are equal), so the benchmark's longer clips would be refused; a larger
+    # largest size admits them and, the smallest unchanged, leaves every frame as before.
+    answers = run_vllm(model, clips, configs, args.max_num_seqs, max_model_len=max(4096, 2 * num_visual),
+                       max_pixels=4 * processor.video_processor.size["longest_edge"])
     right = right_answers(answers, clips)
     rows = summarize(clips, configs, answers, right, num_visual)
 
