@@ -65,8 +65,8 @@ def video_part(frames: int, side: int):
     return lambda i: {"type": "video_url", "video_url": {"url": video_data_url(clip_frames(i, frames, side))}}
 
 
-def video_tokens(path: Path, frames: int, side: int) -> tuple[int, int]:
-    """(N, tokens per frame pair) of a clip, from the checkpoint's own processor."""
+def video_grid(path: Path, frames: int, side: int) -> tuple[int, int, int]:
+    """A clip's (frame pairs, patch rows, patch columns), from the checkpoint's own processor."""
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(path)
@@ -74,8 +74,50 @@ def video_tokens(path: Path, frames: int, side: int) -> tuple[int, int]:
                 "frames_indices": list(range(frames))}
     grid = processor.video_processor(videos=[clip_frames(0, frames, side)], video_metadata=[metadata],
                                      do_sample_frames=False, return_tensors="pt")["video_grid_thw"][0].tolist()
-    t, h, w = grid
-    return t * h * w // 4, h * w // 4
+    return tuple(grid)
+
+
+def selection_seconds(path: Path, grid: tuple[int, int, int], kept: int, device: str, repeats: int = 30) -> dict:
+    """Seconds the model executor spends choosing one clip's K tokens, timed directly with
+    the functions the two series run: PAR's reduction (the question's tokens as its query)
+    and vLLM's EVS selection, on the same random features of the checkpoint's hidden size.
+    What the two series' TTFTs differ by, beyond noise, comes from here."""
+    import time
+
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+    from vllm.multimodal.video_prune.evs import compute_retention_mask
+
+    from par_vllm.dispatch import reduce_per_image
+    from par_vllm.models.qwen_vl import evs_pruning_rate
+
+    config = AutoConfig.from_pretrained(path)
+    hidden, merge = config.text_config.hidden_size, config.vision_config.spatial_merge_size
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(grid[0] * grid[1] * grid[2] // merge**2, hidden, generator=generator).to(device)
+    embed = torch.nn.Embedding(config.text_config.vocab_size, hidden).to(device)
+    query_ids = torch.tensor(AutoTokenizer.from_pretrained(path).encode(QUESTION), device=device)
+    settings = ParSettings(num_tokens=kept)
+
+    def median_seconds(fn) -> float:
+        fn()  # warm-up
+        times = []
+        for _ in range(repeats):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    with torch.no_grad():
+        par = median_seconds(lambda: reduce_per_image([features], [query_ids], [settings], embed))
+        evs = median_seconds(lambda: compute_retention_mask(features, grid, merge,
+                                                            q=evs_pruning_rate(kept, len(features))))
+    return {"repeats": repeats, "par_s": par, "evs_s": evs, "torch_threads": torch.get_num_threads(),
+            "device": device, "hidden": hidden}
 
 
 def main() -> None:
@@ -90,7 +132,8 @@ def main() -> None:
     path, about = model_dir(args.model)
     architecture = par_architecture(json.loads((path / "config.json").read_text())["architectures"])
     levels = [int(c) for c in args.concurrency.split(",")]
-    full, per_frame = video_tokens(path, args.frames, args.side)
+    grid = video_grid(path, args.frames, args.side)
+    full, per_frame = grid[0] * grid[1] * grid[2] // 4, grid[1] * grid[2] // 4
     kept = ParSettings(keep_ratio=args.keep_ratio).num_kept(full)
     if kept < per_frame:
         raise SystemExit(f"--keep-ratio {args.keep_ratio} keeps {kept} of {full} tokens, under one frame pair's "
@@ -151,9 +194,14 @@ def main() -> None:
         lines.append(f"  c={c}: TTFT {r['par_ttft_vs_stock']:.2f}x lower than stock with PAR, "
                      f"{r['evs_ttft_vs_stock']:.2f}x with EVS (PAR vs EVS {r['par_ttft_vs_evs']:.2f}x); "
                      f"requests/s PAR/EVS {r['par_rps_vs_evs']:.2f}x, PAR/stock {r['par_rps_vs_stock']:.2f}x")
+    selection = selection_seconds(path, grid, kept, "cuda" if args.gpu else "cpu")
+    lines.append(f"\nChoosing one clip's {kept} of {full} tokens in the model executor, timed directly (median of "
+                 f"{selection['repeats']}, random features of width {selection['hidden']}, "
+                 f"{selection['torch_threads']} torch threads): PAR {selection['par_s'] * 1e3:.1f} ms, "
+                 f"EVS {selection['evs_s'] * 1e3:.1f} ms")
     write_report(f"serve-video-{Path(args.model).name}", lines, {
         "model": about, "device": device, "args": vars(args), "video_tokens": full, "kept": kept,
-        "summary": summary, "ratios": ratios})
+        "summary": summary, "ratios": ratios, "selection": selection})
 
 
 if __name__ == "__main__":

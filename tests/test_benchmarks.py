@@ -79,8 +79,9 @@ def test_serve_benchmark_counts_qwen_tokens_per_size_and_times_its_own_work(tmp_
 
 
 def test_video_benchmark_counts_a_clips_tokens_and_sends_it_as_mp4(tmp_path):
-    """N and one frame pair's tokens from the checkpoint's processor (what EVS keeps at
-    least), and each request's clip an MP4 that OpenCV reads back frame for frame."""
+    """A clip's grid from the checkpoint's processor (N and what EVS keeps at least follow
+    from it), PAR's and EVS's selection timed on it, and each request's clip an MP4 that
+    OpenCV reads back frame for frame."""
     import base64
 
     import cv2
@@ -89,7 +90,9 @@ def test_video_benchmark_counts_a_clips_tokens_and_sends_it_as_mp4(tmp_path):
     from par_vllm.demo_qwen import make_demo_qwen_model
 
     model = make_demo_qwen_model(tmp_path / "qwen")
-    assert serve_video.video_tokens(model, 32, 336) == (16 * 12 * 12, 12 * 12)
+    assert serve_video.video_grid(model, 32, 336) == (16, 24, 24)
+    timed = serve_video.selection_seconds(model, (2, 8, 8), 20, "cpu", repeats=2)
+    assert timed["par_s"] > 0 and timed["evs_s"] > 0
     url = serve_video.video_part(6, 112)(3)["video_url"]["url"]
     (tmp_path / "clip.mp4").write_bytes(base64.b64decode(url.split(",", 1)[1]))
     reader = cv2.VideoCapture(str(tmp_path / "clip.mp4"))

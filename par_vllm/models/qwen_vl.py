@@ -70,6 +70,12 @@ from .base import (
 )
 
 
+def evs_pruning_rate(num_kept: int, num_full: int) -> float:
+    """The rate at which vLLM's EVS keeps exactly `num_kept` of a video's `num_full` tokens
+    (it keeps the tokens whose score is above its q-quantile)."""
+    return 1 - (num_kept + 0.5) / num_full
+
+
 class ParQwenProcessingInfo(ParProcessingInfo):
     def image_layout(self, width: int, height: int) -> Layout:
         # For the request metrics of images the processor has not seen; placeholders are
@@ -319,7 +325,7 @@ class ParQwenModel(ParModel):
         num_kept = setting.num_kept(len(feature))
         if method == "evs":
             mask = compute_retention_mask(feature, (frames, height, width), merge,
-                                          q=1 - (num_kept + 0.5) / len(feature))
+                                          q=evs_pruning_rate(num_kept, len(feature)))
             kept = mask.nonzero().flatten()
         else:
             kept = uniform_frames(frames, height * width // merge**2, num_kept).to(feature.device)
