@@ -319,6 +319,23 @@ def write_report(name: str, lines: list[str], payload: dict) -> None:
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2))
 
 
+def timed_median(fn, repeats: int, device: str) -> float:
+    """Median seconds of `repeats` calls of fn after one warm-up call (synchronised on a GPU)."""
+    import torch
+
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def par_own_work(path: Path, n_tokens: int, budget: int, device: str, repeats: int = 30) -> dict:
     """Seconds PAR adds to one request, using the plugin's own functions: the frontend's
     prompt rewrite (decode, strip, re-encode) and the executor's reduction of one image
@@ -339,17 +356,7 @@ def par_own_work(path: Path, n_tokens: int, budget: int, device: str, repeats: i
     rewriter = QueryRewriter(tokenizer, image_token)
 
     def median_seconds(fn) -> float:
-        fn()  # warm-up
-        times = []
-        for _ in range(repeats):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return timed_median(fn, repeats, device)
 
     hidden = config.text_config.hidden_size
     embed = torch.nn.Embedding(config.text_config.vocab_size, hidden).to(device)

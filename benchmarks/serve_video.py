@@ -39,6 +39,7 @@ from benchmarks.serve import (
     series_row,
     summarize,
     table_header,
+    timed_median,
     write_report,
 )
 from par_vllm import par_architecture
@@ -80,10 +81,8 @@ def video_grid(path: Path, frames: int, side: int) -> tuple[int, int, int]:
 def selection_seconds(path: Path, grid: tuple[int, int, int], kept: int, device: str, repeats: int = 30) -> dict:
     """Seconds the model executor spends choosing one clip's K tokens, timed directly with
     the functions the two series run: PAR's reduction (the question's tokens as its query)
-    and vLLM's EVS selection, on the same random features of the checkpoint's hidden size.
-    What the two series' TTFTs differ by, beyond noise, comes from here."""
-    import time
-
+    and vLLM's EVS selection, on the same random features of the checkpoint's hidden size:
+    the part of the two series' difference that is the selection itself."""
     import torch
     from transformers import AutoConfig, AutoTokenizer
     from vllm.multimodal.video_prune.evs import compute_retention_mask
@@ -99,23 +98,10 @@ def selection_seconds(path: Path, grid: tuple[int, int, int], kept: int, device:
     query_ids = torch.tensor(AutoTokenizer.from_pretrained(path).encode(QUESTION), device=device)
     settings = ParSettings(num_tokens=kept)
 
-    def median_seconds(fn) -> float:
-        fn()  # warm-up
-        times = []
-        for _ in range(repeats):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
     with torch.no_grad():
-        par = median_seconds(lambda: reduce_per_image([features], [query_ids], [settings], embed))
-        evs = median_seconds(lambda: compute_retention_mask(features, grid, merge,
-                                                            q=evs_pruning_rate(kept, len(features))))
+        par = timed_median(lambda: reduce_per_image([features], [query_ids], [settings], embed), repeats, device)
+        evs = timed_median(lambda: compute_retention_mask(features, grid, merge, q=evs_pruning_rate(kept, len(features))),
+                           repeats, device)
     return {"repeats": repeats, "par_s": par, "evs_s": evs, "torch_threads": torch.get_num_threads(),
             "device": device, "hidden": hidden}
 
