@@ -6,11 +6,12 @@
 Four-turn chats about one composite easy-VQA image (composite_vqa.py): turn 1 is the
 single-turn benchmark's question; turns 2-4 each ask about a different other tile, named
 by an attribute no other tile shares. Each turn's reply is the model's own (greedy) and
-goes into the next turn's history, as in a real chat. Three servers answer every
+goes into the next turn's history, as in a real chat. Four servers answer every
 conversation, in rotating order: stock vLLM, PAR with `par_query_turn="image"` (the image
 is scored against the user turn it came with, so later turns leave its reduced tokens as
-they were) and PAR with `"latest"` (scored against the newest question, so the image is
-prefilled again every turn). Prefix caching is on everywhere, with 32-token blocks (the
+they were), PAR with `"latest"` (scored against the newest question, so the image is
+prefilled again every turn) and PAR with `"image_and_latest"` (as `image`, and each later
+question is shown the image again, reduced for it, at its turn). Prefix caching is on everywhere, with 32-token blocks (the
 smallest vLLM's CPU attention takes; its default of 128 is longer than these prompts, and
 the GPU default is 16).
 
@@ -49,6 +50,7 @@ from par_vllm.server import CPU_ENGINE_ARGS, VllmServer, par_engine_args, par_ov
 
 RESULTS = Path(__file__).parent / "results"
 TURNS = 4
+RULES = ("image", "latest", "image_and_latest")
 SERVER_ARGS = [*CPU_ENGINE_ARGS, "--enable-prefix-caching", "--enable-prompt-tokens-details",
                "--block-size", "32"]
 
@@ -141,7 +143,7 @@ def main() -> None:
     parser.add_argument("--keep-ratio", type=float, default=0.111)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variant", action="append", default=[], type=variant_arg,
-                        help="another PAR server beside the two rules: NAME:key=value,... "
+                        help="another PAR server beside the rules' own: NAME:key=value,... "
                              "(e.g. image-fps:query_turn=image,centres=farthest_point)")
     parser.add_argument("--name", default=None, help="results file stem (default: the model folder's name)")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -159,7 +161,7 @@ def main() -> None:
         **{f"PAR, query_turn={rule}": VllmServer(
             args.model, hf_overrides=par_overrides(architecture=architecture, keep_ratio=args.keep_ratio,
                                                    query_turn=rule),
-            extra_args=par_args) for rule in ("image", "latest")},
+            extra_args=par_args) for rule in RULES},
         **{f"PAR, {name}": VllmServer(
             args.model, hf_overrides={**par_overrides(architecture=architecture, keep_ratio=args.keep_ratio), **keys},
             extra_args=par_args) for name, keys in args.variant},

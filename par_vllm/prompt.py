@@ -71,6 +71,19 @@ class ChatTurns:
         return spans
 
 
+@dataclass(frozen=True)
+class SecondView:
+    """Under `turn="image_and_latest"`, in a prompt whose newest user turn follows an earlier
+    one with images and carries no image or video of its own: the images to show again, and
+    where. `images`: how many of the prompt's first images (those of the earlier turns);
+    `at`: the token index where the newest user message starts; `query`: its content words'
+    token ids, which the second views are scored against."""
+
+    images: int
+    at: int
+    query: list[int]
+
+
 class QueryRewriter:
     """Turns a tokenized chat prompt into the token ids of the content words its images are
     scored against.
@@ -80,8 +93,10 @@ class QueryRewriter:
     conversation, at the price of a new prefill every turn), or "image", those of the user
     turns that carry an image or video (in a conversation about one image, the words that
     came with it, so its reduced tokens do not change as the conversation goes on and the
-    prefix cache is reused). A prompt the template's markers do not structure (a raw
-    completion prompt) is one user turn."""
+    prefix cache is reused). "image_and_latest" scores images as "image" does and, for a
+    later question, shows the earlier images again at its turn, scored against it
+    (`second_view`). A prompt the template's markers do not structure (a raw completion
+    prompt) is one user turn."""
 
     def __init__(self, tokenizer, placeholders: str | Sequence[str]):
         self.tokenizer = tokenizer
@@ -91,14 +106,44 @@ class QueryRewriter:
         warm_up()
 
     def __call__(self, prompt_ids: list[int], drop_question_type: bool = True, turn: str = "latest") -> list[int]:
-        text = self.tokenizer.decode(prompt_ids, skip_special_tokens=False)
-        spans = self.turns.user_turns(text) if self.turns else []
+        text, spans = self._user_turns(prompt_ids)
         users = [text[start:end] for start, end in spans] or [text]
         if turn == "latest":
             chosen = users[-1:]
         else:
             chosen = [t for t in users if any(p in t for p in self.placeholders)] or users[-1:]
         return self._encode(" ".join(chosen), drop_question_type)
+
+    def second_view(self, prompt_ids: list[int], drop_question_type: bool = True) -> SecondView | None:
+        """Where `turn="image_and_latest"` shows earlier images again; None where it shows
+        none: a single turn, a newest turn with media of its own, no earlier image, or a
+        newest turn whose content words are the image turns' own."""
+        text, spans = self._user_turns(prompt_ids)
+        if len(spans) < 2:
+            return None
+        start, end = spans[-1]
+        if any(p in text[start:end] for p in self.placeholders):
+            return None
+        earlier = text[:start].count(self.placeholders[0])
+        query = self._encode(text[start:end], drop_question_type)
+        if not earlier or not query or query == self(prompt_ids, drop_question_type, "image"):
+            return None
+        return SecondView(earlier, self._token_index(prompt_ids, start), query)
+
+    def _user_turns(self, prompt_ids: list[int]) -> tuple[str, list[tuple[int, int]]]:
+        text = self.tokenizer.decode(prompt_ids, skip_special_tokens=False)
+        return text, self.turns.user_turns(text) if self.turns else []
+
+    def _token_index(self, prompt_ids: list[int], char: int) -> int:
+        """The last token boundary at or before character `char` of the decoded prompt."""
+        low, high = 0, len(prompt_ids)
+        while low < high:
+            mid = (low + high + 1) // 2
+            if len(self.tokenizer.decode(prompt_ids[:mid], skip_special_tokens=False)) <= char:
+                low = mid
+            else:
+                high = mid - 1
+        return low
 
     def _encode(self, text: str, drop_question_type: bool) -> list[int]:
         for token in self._special:

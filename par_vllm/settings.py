@@ -94,13 +94,16 @@ class ParSettings(BaseModel):
         "instead of competing for a cluster centre.", gt=0, le=1, allow_inf_nan=False)] = 0.9
     relevance: Annotated[Literal["max", "mean"], setting(
         "How a visual token's similarities to the prompt's words reduce to one relevance.")] = "max"
-    query_turn: Annotated[Literal["image", "latest"], setting(
+    query_turn: Annotated[Literal["image", "latest", "image_and_latest"], setting(
         "Which user words of a conversation the images are scored against: latest, the last "
         "user turn (the image follows the conversation, with a new prefill of the reduced "
         "image every turn); image, those of the user turns that carry an image (later turns "
         "leave the reduced image unchanged, so vLLM's prefix cache is reused, but a later "
-        "question about another part of the image finds less of it kept). System prompts and "
-        "assistant turns never count.")] = "latest"
+        "question about another part of the image finds less of it kept); image_and_latest, "
+        "as image, and a later question that brings no image of its own is shown the earlier "
+        "images again at its turn, each reduced to its own K against that question (the "
+        "history stays cached; each later turn prefills those K tokens and encodes the images "
+        "again). System prompts and assistant turns never count.")] = "latest"
     drop_question_type_words: Annotated[bool, setting(
         "Prompt rewriting also drops the words that name the kind of answer asked for "
         "(color, shape, kind, type, ...), which match every patch with a colour or a shape, so "

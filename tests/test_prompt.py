@@ -82,6 +82,47 @@ def test_images_in_two_turns_are_scored_against_both_turns(rewriter):
     assert query(rewriter, messages, "image") == ["triangle", "boat"]
 
 
+def second_view(rewriter, messages):
+    text = rewriter.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = rewriter.tokenizer.encode(text)
+    return ids, rewriter.second_view(ids)
+
+
+@pytest.mark.parametrize("turns, latest", [(2, "circle"), (3, "square yellow"), (4, "star")])
+def test_a_later_question_gets_a_second_view_at_the_start_of_its_message(rewriter, turns, latest):
+    ids, view = second_view(rewriter, CONVERSATION[:2 * turns - 1])
+    tok = rewriter.tokenizer
+    assert view.images == 1
+    assert tok.decode(view.query).split() == latest.split()
+    # Everything before `at` is the history and the newest turn's opening marker; from
+    # there on the newest user message, as the template wrote it.
+    before, after = tok.decode(ids[:view.at]), tok.decode(ids[view.at:])
+    assert before.rstrip().endswith(rewriter.turns.opens.strip())
+    assert after.strip().startswith(CONVERSATION[2 * turns - 2]["content"].split()[0])
+    # The images keep the query they came with.
+    assert query(rewriter, CONVERSATION[:2 * turns - 1], "image_and_latest") == ["triangle"]
+
+
+def test_no_second_view_where_nothing_earlier_or_nothing_new_is_asked(rewriter):
+    assert second_view(rewriter, CONVERSATION[:1])[1] is None  # the image's own turn
+    no_image = [{"role": "user", "content": "Where is the triangle?"}, *CONVERSATION[1:3]]
+    assert second_view(rewriter, no_image)[1] is None
+    same_words = [*CONVERSATION[:2], {"role": "user", "content": "The triangle, again?"}]
+    assert second_view(rewriter, same_words)[1] is None
+    own_image = [*CONVERSATION[:2], {"role": "user", "content": "<image>\nIs the boat in this one?"}]
+    assert second_view(rewriter, own_image)[1] is None
+    function_words = [*CONVERSATION[:2], {"role": "user", "content": "And what about that?"}]
+    assert second_view(rewriter, function_words)[1] is None
+
+
+def test_two_earlier_images_both_get_a_second_view(rewriter):
+    messages = [*CONVERSATION[:2], {"role": "user", "content": "<image>\nIs the boat in this one?"},
+                {"role": "assistant", "content": "No."}, {"role": "user", "content": "Where is the star?"}]
+    _, view = second_view(rewriter, messages)
+    assert view.images == 2
+    assert rewriter.tokenizer.decode(view.query).split() == ["star"]
+
+
 def test_a_raw_prompt_without_the_templates_markers_is_one_user_turn(tokenizer):
     rewriter = QueryRewriter(tokenizer, "<image>")
     ids = tokenizer.encode("<image>\nWhat is the red car?")

@@ -43,6 +43,12 @@ ONE = chat(IMAGE + "What color is the triangle?")
 OTHER = chat(IMAGE + "Where is the blue circle?")
 TWO = chat(IMAGE + IMAGE + "Which shape is larger?")
 LONG = chat(IMAGE + " ".join(["Describe the red square and the green circle and the blue star"] * 30))
+# Two turns about one image, then the same with another later question.
+CONVERSATIONS = [f"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{IMAGE}"
+                 f"What color is the triangle?<|im_end|>\n<|im_start|>assistant\nRed.<|im_end|>\n"
+                 f"<|im_start|>user\n{later}<|im_end|>\n<|im_start|>assistant\n"
+                 for later in ("Where is the blue circle?", "Is the star green?")]
+SECOND_VIEW = {"par_query_turn": "image_and_latest"}
 # (prompt, image sizes) checked against stock vLLM with nothing removed.
 WHOLE = {"one": (ONE, [(448, 448)]), "portrait": (ONE, [(308, 448)]),
          "two": (TWO, [(448, 308), (224, 224)]), "long": (LONG, [(448, 448)])}
@@ -170,6 +176,8 @@ def runs(qwen_model, family):
     for name, (prompt, sizes) in WHOLE.items():
         res["whole", name] = generate(llm, prompt, sizes, {"par_keep_ratio": 1.0})
     res["fresh"] = [generate(llm, q, [(448, 448)]) for q in (ONE, OTHER)]
+    res["fresh_second_view"] = [generate(llm, c, [(448, 448)], SECOND_VIEW) for c in CONVERSATIONS]
+    res["image_rule"] = generate(llm, CONVERSATIONS[0], [(448, 448)], {"par_query_turn": "image"})
     for bad in ({"par_keep_ratio": 2}, {"par_positions": "sideways"}):
         try:
             generate(llm, ONE, [(448, 448)], bad)
@@ -201,6 +209,7 @@ def runs(qwen_model, family):
     close(llm)
     llm = make_llm(qwen_model, family, enable_prefix_caching=True)
     res["cached"] = [generate(llm, q, [(448, 448)]) for q in (OTHER, ONE, OTHER, ONE)]
+    res["cached_second_view"] = [generate(llm, CONVERSATIONS[i], [(448, 448)], SECOND_VIEW) for i in (1, 0, 1, 0)]
     res["cached_video"] = [generate_video(llm, False, question=VIDEO_QUESTIONS[i]) for i in (1, 0, 1, 0)]
     close(llm)
     llm = make_llm(qwen_model, family, overrides=False)  # vLLM's own model class
@@ -395,6 +404,26 @@ def test_prefix_cache_never_hands_one_prompts_tokens_to_another(runs):
     equals that prompt's answer from a cache-free engine."""
     other, one = runs["fresh"][1], runs["fresh"][0]
     for out, expected in zip(runs["cached"], (other, one, other, one)):
+        same(out, expected)
+
+
+@pytest.mark.slow
+def test_a_later_question_is_shown_the_image_again_at_its_turn(runs, tokenizer, family):
+    """query_turn="image_and_latest": the second turn carries a second view of the image, K
+    more placeholders between <|vision_start|> and <|vision_end|> at the start of its user
+    message; the first view is as under "image". With the prefix cache on, alternating two
+    later questions about the same image, each answer equals the cache-free one."""
+    k = math.ceil(TOKENS[family][(448, 448)] * 0.111)
+    image_rule, second = runs["image_rule"], runs["fresh_second_view"][0]
+    assert image_tokens(image_rule, tokenizer) == k and image_tokens(second, tokenizer) == 2 * k
+    ids = second.prompt_token_ids
+    opening = tokenizer.encode("<|im_start|>user\n<|vision_start|>")
+    starts = [i for i in range(len(ids)) if ids[i:i + len(opening)] == opening]
+    assert len(starts) == 2  # the first user message and the newest
+    # Without its second view the prompt is the "image" rule's, token for token.
+    view = list(range(starts[1] + len(opening) - 1, starts[1] + len(opening) + k + 1))
+    assert [t for i, t in enumerate(ids) if i not in view] == image_rule.prompt_token_ids
+    for out, expected in zip(runs["cached_second_view"], runs["fresh_second_view"][::-1] * 2):
         same(out, expected)
 
 

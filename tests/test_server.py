@@ -69,7 +69,10 @@ def fresh_start(demo_model):
                     extra_args=SERVER_ARGS + CACHING_OFF) as server:
         metrics_at_start = par_samples(server)
         answers = [ask(server, chat_messages(q, demo_image())) for q in QUESTIONS]
-        return metrics_at_start, answers, {first: converse(server, first) for first in QUESTIONS}
+        conversations = {first: converse(server, first) for first in QUESTIONS}
+        # The same conversation, its assistant turns the same, under "image_and_latest".
+        return (metrics_at_start, answers, conversations,
+                converse(server, QUESTIONS[0], answers=conversations[QUESTIONS[0]], rule="image_and_latest"))
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +156,23 @@ def test_later_turns_of_a_conversation_reuse_the_prefix_cache_and_answer_as_with
             same_answer(turn, cache_free)
             assert turn["image_tokens"] == K
         assert all(turn["cache_hits"] >= K for turn in turns[1:]), [t["cache_hits"] for t in turns]
+
+
+def test_a_later_question_is_shown_the_image_again_reduced_for_it_and_the_history_stays_cached(
+        server, fresh_start):
+    """Under query_turn="image_and_latest" turns 2-4 carry a second view of the image (K more
+    placeholders and the newline after the image token) at the start of the newest question,
+    while the first view and the history before the newest turn come from the prefix cache;
+    every turn answers as the cache-free server did."""
+    fresh_image_rule, fresh = fresh_start[2][QUESTIONS[0]], fresh_start[3]
+    turns = converse(server, QUESTIONS[0], answers=fresh_image_rule, rule="image_and_latest")
+    for i, (turn, cache_free) in enumerate(zip(turns, fresh)):
+        same_answer(turn, cache_free)
+        assert turn["image_tokens"] == (K if i == 0 else 2 * K)
+    # The same conversation under "image": the prompts differ by the second views alone.
+    assert turns[0]["prompt_tokens"] == fresh_image_rule[0]["prompt_tokens"]
+    assert all(t["prompt_tokens"] - u["prompt_tokens"] == K + 1 for t, u in zip(turns[1:], fresh_image_rule[1:]))
+    assert all(turn["cache_hits"] >= K for turn in turns[1:]), [t["cache_hits"] for t in turns]
 
 
 def test_by_default_each_turn_scores_the_image_against_the_latest_question(server):

@@ -179,6 +179,16 @@ class ParProcessingInfo:
         """Family hook: the rows the model emits for an image of this original size."""
         return Layout(self.get_num_image_tokens(image_width=width, image_height=height))
 
+    def second_view_prompt(self) -> str:
+        """Family hook: one image as a user message starts with it, where `query_turn=
+        "image_and_latest"` shows it again (vLLM's placeholder for a string-content template
+        and the newline vLLM writes after it)."""
+        return self.get_hf_processor().image_token + "\n"
+
+    @cached_property
+    def second_view_prompt_ids(self) -> list[int]:
+        return self.get_tokenizer().encode(self.second_view_prompt(), add_special_tokens=False)
+
 
 class ParMultiModalProcessor:
     """Mixed in before a family's vLLM MultiModalProcessor."""
@@ -213,7 +223,44 @@ class ParMultiModalProcessor:
                 disabled=settings.reduces_nothing,
                 prompt_agnostic=not query,
             )
+        if settings.query_turn == "image_and_latest" and not settings.reduces_nothing:
+            result = self._with_second_views(inputs, kwargs, settings, result, timing_ctx)
         return result
+
+    def _with_second_views(self, inputs, kwargs: dict, settings: ParSettings, result, timing_ctx):
+        """`query_turn="image_and_latest"`: the earlier turns' images again, at the start of
+        the newest user message, each reduced against it. They are items of their own, with
+        their own identity (processor, encoder and prefix caches), so the images where the
+        client sent them keep theirs and the history before the newest turn stays cached.
+        The metrics count the images the client sent, not these."""
+        view = self.info.query_rewriter.second_view(inputs.prompt, settings.drop_question_type_words)
+        images = inputs.mm_data_items.get("image")
+        if view is None or not isinstance(images, ImageProcessorItems) or view.images > len(images):
+            return result
+        prompt = result["prompt_token_ids"]
+        at = len(prompt) - (len(inputs.prompt) - view.at)
+        if prompt[at:] != inputs.prompt[view.at:]:  # the newest turn carries no media: unchanged
+            logger.warning("PAR: the newest user turn was not where expected; no second view added")
+            return result
+        uuids = inputs.mm_uuid_items or {}
+        views = super().apply(replace(
+            inputs,
+            prompt=self.info.second_view_prompt_ids * view.images,
+            mm_data_items=MultiModalDataItems({"image": ImageProcessorItems(images.data[:view.images])}),
+            mm_uuid_items={"image": list(uuids["image"][:view.images])} if "image" in uuids else None,
+            hf_processor_mm_kwargs={**kwargs, QUERY_KEY: tuple(view.query)},
+        ), timing_ctx)
+        merged = dict(result)
+        merged["prompt_token_ids"] = prompt[:at] + views["prompt_token_ids"] + prompt[at:]
+        placed = [replace(r, offset=r.offset + at) for r in views["mm_placeholders"]["image"]]
+        merged["mm_placeholders"] = {**result["mm_placeholders"],
+                                     "image": [*result["mm_placeholders"]["image"], *placed]}
+        merged["mm_hashes"] = {**result["mm_hashes"],
+                               "image": [*result["mm_hashes"]["image"], *views["mm_hashes"]["image"]]}
+        merged["mm_kwargs"] = MultiModalKwargsItems({**result["mm_kwargs"],
+                                                     "image": [*result["mm_kwargs"]["image"],
+                                                               *views["mm_kwargs"]["image"]]})
+        return merged
 
     def _check_video_method(self, method: str, mm_items: MultiModalDataItems) -> None:
         """par_method="evs" (vLLM's own video pruning, which compares each frame with the one

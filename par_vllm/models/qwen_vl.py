@@ -83,6 +83,10 @@ class ParQwenProcessingInfo(ParProcessingInfo):
         return Layout(self.get_num_image_tokens(image_width=width, image_height=height,
                                                 image_processor=self.get_image_processor(), mm_kwargs={}))
 
+    def second_view_prompt(self) -> str:
+        # As Qwen's chat template writes an image part.
+        return f"<|vision_start|>{self.get_hf_processor().image_token}<|vision_end|>"
+
 
 class ParQwenMultiModalProcessor(ParMultiModalProcessor):
     def processed_layouts(self, processed_data: BatchFeature, modality: str = "image") -> list[Layout] | None:
