@@ -1,7 +1,8 @@
 """What the prompt rewrite costs per request: from a chat prompt's token ids to the query
 ids PAR scores the image against (`par_vllm.prompt.QueryRewriter`: decode, find the user
 turns, drop function words, segment Chinese and Japanese, encode), in each language it
-covers and for long conversations.
+covers and for long conversations (and under `par_query_turn="image_and_latest"`, which
+also finds where the newest question's second view goes).
 
     python -m benchmarks.rewrite_cost [--model DIR]
 `--model`: a checkpoint whose tokenizer and chat template to use (default: the tiny demo
@@ -70,17 +71,26 @@ def main() -> None:
     # Worst cases for the segmenters: one long run of the same unknown character.
     cases |= {f"{name}, 20,000 x {char}": [{"role": "user", "content": f"{IMAGE_TOKEN}\n{char * 20000}"}]
               for name, char in (("Chinese", "三"), ("Japanese", "あ"))}
+    # What the processor does per request under each rule: the default rewrite, and under
+    # par_query_turn="image_and_latest" the image turns' query and the second view's.
+    rules = {name: rewriter for name in cases}
+    for n in (4, 16):
+        name = f"English, system prompt + {n} turns"
+        cases[f"{name}, image_and_latest"] = cases[name]
+        rules[f"{name}, image_and_latest"] = lambda ids: (rewriter(ids, turn="image_and_latest"),
+                                                          rewriter.second_view(ids).query)[1]
     rows = []
     for name, messages in cases.items():
         ids = tokenizer.encode(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
                                add_special_tokens=False)
         long = len(ids) > 5000
+        rewrite = rules[name]
         for _ in range(1 if long else 20):
-            query = rewriter(ids)
+            query = rewrite(ids)
         times = []
         for _ in range(5 if long else args.repeats):
             begin = time.perf_counter()
-            rewriter(ids)
+            rewrite(ids)
             times.append(time.perf_counter() - begin)
         times.sort()
         rows.append({"prompt": name, "prompt_tokens": len(ids), "runs": len(times),
@@ -89,11 +99,12 @@ def main() -> None:
 
     where = f"{platform.processor() or platform.machine()}, one thread of Python"
     lines = [f"Prompt rewrite per request (QueryRewriter), {model_words}; {where}; {args.repeats} runs each "
-             "(5 for the 20,000-character prompts); query: its first 40 characters.",
+             "(5 for the 20,000-character prompts); query: its first 40 characters (image_and_latest: the "
+             "second view's).",
              f"Set-up once per server (stop lists, jieba's dictionary): {set_up:.2f} s.",
-             "", f"{'prompt':<34} {'tokens':>6} {'median ms':>10} {'p99 ms':>8}  query"]
+             "", f"{'prompt':<51} {'tokens':>6} {'median ms':>10} {'p99 ms':>8}  query"]
     for row in rows:
-        lines.append(f"{row['prompt']:<34} {row['prompt_tokens']:>6} {row['median_ms']:>10.3f} {row['p99_ms']:>8.3f}  "
+        lines.append(f"{row['prompt']:<51} {row['prompt_tokens']:>6} {row['median_ms']:>10.3f} {row['p99_ms']:>8.3f}  "
                      f"{row['query']}")
     text = "\n".join(lines)
     print(text)

@@ -107,12 +107,7 @@ class QueryRewriter:
 
     def __call__(self, prompt_ids: list[int], drop_question_type: bool = True, turn: str = "latest") -> list[int]:
         text, spans = self._user_turns(prompt_ids)
-        users = [text[start:end] for start, end in spans] or [text]
-        if turn == "latest":
-            chosen = users[-1:]
-        else:
-            chosen = [t for t in users if any(p in t for p in self.placeholders)] or users[-1:]
-        return self._encode(" ".join(chosen), drop_question_type)
+        return self._encode(self._query_text(text, spans, turn), drop_question_type)
 
     def second_view(self, prompt_ids: list[int], drop_question_type: bool = True) -> SecondView | None:
         """Where `turn="image_and_latest"` shows earlier images again; None where it shows
@@ -126,23 +121,39 @@ class QueryRewriter:
             return None
         earlier = text[:start].count(self.placeholders[0])
         query = self._encode(text[start:end], drop_question_type)
-        if not earlier or not query or query == self(prompt_ids, drop_question_type, "image"):
+        if not earlier or not query or query == self._encode(self._query_text(text, spans, "image"),
+                                                             drop_question_type):
             return None
-        return SecondView(earlier, self._token_index(prompt_ids, start), query)
+        return SecondView(earlier, self._token_index(prompt_ids, start, len(text)), query)
 
     def _user_turns(self, prompt_ids: list[int]) -> tuple[str, list[tuple[int, int]]]:
         text = self.tokenizer.decode(prompt_ids, skip_special_tokens=False)
         return text, self.turns.user_turns(text) if self.turns else []
 
-    def _token_index(self, prompt_ids: list[int], char: int) -> int:
-        """The last token boundary at or before character `char` of the decoded prompt."""
-        low, high = 0, len(prompt_ids)
-        while low < high:
-            mid = (low + high + 1) // 2
-            if len(self.tokenizer.decode(prompt_ids[:mid], skip_special_tokens=False)) <= char:
-                low = mid
-            else:
-                high = mid - 1
+    def _query_text(self, text: str, spans: list[tuple[int, int]], turn: str) -> str:
+        users = [text[start:end] for start, end in spans] or [text]
+        if turn == "latest":
+            return users[-1]
+        return " ".join([t for t in users if any(p in t for p in self.placeholders)] or users[-1:])
+
+    def _token_index(self, prompt_ids: list[int], char: int, length: int) -> int:
+        """The last token boundary at or before character `char` of the decoded prompt
+        (`length` characters), found from the end by decoding suffixes: the newest turn is
+        short, the history before it may be long."""
+        tail = length - char
+
+        def suffix(i: int) -> int:
+            return len(self.tokenizer.decode(prompt_ids[i:], skip_special_tokens=False))
+
+        # Invariant: suffix(low) >= tail > suffix(high); the boundary sought is low.
+        high, step = len(prompt_ids), 1
+        low = max(0, high - step)
+        while low > 0 and suffix(low) < tail:
+            high, step = low, 2 * step
+            low = max(0, len(prompt_ids) - step)
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (mid, high) if suffix(mid) >= tail else (low, mid)
         return low
 
     def _encode(self, text: str, drop_question_type: bool) -> list[int]:

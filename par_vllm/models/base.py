@@ -180,9 +180,9 @@ class ParProcessingInfo:
         return Layout(self.get_num_image_tokens(image_width=width, image_height=height))
 
     def second_view_prompt(self) -> str:
-        """Family hook: one image as a user message starts with it, where `query_turn=
-        "image_and_latest"` shows it again (vLLM's placeholder for a string-content template
-        and the newline vLLM writes after it)."""
+        """Family hook: the text an image takes at the start of a user message, where
+        `query_turn="image_and_latest"` shows it again (vLLM's placeholder for a
+        string-content template, and the newline vLLM writes after it)."""
         return self.get_hf_processor().image_token + "\n"
 
     @cached_property
@@ -239,7 +239,8 @@ class ParMultiModalProcessor:
             return result
         prompt = result["prompt_token_ids"]
         at = len(prompt) - (len(inputs.prompt) - view.at)
-        if prompt[at:] != inputs.prompt[view.at:]:  # the newest turn carries no media: unchanged
+        # The newest turn has no media, so vLLM left its tokens as they were.
+        if prompt[at:] != inputs.prompt[view.at:]:
             logger.warning("PAR: the newest user turn was not where expected; no second view added")
             return result
         uuids = inputs.mm_uuid_items or {}
