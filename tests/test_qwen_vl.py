@@ -44,9 +44,7 @@ OTHER = chat(IMAGE + "Where is the blue circle?")
 TWO = chat(IMAGE + IMAGE + "Which shape is larger?")
 LONG = chat(IMAGE + " ".join(["Describe the red square and the green circle and the blue star"] * 30))
 # Two turns about one image, then the same with another later question.
-CONVERSATIONS = [f"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{IMAGE}"
-                 f"What color is the triangle?<|im_end|>\n<|im_start|>assistant\nRed.<|im_end|>\n"
-                 f"<|im_start|>user\n{later}<|im_end|>\n<|im_start|>assistant\n"
+CONVERSATIONS = [ONE + f"Red.<|im_end|>\n<|im_start|>user\n{later}<|im_end|>\n<|im_start|>assistant\n"
                  for later in ("Where is the blue circle?", "Is the star green?")]
 SECOND_VIEW = {"par_query_turn": "image_and_latest"}
 # (prompt, image sizes) checked against stock vLLM with nothing removed.
