@@ -72,13 +72,12 @@ def main() -> None:
     cases |= {f"{name}, 20,000 x {char}": [{"role": "user", "content": f"{IMAGE_TOKEN}\n{char * 20000}"}]
               for name, char in (("Chinese", "三"), ("Japanese", "あ"))}
     # What the processor does per request under each rule: the default rewrite, and under
-    # par_query_turn="image_and_latest" the image turns' query and the second view's.
+    # par_query_turn="image_and_latest" the image turns' query and the second view in one call.
     rules = {name: rewriter for name in cases}
     for n in (4, 16):
         name = f"English, system prompt + {n} turns"
         cases[f"{name}, image_and_latest"] = cases[name]
-        rules[f"{name}, image_and_latest"] = lambda ids: (rewriter(ids, turn="image_and_latest"),
-                                                          rewriter.second_view(ids).query)[1]
+        rules[f"{name}, image_and_latest"] = lambda ids: rewriter.rewrite(ids, turn="image_and_latest").second_view.query
     rows = []
     for name, messages in cases.items():
         ids = tokenizer.encode(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),

@@ -71,6 +71,22 @@ class ChatTurns:
         return spans
 
 
+def _end_of_last(ids: list[int], part: list[int]) -> int | None:
+    """The index just after the last occurrence of `part` in `ids`, or None."""
+    if not part:
+        return None
+    backwards, j = ids[::-1], 0
+    while True:
+        try:
+            j = backwards.index(part[-1], j)
+        except ValueError:
+            return None
+        end = len(ids) - j
+        if ids[max(0, end - len(part)):end] == part:
+            return end
+        j += 1
+
+
 @dataclass(frozen=True)
 class SecondView:
     """Under `turn="image_and_latest"`, in a prompt whose newest user turn follows an earlier
@@ -82,6 +98,16 @@ class SecondView:
     images: int
     at: int
     query: list[int]
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    """What one prompt's images are scored against: `query`, the content words' token ids
+    (empty: no words to score against), and under `turn="image_and_latest"` the
+    `second_view` (None where none is shown)."""
+
+    query: list[int]
+    second_view: SecondView | None = None
 
 
 class QueryRewriter:
@@ -103,28 +129,35 @@ class QueryRewriter:
         self.placeholders = (placeholders,) if isinstance(placeholders, str) else tuple(placeholders)
         self.turns = ChatTurns.from_tokenizer(tokenizer)
         self._special = [t for t in tokenizer.all_special_tokens if t]
+        # A user message's opening marker as tokens: where the newest turn starts is searched
+        # from its last occurrence, not from the start of a possibly long history.
+        self._opens_ids = tokenizer.encode(self.turns.opens.strip(), add_special_tokens=False) if self.turns else []
         warm_up()
 
     def __call__(self, prompt_ids: list[int], drop_question_type: bool = True, turn: str = "latest") -> list[int]:
-        text, spans = self._user_turns(prompt_ids)
-        return self._encode(self._query_text(text, spans, turn), drop_question_type)
+        return self.rewrite(prompt_ids, drop_question_type, turn).query
 
     def second_view(self, prompt_ids: list[int], drop_question_type: bool = True) -> SecondView | None:
         """Where `turn="image_and_latest"` shows earlier images again; None where it shows
         none: a single turn, a newest turn with media of its own, no earlier image, or a
         newest turn whose content words are the image turns' own."""
+        return self.rewrite(prompt_ids, drop_question_type, "image_and_latest").second_view
+
+    def rewrite(self, prompt_ids: list[int], drop_question_type: bool = True, turn: str = "latest") -> Rewrite:
+        """The query under `turn`, and the second view where `turn="image_and_latest"`
+        shows one: one decode of the prompt for both."""
         text, spans = self._user_turns(prompt_ids)
-        if len(spans) < 2:
-            return None
+        query = self._encode(self._query_text(text, spans, turn), drop_question_type)
+        if turn != "image_and_latest" or len(spans) < 2:
+            return Rewrite(query)
         start, end = spans[-1]
         if any(p in text[start:end] for p in self.placeholders):
-            return None
+            return Rewrite(query)
         earlier = text[:start].count(self.placeholders[0])
-        query = self._encode(text[start:end], drop_question_type)
-        if not earlier or not query or query == self._encode(self._query_text(text, spans, "image"),
-                                                             drop_question_type):
-            return None
-        return SecondView(earlier, self._token_index(prompt_ids, start, len(text)), query)
+        latest = self._encode(text[start:end], drop_question_type)
+        if not earlier or not latest or latest == query:
+            return Rewrite(query)
+        return Rewrite(query, SecondView(earlier, self._token_index(prompt_ids, start, len(text)), latest))
 
     def _user_turns(self, prompt_ids: list[int]) -> tuple[str, list[tuple[int, int]]]:
         text = self.tokenizer.decode(prompt_ids, skip_special_tokens=False)
@@ -136,14 +169,29 @@ class QueryRewriter:
             return users[-1]
         return " ".join([t for t in users if any(p in t for p in self.placeholders)] or users[-1:])
 
+    def _suffix_length(self, prompt_ids: list[int], i: int) -> int:
+        return len(self.tokenizer.decode(prompt_ids[i:], skip_special_tokens=False))
+
     def _token_index(self, prompt_ids: list[int], char: int, length: int) -> int:
         """The last token boundary at or before character `char` of the decoded prompt
-        (`length` characters), found from the end by decoding suffixes: the newest turn is
-        short, the history before it may be long."""
+        (`length` characters), where the newest user message starts: the token after the
+        last opening marker, or the next few, checked by decoding suffixes of the newest
+        turn only; where that fails (a marker tokenized with its neighbours), the search."""
         tail = length - char
+        at = _end_of_last(prompt_ids, self._opens_ids)
+        if at is not None and self._suffix_length(prompt_ids, at) >= tail:
+            for _ in range(4):
+                if at == len(prompt_ids) or self._suffix_length(prompt_ids, at + 1) < tail:
+                    return at
+                at += 1
+        return self._search_token_index(prompt_ids, tail)
+
+    def _search_token_index(self, prompt_ids: list[int], tail: int) -> int:
+        """`_token_index` by galloping from the end and bisecting, decoding suffixes: the
+        newest turn is short, the history before it may be long."""
 
         def suffix(i: int) -> int:
-            return len(self.tokenizer.decode(prompt_ids[i:], skip_special_tokens=False))
+            return self._suffix_length(prompt_ids, i)
 
         # Invariant: suffix(low) >= tail > suffix(high); the boundary sought is low.
         high, step = len(prompt_ids), 1

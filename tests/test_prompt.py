@@ -103,6 +103,20 @@ def test_a_later_question_gets_a_second_view_at_the_start_of_its_message(rewrite
     assert query(rewriter, CONVERSATION[:2 * turns - 1], "image_and_latest") == ["triangle"]
 
 
+@pytest.mark.parametrize("latest", ["What about the star?", "Is the star left of [INST] USER: <|im_start|>user?",
+                                    "星星在哪里？"])
+def test_the_newest_turn_found_from_its_marker_is_where_the_full_search_finds_it(rewriter, latest):
+    # The marker's last occurrence is only a first guess (a user may type it): the boundary
+    # returned is the one the suffix search over the whole prompt returns.
+    ids, view = second_view(rewriter, [*CONVERSATION[:6], {"role": "user", "content": latest}])
+    text = rewriter.tokenizer.decode(ids, skip_special_tokens=False)
+    start = rewriter.turns.user_turns(text)[-1][0]
+    assert view is not None
+    assert view.at == rewriter._search_token_index(ids, len(text) - start)
+    both = rewriter.rewrite(ids, turn="image_and_latest")  # the processor's one call
+    assert both.query == rewriter(ids, turn="image") and both.second_view == view
+
+
 def test_no_second_view_where_nothing_earlier_or_nothing_new_is_asked(rewriter):
     assert second_view(rewriter, CONVERSATION[:1])[1] is None  # the image's own turn
     no_image = [{"role": "user", "content": "Where is the triangle?"}, *CONVERSATION[1:3]]

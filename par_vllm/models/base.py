@@ -48,7 +48,7 @@ from vllm.platforms import current_platform
 from .. import metrics
 from ..dispatch import reduce_per_image
 from ..positions import ROPE_OVERRIDES, declares_positions, image_positions, size_mrope_section
-from ..prompt import QueryRewriter
+from ..prompt import QueryRewriter, SecondView
 from ..reduction import check_backend
 from ..settings import PREFIX, ParSettingError, ParSettings, settings_from_hf_config
 
@@ -209,8 +209,9 @@ class ParMultiModalProcessor:
         if settings.method in VIDEO_METHODS and not settings.reduces_nothing:
             self._check_video_method(settings.method, inputs.mm_data_items)
         check_videos(inputs.mm_data_items)
-        query = () if settings.reduces_nothing else tuple(
-            self.info.query_rewriter(inputs.prompt, settings.drop_question_type_words, settings.query_turn))
+        rewrite = None if settings.reduces_nothing else self.info.query_rewriter.rewrite(
+            inputs.prompt, settings.drop_question_type_words, settings.query_turn)
+        query = () if rewrite is None else tuple(rewrite.query)
         kwargs = {k: v for k, v in request_kwargs.items() if not k.startswith(PREFIX)}
         kwargs[SETTINGS_KEY] = {k: v for k, v in settings.request_fields().items() if v is not None}
         kwargs[QUERY_KEY] = query
@@ -223,19 +224,18 @@ class ParMultiModalProcessor:
                 disabled=settings.reduces_nothing,
                 prompt_agnostic=not query,
             )
-        if settings.query_turn == "image_and_latest" and not settings.reduces_nothing:
-            result = self._with_second_views(inputs, kwargs, settings, result, timing_ctx)
+        if rewrite is not None and rewrite.second_view is not None:
+            result = self._with_second_views(inputs, kwargs, rewrite.second_view, result, timing_ctx)
         return result
 
-    def _with_second_views(self, inputs, kwargs: dict, settings: ParSettings, result, timing_ctx):
+    def _with_second_views(self, inputs, kwargs: dict, view: SecondView, result, timing_ctx):
         """`query_turn="image_and_latest"`: the earlier turns' images again, at the start of
         the newest user message, each reduced against it. They are items of their own, with
         their own identity (processor, encoder and prefix caches), so the images where the
         client sent them keep theirs and the history before the newest turn stays cached.
         The metrics count the images the client sent, not these."""
-        view = self.info.query_rewriter.second_view(inputs.prompt, settings.drop_question_type_words)
         images = inputs.mm_data_items.get("image")
-        if view is None or not isinstance(images, ImageProcessorItems) or view.images > len(images):
+        if not isinstance(images, ImageProcessorItems) or view.images > len(images):
             return result
         prompt = result["prompt_token_ids"]
         at = len(prompt) - (len(inputs.prompt) - view.at)
