@@ -132,6 +132,11 @@ class QueryRewriter:
         # A user message's opening marker as tokens: where the newest turn starts is searched
         # from its last occurrence, not from the start of a possibly long history.
         self._opens_ids = tokenizer.encode(self.turns.opens.strip(), add_special_tokens=False) if self.turns else []
+        # transformers wraps a fast tokenizer's Rust decode and encode in per-token Python
+        # work that costs more than the rest of the rewrite; the Rust tokenizer itself gives
+        # the same ids and text wherever transformers adds no clean-up of its own.
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._rust = None if getattr(tokenizer, "clean_up_tokenization_spaces", False) else backend
         warm_up()
 
     def __call__(self, prompt_ids: list[int], drop_question_type: bool = True, turn: str = "latest") -> list[int]:
@@ -160,7 +165,7 @@ class QueryRewriter:
         return Rewrite(query, SecondView(earlier, self._token_index(prompt_ids, start, len(text)), latest))
 
     def _user_turns(self, prompt_ids: list[int]) -> tuple[str, list[tuple[int, int]]]:
-        text = self.tokenizer.decode(prompt_ids, skip_special_tokens=False)
+        text = self._decode(prompt_ids)
         return text, self.turns.user_turns(text) if self.turns else []
 
     def _query_text(self, text: str, spans: list[tuple[int, int]], turn: str) -> str:
@@ -170,7 +175,17 @@ class QueryRewriter:
         return " ".join([t for t in users if any(p in t for p in self.placeholders)] or users[-1:])
 
     def _suffix_length(self, prompt_ids: list[int], i: int) -> int:
-        return len(self.tokenizer.decode(prompt_ids[i:], skip_special_tokens=False))
+        return len(self._decode(prompt_ids[i:]))
+
+    def _decode(self, ids: list[int]) -> str:
+        if self._rust is not None:
+            return self._rust.decode(ids, skip_special_tokens=False)
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def _encode_text(self, text: str) -> list[int]:
+        if self._rust is not None:
+            return self._rust.encode(text, add_special_tokens=False).ids
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
     def _token_index(self, prompt_ids: list[int], char: int, length: int) -> int:
         """The last token boundary at or before character `char` of the decoded prompt
@@ -213,4 +228,4 @@ class QueryRewriter:
         if not words:
             return []
         # A leading space makes BPE vocabularies pick their word-initial pieces.
-        return self.tokenizer.encode(" " + " ".join(words), add_special_tokens=False)
+        return self._encode_text(" " + " ".join(words))

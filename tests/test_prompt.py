@@ -172,3 +172,20 @@ def test_a_template_without_a_system_role_still_has_its_user_turns(tokenizer):
 def test_a_question_in_another_language_through_the_chat_template(rewriter, question, words):
     messages = [{"role": "user", "content": f"<image>\n{question}"}]
     assert query(rewriter, messages) == words.split()
+
+
+@pytest.mark.parametrize("messages", [CONVERSATION, [{"role": "user", "content": "<image>\n左边的三角形是什么颜色？"}],
+                                      [{"role": "user", "content": "<image>\n¿De qué color es el triángulo?"}]])
+def test_the_rust_tokenizer_reads_and_writes_as_transformers_does(rewriter, messages):
+    import copy
+
+    tok = rewriter.tokenizer
+    assert rewriter._rust is not None  # the path the rewrite takes with a fast tokenizer
+    ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+    assert rewriter._decode(ids) == tok.decode(ids, skip_special_tokens=False)
+    text = " triangle 三角形 triángulo <image>"
+    assert rewriter._encode_text(text) == tok.encode(text, add_special_tokens=False)
+    slow = copy.copy(rewriter)
+    slow._rust = None
+    for turn in ("latest", "image", "image_and_latest"):
+        assert slow.rewrite(ids, turn=turn) == rewriter.rewrite(ids, turn=turn)
