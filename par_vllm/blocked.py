@@ -8,11 +8,11 @@ needed, so memory grows with a block of rows (block x N at most), not with N x N
 N x D:
 - near-duplicates and routing compare every token with the retrieved or the kept tokens
   only (R or K columns);
-- density peaks take one pass that keeps each candidate's nearest candidates (a block of
-  rows against every column, one top-k per row as the reference takes it); most tokens'
-  nearest denser neighbour is among them, exactly (every candidate nearer than the last
-  one listed is listed), and only the rest, the local density maxima, are compared with
-  every token again.
+- density peaks take one pass that keeps each candidate's nearest candidates (a tile of
+  candidates against candidates at a time, each tile once for its rows and its columns);
+  most tokens' nearest denser neighbour is among them, exactly (every candidate nearer
+  than the last one listed is listed), and only the rest, the local density maxima, are
+  compared with every token again.
 
 The answers are the reference's: tests compare the two on images both can reduce, with
 ties and blocks that leave many tokens to the second pass, and find the same kept tokens,
@@ -115,18 +115,40 @@ def nearest_candidates(space: Space, candidates: torch.Tensor, knn_k: int, neigh
     near_d2 = torch.full((space.size, listed), math.inf, device=device)
     near_index = torch.zeros((space.size, listed), dtype=torch.long, device=device)
     rows_of = candidates.nonzero().squeeze(1)
-    for part in _blocks(rows_of.numel(), space.block):
-        rows = rows_of[part]
-        # A block of rows against every column (block x N): one top-k per row, as the
-        # reference takes it, rather than one per tile.
-        d2 = torch.cat([_distances2(sim, rows, columns, candidates) for columns, sim in space.row_tiles(rows)], dim=1)
-        best_d2, best_index = d2.topk(listed, dim=-1, largest=False)
-        near_d2[rows], near_index[rows] = best_d2, best_index
-        if k > 0:
-            first = best_d2[:, :k]
-            valid = torch.isfinite(first)
-            mean_d2[rows] = first.masked_fill(~valid, 0.0).sum(-1) / valid.sum(-1).clamp(min=1)
+    # Candidates against candidates only (every other pair is inf), and each tile of that
+    # symmetric matrix computed once: it lists neighbours for its rows, and transposed for
+    # its columns' rows. Which of equally near neighbours a row lists may differ from the
+    # reference's; its densities and deltas cannot (nearest_denser).
+    best_d2 = torch.full((rows_of.numel(), listed), math.inf, device=device)
+    best_at = torch.zeros((rows_of.numel(), listed), dtype=torch.long, device=device)
+    parts = list(_blocks(rows_of.numel(), space.block))
+    for i, part in enumerate(parts):
+        units = _padded(space.units(rows_of[part]), space.block)
+        for other in parts[i:]:
+            other_units = units if other is part else _padded(space.units(rows_of[other]), space.block)
+            sim = (units @ other_units.T)[:part.stop - part.start, :other.stop - other.start]
+            d2 = (2.0 - 2.0 * sim).clamp(min=0.0)
+            if other is part:
+                d2.fill_diagonal_(math.inf)
+            _keep_nearest(best_d2, best_at, part, d2, other.start)
+            if other is not part:
+                _keep_nearest(best_d2, best_at, other, d2.T, part.start)
+    near_d2[rows_of], near_index[rows_of] = best_d2, rows_of[best_at]
+    if k > 0:
+        first = best_d2[:, :k]
+        valid = torch.isfinite(first)
+        mean_d2[rows_of] = first.masked_fill(~valid, 0.0).sum(-1) / valid.sum(-1).clamp(min=1)
     return mean_d2, near_d2, near_index
+
+
+def _keep_nearest(best_d2: torch.Tensor, best_at: torch.Tensor, rows: slice, d2: torch.Tensor, first: int) -> None:
+    """Merge a tile's squared distances (columns `first`, `first` + 1, ...) into `rows`'
+    nearest so far, in place, ascending."""
+    d2 = torch.cat([best_d2[rows], d2], dim=1)
+    at = torch.cat([best_at[rows], torch.arange(first, first + d2.shape[1] - best_d2.shape[1],
+                                                device=d2.device).expand(d2.shape[0], -1)], dim=1)
+    best, order = d2.topk(best_d2.shape[1], dim=-1, largest=False)
+    best_d2[rows], best_at[rows] = best, at.gather(1, order)
 
 
 def nearest_denser(space: Space, candidates: torch.Tensor, density: torch.Tensor,

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from par_vllm.settings import ParSettings
 from par_vllm.dispatch import reduce_per_image, reduce_tokens
-from par_vllm.reduction import merge, near_duplicates, par_reduce, retrieve, token_space
+from par_vllm.reduction import merge, near_duplicates, par_reduce, retrieve, similarities, token_space
 
 
 def make_inputs(batch, n, d, t, seed=0, dtype=torch.float32):
@@ -95,6 +95,15 @@ def test_tokens_matching_the_prompt_are_retrieved_and_kept():
     assert set(relevant) <= set(out.retrieved[0].nonzero().flatten().tolist())
     assert set(relevant) <= set(out.kept_indices[0].tolist())
     assert out.retrieved.sum() <= 32  # retrieval_share 0.5 of K
+
+
+@pytest.mark.parametrize("n, panel", [(300, 64), (700, 256), (2304, 256), (100, 256)])
+def test_similarities_by_panels_are_the_whole_product(n, panel):
+    units = F.normalize(torch.randn(2, n, 48, generator=torch.Generator().manual_seed(n)), dim=-1)
+    units[:, n // 2] = units[:, 1]  # a repeated token: ties among its similarities
+    sim = similarities(units, panel)
+    assert torch.equal(sim, sim.transpose(1, 2))
+    torch.testing.assert_close(sim, units @ units.transpose(1, 2), rtol=0, atol=1e-6)
 
 
 def test_near_duplicates_of_a_retrieved_token_merge_into_it():
