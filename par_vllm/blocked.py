@@ -144,9 +144,8 @@ def nearest_candidates(space: Space, candidates: torch.Tensor, knn_k: int, neigh
 def _keep_nearest(best_d2: torch.Tensor, best_at: torch.Tensor, rows: slice, d2: torch.Tensor, first: int) -> None:
     """Merge a tile's squared distances (columns `first`, `first` + 1, ...) into `rows`'
     nearest so far, in place, ascending."""
-    d2 = torch.cat([best_d2[rows], d2], dim=1)
-    at = torch.cat([best_at[rows], torch.arange(first, first + d2.shape[1] - best_d2.shape[1],
-                                                device=d2.device).expand(d2.shape[0], -1)], dim=1)
+    columns = torch.arange(first, first + d2.shape[1], device=d2.device).expand(d2.shape[0], -1)
+    d2, at = torch.cat([best_d2[rows], d2], dim=1), torch.cat([best_at[rows], columns], dim=1)
     best, order = d2.topk(best_d2.shape[1], dim=-1, largest=False)
     best_d2[rows], best_at[rows] = best, at.gather(1, order)
 
