@@ -37,13 +37,18 @@ engine_batches = Counter(
     "par_engine_batches",
     "Batches of images the engine reduced, by implementation (torch reference or Triton kernels).",
     [*LABELS, "implementation"])
+feature_cache_lookups = Counter(
+    "par_feature_cache_lookups",
+    "Images (or videos, by modality) the engine looked up in its feature cache before the vision "
+    "tower: result=hit where it reduced them from the rows kept there instead of encoding them again.",
+    [*ITEM_LABELS, "result"])
 kernel_fallbacks = Counter(
     "par_kernel_fallbacks",
     "Batches of images whose Triton kernels failed and that the torch reference reduced instead.",
     LABELS)
 
 ALL = (images_reduced, visual_tokens_before, visual_tokens_after, visual_tokens_saved, kept_share,
-       prompt_agnostic_requests, disabled_requests, engine_batches, kernel_fallbacks)
+       prompt_agnostic_requests, disabled_requests, engine_batches, feature_cache_lookups, kernel_fallbacks)
 
 
 def record_request(model_name: str, items: dict[str, tuple[list[int], list[int]]], disabled: bool,

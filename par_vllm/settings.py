@@ -30,10 +30,12 @@ GROUPS = {USER: "Settings a user changes", EXPERT: "Tuning (experts)",
 
 
 def setting(description: str, *, group: str = EXPERT, experimental: str | None = None,
-            off_flag: str | None = None, **bounds) -> object:
+            off_flag: str | None = None, per_image: bool = True, **bounds) -> object:
     """A field's declaration. `experimental` names what was measured against it;
-    `off_flag` is the CLI flag that sets a boolean to false (instead of --no-NAME)."""
-    extra = {"group": group, "experimental": experimental, "off_flag": off_flag}
+    `off_flag` is the CLI flag that sets a boolean to false (instead of --no-NAME);
+    `per_image=False` for a setting the workers read once at start-up, which then does not
+    travel with every image (nor enter its identity)."""
+    extra = {"group": group, "experimental": experimental, "off_flag": off_flag, "per_image": per_image}
     return Field(description=description, json_schema_extra=extra, **bounds)
 
 
@@ -136,6 +138,13 @@ class ParSettings(BaseModel):
         "Keys other than PAR's that a request may send in mm_processor_kwargs (comma-separated "
         "or a list); any other is refused with a 400. Some image processor keys (a resize, a "
         "crop size) make inputs the vision tower cannot take.", group=SERVER, strict=False)] = ()
+    feature_cache_mb: Annotated[int, setting(
+        "Host memory (MiB, per worker) for the vision tower's unreduced output of recent images "
+        "and videos, kept by their content: a later request that sends the same one under "
+        "another question (a later turn of a conversation under query_turn latest or "
+        "image_and_latest) is reduced from it without running the tower again, where vLLM's "
+        "own caches, which key an item by its query too, would miss. 0 turns it off.",
+        group=SERVER, per_image=False, ge=0)] = 512
 
     @field_validator("allowed_request_kwargs", mode="before")
     @classmethod
@@ -246,9 +255,9 @@ FIELD_TYPES = {name: _field_type(field.annotation) for name, field in ParSetting
 CHOICES = {name: kind for name, kind in FIELD_TYPES.items() if isinstance(kind, tuple) and kind is not tuple}
 OPTIONAL = {name for name, field in ParSettings.model_fields.items() if field.default is None}
 SERVER_ONLY = frozenset(name for name in ParSettings.model_fields if extra(name)["group"] == SERVER)
-# Every setting with one number's worth of value travels to the model; a list (the
+# Every per-image setting with one number's worth of value travels to the model; a list (the
 # server's request policy) is read where the request arrives and goes no further.
-PACKED = tuple(name for name, kind in FIELD_TYPES.items() if kind is not tuple)
+PACKED = tuple(name for name, kind in FIELD_TYPES.items() if kind is not tuple and extra(name)["per_image"])
 
 
 def settings_from_hf_config(hf_config: object) -> ParSettings:

@@ -4,7 +4,9 @@ reached the language model, and which tokens PAR kept in each image and video.
 
 Run as a script (tests/test_qwen_vl.py does): the engine runs in this process so that the
 runner's state can be read, away from pytest's. Also reports, per call of the model's
-embed_multimodal, the N of the items in each run of the vision tower. Prints one JSON line.
+embed_multimodal, the N of the items in each run of the vision tower (none for items the
+feature cache answered), and the first answer token's log-probabilities. Prints one JSON
+line.
 """
 
 import json
@@ -17,7 +19,7 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
 
 def main():
-    model, architecture, chunk, ratio, requests_path, dtype = sys.argv[1:7]
+    model, architecture, chunk, ratio, requests_path, dtype, cache_mb = sys.argv[1:8]
     import numpy as np
     from vllm import LLM, SamplingParams
     from PIL import Image
@@ -41,18 +43,22 @@ def main():
         return rows, positions, delta
 
     tower_log = []
-    tower_groups = qwen_vl.ParQwenModel._tower_groups
+    embed, encode = qwen_vl.ParQwenModel.embed_multimodal, qwen_vl.ParQwenModel._encode
 
-    def recording_tower_groups(self, modality, inputs):
-        groups = tower_groups(self, modality, inputs)
-        sizes = [int(g.prod()) // 4 for g in inputs[f"{modality}_grid_thw"]]
-        tower_log.append([sizes[group] for group in groups])
-        return groups
+    def recording_embed(self, **kwargs):
+        tower_log.append([])
+        return embed(self, **kwargs)
 
-    qwen_vl.ParQwenModel._tower_groups = recording_tower_groups
+    def recording_encode(self, modality, inputs, items):
+        tower_log[-1].append((inputs[f"{modality}_grid_thw"][items].prod(-1) // 4).tolist())
+        return encode(self, modality, inputs, items)
+
+    qwen_vl.ParQwenModel.embed_multimodal = recording_embed
+    qwen_vl.ParQwenModel._encode = recording_encode
     qwen_vl.reduce_per_image = recording_reduce
     qwen_vl.ParQwenModel.recompute_mrope_positions = recording_place
-    llm = LLM(model, hf_overrides=par_overrides(architecture=architecture, keep_ratio=float(ratio)),
+    llm = LLM(model, hf_overrides=par_overrides(architecture=architecture, keep_ratio=float(ratio),
+                                                feature_cache_mb=int(cache_mb)),
               worker_cls="par_vllm.worker.ParWorker", distributed_executor_backend="uni",
               enforce_eager=True, dtype=dtype, max_model_len=4096, max_num_seqs=1,
               max_num_batched_tokens=int(chunk), limit_mm_per_prompt={"image": 2, "video": 1},
@@ -62,12 +68,13 @@ def main():
         kept_log.clear()
         positions_log.clear()
         tower_log.clear()
-        data = {"image": [Image.open(path).convert("RGB") for path in request["images"]]}
+        data = {"image": [Image.open(path).convert("RGB") for path in request["images"]]} if request["images"] else {}
         if "video" in request:  # (frames saved with numpy, metadata)
             data["video"] = (np.load(request["video"]["frames"]), request["video"]["metadata"])
         (out,) = llm.generate({"prompt": request["prompt"], "multi_modal_data": data},
-                              SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
-        results.append({"prompt_token_ids": list(out.prompt_token_ids), "kept": list(kept_log),
+                              SamplingParams(max_tokens=1, temperature=0.0, logprobs=5), use_tqdm=False)
+        first = {token: lp.logprob for token, lp in out.outputs[0].logprobs[0].items()}
+        results.append({"prompt_token_ids": list(out.prompt_token_ids), "kept": list(kept_log), "first": first,
                         "positions": positions_log[-1], "steps": len(positions_log),
                         "tower_runs": list(tower_log)})
     print("PROBE " + json.dumps(results))

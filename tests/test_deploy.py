@@ -139,7 +139,7 @@ def test_serve_reads_every_setting_from_its_variable_and_a_flag_wins(monkeypatch
               "min_retrieved": "3", "duplicate_threshold": "0.8", "relevance": "mean",
               "drop_question_type_words": "false", "query_turn": "latest", "knn_k": "7", "similarity": "cosine",
               "routing": "nearest", "centres": "farthest_point", "centre_relevance": "1",
-              "backend": "torch", "allowed_request_kwargs": "do_resize"}
+              "backend": "torch", "allowed_request_kwargs": "do_resize", "feature_cache_mb": "64"}
     assert set(values) == set(ParSettings.model_fields)
     for name, text in values.items():
         monkeypatch.setenv(env_name(name), text)
@@ -150,7 +150,7 @@ def test_serve_reads_every_setting_from_its_variable_and_a_flag_wins(monkeypatch
                                    min_retrieved=3, duplicate_threshold=0.8, relevance="mean",
                                    drop_question_type_words=False, query_turn="latest", knn_k=11, similarity="cosine",
                                    routing="nearest", centres="farthest_point", centre_relevance=1.0,
-                                   backend="torch", allowed_request_kwargs=("do_resize",))
+                                   backend="torch", allowed_request_kwargs=("do_resize",), feature_cache_mb=64)
 
 
 @pytest.mark.parametrize("variable, text, setting", [("PAR_KEEP_RATIO", "half", "par_keep_ratio"),

@@ -286,14 +286,17 @@ def test_bad_or_odd_input(server, case):
 
 def test_the_engine_reduced_every_batch_with_the_reference_and_no_kernel_failed(server):
     """What the engine's workers count reaches /metrics (multiprocess mode, as the entrypoint
-    sets it up): on a CPU every batch is reduced by the torch reference."""
+    sets it up): on a CPU every batch is reduced by the torch reference; the one demo image
+    under many questions and settings was encoded once and then found in the feature cache."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    samples = {(s.name, s.labels.get("implementation")): s.value
+    samples = {(s.name, s.labels.get("implementation") or s.labels.get("result")): s.value
                for family in text_string_to_metric_families(server.get("/metrics")) for s in family.samples}
     assert samples.get(("par_engine_batches_total", "torch"), 0) > 0
     assert samples.get(("par_engine_batches_total", "triton"), 0) == 0
     assert samples.get(("par_kernel_fallbacks_total", None), 0) == 0
+    assert samples.get(("par_feature_cache_lookups_total", "hit"), 0) > 0
+    assert samples.get(("par_feature_cache_lookups_total", "miss"), 0) > 0
 
 
 def test_the_fixed_request_answers_identically_after_the_fuzz(server):

@@ -153,22 +153,28 @@ def apart(a, b, tolerance=1e-4) -> bool:
 def test_the_tower_takes_images_in_groups_within_the_encoder_budget():
     """vLLM's scheduler counts an image's encoder work by its K placeholders, the tower runs
     on its N: images go through it in runs whose summed N fits the budget (one at least),
-    when every field holds one entry per image."""
-    from types import SimpleNamespace
-
+    when every field holds one entry per image; images the feature cache holds skip it."""
     import torch
 
-    from par_vllm.models.base import ParModel, tower_groups
+    from par_vllm.models.base import _one_per_item, encoder_runs, tower_groups
 
     assert tower_groups([2928, 2340, 576], 4096) == [slice(0, 1), slice(1, 3)]
     assert tower_groups([576, 576, 576, 2928], 2048) == [slice(0, 3), slice(3, 4)]
     assert tower_groups([5000], 64) == [slice(0, 1)]
-    model = SimpleNamespace(par_encoder_budget=1000)
     per_image = {"pixel_values": [torch.zeros(5, 3, 2, 2), torch.zeros(1, 3, 2, 2)], "image_sizes": torch.zeros(2, 2)}
-    assert ParModel._image_groups(model, [900, 900], per_image) == [slice(0, 1), slice(1, 2)]
-    packed = {**per_image, "pixel_values": torch.zeros(6, 3, 2, 2)}  # not one entry per image
-    assert ParModel._image_groups(model, [900, 900], packed) == [slice(0, 2)]
-    assert ParModel._image_groups(model, [900, 900], {**per_image, "extra": None}) == [slice(0, 2)]
+    assert all(_one_per_item(value, 2) for value in per_image.values())
+    assert not _one_per_item(torch.zeros(6, 3, 2, 2), 2) and not _one_per_item(None, 2)  # packed rows; none
+    tower = [(slice(0, 1), False), (slice(1, 2), False)]
+    assert encoder_runs([900, 900], [False, False], 1000) == tower
+    assert encoder_runs([900, 900], [False, False], 1000, per_item=False) == [(slice(0, 2), False)]
+    # Cached items form runs of their own; both kinds keep to the budget.
+    assert encoder_runs([576] * 6, [True, False, False, False, True, True], 1200) == [
+        (slice(0, 1), True), (slice(1, 3), False), (slice(3, 4), False), (slice(4, 6), True)]
+    assert encoder_runs([900] * 3, [True] * 3, 1000) == [(slice(i, i + 1), True) for i in range(3)]
+    # Items that cannot be split skip the tower only if every one is cached.
+    assert encoder_runs([900, 900], [True, False], 1000, per_item=False) == [(slice(0, 2), False)]
+    assert encoder_runs([900, 900], [True, True], 1000, per_item=False) == [(slice(0, 2), True)]
+    assert encoder_runs([], [], 1000) == []
 
 
 @pytest.mark.slow

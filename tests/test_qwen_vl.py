@@ -482,14 +482,8 @@ def test_every_kept_token_sits_at_its_full_image_position(qwen_model, family, to
     requests.append({"prompt": chat(IMAGE + "Where is the star? " + VIDEO + "What moves?"),
                      "images": [str(paths["portrait"])],
                      "video": {"frames": str(tmp_path / "clip.npy"), "metadata": metadata}})
-    (tmp_path / "requests.json").write_text(json.dumps(requests))
-    probe = Path(__file__).with_name("qwen_positions_probe.py")
-    done = subprocess.run([sys.executable, str(probe), str(qwen_model), ARCH[family], "64", "0.111",
-                           str(tmp_path / "requests.json"), DTYPE[family]], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **CPU_ENV})
-    line = [x for x in done.stdout.splitlines() if x.startswith("PROBE ")]
-    assert line, done.stderr[-3000:]
-    results = json.loads(line[0][len("PROBE "):])
+    # The feature cache off: every item goes through the tower, to be counted below.
+    results = probe(qwen_model, family, requests, tmp_path, chunk=64, feature_cache_mb=0)
 
     model = AutoModelForImageTextToText.from_pretrained(qwen_model, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(qwen_model)
@@ -541,6 +535,59 @@ def test_every_kept_token_sits_at_its_full_image_position(qwen_model, family, to
         assert all(len(tower_run) == 1 for call in calls for tower_run in call)
         handed_together |= any(len(call) > 1 for call in calls)
     assert handed_together  # or the line above checks nothing
+
+
+def probe(qwen_model, family, requests, tmp_path, chunk, feature_cache_mb) -> list[dict]:
+    """tests/qwen_positions_probe.py's report on `requests` (dicts of a prompt, image paths and
+    perhaps a video), from an engine with these prefill chunks and feature cache."""
+    (tmp_path / "requests.json").write_text(json.dumps(requests))
+    script = Path(__file__).with_name("qwen_positions_probe.py")
+    done = subprocess.run([sys.executable, str(script), str(qwen_model), ARCH[family], str(chunk), "0.111",
+                           str(tmp_path / "requests.json"), DTYPE[family], str(feature_cache_mb)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, **CPU_ENV})
+    line = [x for x in done.stdout.splitlines() if x.startswith("PROBE ")]
+    assert line, done.stderr[-3000:]
+    return json.loads(line[0][len("PROBE "):])
+
+
+@pytest.mark.slow
+def test_a_later_question_about_the_same_image_or_video_skips_the_tower(qwen_model, family, tmp_path):
+    """The feature cache: an image or video already encoded, sent again under another
+    question (which vLLM's own caches key apart), is reduced from the tower's rows kept by
+    its content, not encoded again; an image it has not seen beside it still is. Kept
+    tokens, positions and the first answer token's log-probabilities equal an engine's
+    without the cache, request by request."""
+    import numpy as np
+
+    paths = {}
+    for name, size in {"portrait": (308, 448), "square": (448, 448)}.items():
+        paths[name] = str(tmp_path / f"{name}.png")
+        image(size).save(paths[name])
+    frames, metadata = clip(4, 224)
+    np.save(tmp_path / "clip.npy", frames)
+    video = {"frames": str(tmp_path / "clip.npy"), "metadata": metadata}
+    requests = [{"prompt": chat(IMAGE + "Where is the star?"), "images": [paths["portrait"]]},
+                {"prompt": chat(IMAGE + "Is the circle green?"), "images": [paths["portrait"]]},
+                {"prompt": chat(IMAGE + "Which is red? " + IMAGE + "And here?"),
+                 "images": [paths["square"], paths["portrait"]]},
+                {"prompt": chat(VIDEO + "What moves?"), "images": [], "video": video},
+                {"prompt": chat(VIDEO + "Is the star turning left?"), "images": [], "video": video}]
+    cached = probe(qwen_model, family, requests, tmp_path, chunk=2048, feature_cache_mb=64)
+    uncached = probe(qwen_model, family, requests, tmp_path, chunk=2048, feature_cache_mb=0)
+    sizes = {"portrait": TOKENS[family][(308, 448)], "square": TOKENS[family][(448, 448)]}
+
+    def encoded(result):
+        return sorted(n for call in result["tower_runs"] for tower_run in call for n in tower_run)
+
+    assert [encoded(r) for r in cached[:3]] == [[sizes["portrait"]], [], [sizes["square"]]]
+    assert encoded(cached[4]) == [] and len(encoded(cached[3])) == 1
+    assert [encoded(r) for r in uncached[1:3]] == [[sizes["portrait"]], sorted(sizes.values())]
+    assert encoded(uncached[4]) == encoded(cached[3])
+    for a, b in zip(cached, uncached):
+        assert a["prompt_token_ids"] == b["prompt_token_ids"] and a["kept"] == b["kept"]
+        assert a["positions"] == b["positions"]
+        assert a["first"].keys() == b["first"].keys()
+        assert all(abs(a["first"][t] - b["first"][t]) < 1e-4 for t in a["first"])
 
 
 @pytest.mark.parametrize("worker, pruning, refused", [

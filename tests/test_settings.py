@@ -96,10 +96,11 @@ def test_every_setting_has_its_serve_flags():
 def test_server_settings_are_refused_in_a_request_and_taken_from_the_server():
     from par_vllm.settings import SERVER_ONLY
 
-    assert SERVER_ONLY == {"backend", "allowed_request_kwargs"}
+    assert SERVER_ONLY == {"backend", "allowed_request_kwargs", "feature_cache_mb"}
     server = ParSettings.from_keys({"par_backend": "torch", "par_allowed_request_kwargs": ["do_resize"]})
     assert server.backend == "torch" and server.allowed_request_kwargs == ("do_resize",)
-    for key, value in [("par_backend", "triton"), ("par_backend", "torch"), ("par_allowed_request_kwargs", ["size"])]:
+    for key, value in [("par_backend", "triton"), ("par_backend", "torch"), ("par_allowed_request_kwargs", ["size"]),
+                       ("par_feature_cache_mb", 0)]:
         with pytest.raises(ParSettingError) as info:
             ParSettings.from_keys({key: value}, base=server, request=True)
         assert info.value.setting == key and "server setting" in str(info.value)
@@ -117,7 +118,8 @@ def test_allowed_request_kwargs_from_a_comma_separated_string():
 
 
 def test_server_only_policy_is_not_packed_or_hashed_per_image():
-    settings = ParSettings(allowed_request_kwargs=("do_resize",), backend="torch")
+    settings = ParSettings(allowed_request_kwargs=("do_resize",), backend="torch", feature_cache_mb=0)
     assert "allowed_request_kwargs" not in settings.request_fields()
+    assert "feature_cache_mb" not in settings.request_fields()
     assert settings.request_fields()["backend"] == "torch"
     assert ParSettings.from_tensor(settings.to_tensor()) == ParSettings(backend="torch")

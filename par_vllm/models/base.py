@@ -34,7 +34,13 @@ from vllm.exceptions import VLLMValidationError
 from vllm.logger import init_logger
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.rotary_embedding.mrope import MRotaryEmbedding
-from vllm.multimodal.inputs import MultiModalFeatureSpec, MultiModalFieldConfig, MultiModalKwargsItems
+from vllm.multimodal.inputs import (
+    MultiModalBatchedField,
+    MultiModalFeatureSpec,
+    MultiModalFieldConfig,
+    MultiModalFieldElem,
+    MultiModalKwargsItems,
+)
 from vllm.multimodal.parse import (
     ImageEmbeddingItems,
     ImageProcessorItems,
@@ -47,6 +53,7 @@ from vllm.platforms import current_platform
 
 from .. import metrics
 from ..dispatch import reduce_per_image
+from ..feature_cache import FeatureCache, content_key, pack_key
 from ..positions import ROPE_OVERRIDES, declares_positions, image_positions, size_mrope_section
 from ..prompt import QueryRewriter, SecondView
 from ..reduction import check_backend
@@ -60,6 +67,9 @@ SETTINGS_KEY = "par_settings"
 QUERY_KEY = "par_query_ids"
 # Per-image field: the image's Layout, packed (for the reduction and its positions).
 LAYOUT_KEY = "par_layout"
+# Per-image field: the image's identity as stock vLLM computes it (its content and the
+# request's other processor kwargs, not PAR's), the feature cache's key.
+CONTENT_KEY = "par_content"
 
 
 @dataclass(frozen=True)
@@ -70,10 +80,11 @@ class FieldKeys:
     query: str
     settings: str
     layout: str
+    content: str
 
 
-FIELDS = {"image": FieldKeys(QUERY_KEY, SETTINGS_KEY, LAYOUT_KEY),
-          "video": FieldKeys("par_video_query_ids", "par_video_settings", "par_video_layout")}
+FIELDS = {"image": FieldKeys(QUERY_KEY, SETTINGS_KEY, LAYOUT_KEY, CONTENT_KEY),
+          "video": FieldKeys("par_video_query_ids", "par_video_settings", "par_video_layout", "par_video_content")}
 _UNSET = object()
 # Videos whose N the metrics remember (see _full_sizes): far more than vLLM's processor
 # cache holds at its default size.
@@ -213,10 +224,13 @@ class ParMultiModalProcessor:
             inputs.prompt, settings.drop_question_type_words, settings.query_turn)
         query = () if rewrite is None else tuple(rewrite.query)
         kwargs = {k: v for k, v in request_kwargs.items() if not k.startswith(PREFIX)}
+        content_keys = self._content_keys(replace(inputs, hf_processor_mm_kwargs=dict(kwargs)), settings)
         kwargs[SETTINGS_KEY] = {k: v for k, v in settings.request_fields().items() if v is not None}
         kwargs[QUERY_KEY] = query
         result = super().apply(replace(inputs, hf_processor_mm_kwargs=kwargs), timing_ctx)
-        counted = [m for m in self.reduced_modalities if m in inputs.mm_data_items]
+        self._attach_content_keys(result, content_keys)
+        # A modality sent as an empty list has nothing to count.
+        counted = [m for m in self.reduced_modalities if result["mm_placeholders"].get(m)]
         if not self._profiling and counted:
             metrics.record_request(
                 self.info.ctx.model_config.served_model_name,
@@ -225,10 +239,35 @@ class ParMultiModalProcessor:
                 prompt_agnostic=not query,
             )
         if rewrite is not None and rewrite.second_view is not None:
-            result = self._with_second_views(inputs, kwargs, rewrite.second_view, result, timing_ctx)
+            result = self._with_second_views(inputs, kwargs, rewrite.second_view, result, timing_ctx,
+                                             content_keys)
         return result
 
-    def _with_second_views(self, inputs, kwargs: dict, view: SecondView, result, timing_ctx):
+    def _content_keys(self, stock_inputs, settings: ParSettings) -> dict[str, list[str]]:
+        """Each reduced item's identity as stock vLLM would compute it (from `stock_inputs`,
+        the request without PAR's kwargs): what the workers' feature cache keys it by. None
+        where there is nothing to keep: the cache is off, nothing is reduced, or start-up
+        profiling's dummy items."""
+        if self._profiling or settings.reduces_nothing or not self.info.server_settings.feature_cache_mb:
+            return {}
+        items = MultiModalDataItems({m: v for m, v in stock_inputs.mm_data_items.items()
+                                     if m in self.reduced_modalities})
+        return self._get_mm_hashes(replace(stock_inputs, mm_data_items=items))
+
+    def _attach_content_keys(self, result, content_keys: Mapping[str, Sequence[str]]) -> None:
+        """Every item vLLM sends gets its content key field, empty where it has none, so that
+        items of different requests batch. An item vLLM does not send (its engine already
+        holds it from its processor cache) holds the field from when it was sent."""
+        for modality in self.reduced_modalities:
+            keys = content_keys.get(modality) or []
+            for i, item in enumerate(result["mm_kwargs"].get(modality, ())):
+                if item is not None:
+                    item[FIELDS[modality].content] = MultiModalFieldElem(
+                        data=pack_key(keys[i] if i < len(keys) else None),
+                        field=MultiModalBatchedField(keep_on_cpu=True))
+
+    def _with_second_views(self, inputs, kwargs: dict, view: SecondView, result, timing_ctx,
+                           content_keys: Mapping[str, Sequence[str]]):
         """`query_turn="image_and_latest"`: the earlier turns' images again, at the start of
         the newest user message, each reduced against it. They are items of their own, with
         their own identity (processor, encoder and prefix caches), so the images where the
@@ -251,6 +290,8 @@ class ParMultiModalProcessor:
             mm_uuid_items={"image": list(uuids["image"][:view.images])} if "image" in uuids else None,
             hf_processor_mm_kwargs={**kwargs, QUERY_KEY: tuple(view.query)},
         ), timing_ctx)
+        # The same images: the feature cache holds the rows encoded for them.
+        self._attach_content_keys(views, {"image": list(content_keys.get("image", []))[:view.images]})
         merged = dict(result)
         merged["prompt_token_ids"] = prompt[:at] + views["prompt_token_ids"] + prompt[at:]
         placed = [replace(r, offset=r.offset + at) for r in views["mm_placeholders"]["image"]]
@@ -437,6 +478,7 @@ class ParModel:
         self.par_model_name = vllm_config.model_config.served_model_name
         # The visual tokens' worth of items vLLM sized the tower's memory for (tower_groups).
         self.par_encoder_budget = vllm_config.scheduler_config.max_num_encoder_input_tokens
+        self.par_feature_cache = FeatureCache(server_settings.feature_cache_mb * 2**20)
         self.par_first_row_only = places_tokens and self.one_row_rope and self._rope_back(config.get_text_config())
         if self.par_first_row_only:
             logger.info("PAR: positions come through vLLM's M-RoPE as three identical rows; the language "
@@ -501,32 +543,51 @@ class ParModel:
         query_ids = kwargs.pop(QUERY_KEY, None)
         packed_settings = kwargs.pop(SETTINGS_KEY, None)
         packed_layouts = kwargs.pop(LAYOUT_KEY, None)
+        packed_keys = kwargs.pop(CONTENT_KEY, None)
         if packed_settings is None:
             return super().embed_multimodal(**kwargs)
         layouts = [Layout.unpack(row) for row in packed_layouts]
         settings = [ParSettings.from_tensor(row) for row in packed_settings]
+        # Each field of these families holds one entry per image, so a run's are a slice.
+        per_item = all(_one_per_item(value, len(layouts)) for value in kwargs.values())
         rows = []
-        for items in self._image_groups([layout.full for layout in layouts], kwargs):
-            # Each field of these families holds one entry per image, so a group's are a slice.
-            features = super().embed_multimodal(**({k: v[items] for k, v in kwargs.items()}
-                                                   if items != slice(0, len(layouts)) else kwargs))
+        for items, features in self.encoded_runs(
+                "image", [layout.full for layout in layouts], packed_keys, per_item,
+                lambda items: super(ParModel, self).embed_multimodal(
+                    **({k: v[items] for k, v in kwargs.items()} if items != slice(0, len(layouts)) else kwargs))):
             rows += reduce_images(
-                list(features), layouts[items], settings[items], list(query_ids[items]),
+                features, layouts[items], settings[items], list(query_ids[items]),
                 embed_tokens=self.get_language_model().embed_input_ids,
                 on_batch=self._count_batch,
                 on_kernel_failure=self._count_kernel_failure,
             )
         return rows
 
-    def _image_groups(self, sizes: list[int], kwargs: Mapping[str, object]) -> list[slice]:
-        """The images in runs whose summed N stays within vLLM's encoder budget (one image at
-        least), where every field holds one entry per image (else all at once). vLLM's
-        scheduler counts an image's encoder work by its K placeholders, but the tower runs on
+    def encoded_runs(self, modality: str, sizes: list[int], packed_keys, per_item: bool, encode):
+        """Runs of items (a slice each) with their unreduced rows: from the feature cache
+        for the items it holds, from `encode(items)` (the family's tower) for the rest, in
+        runs whose summed N stays within vLLM's encoder budget (one item at least). vLLM's
+        scheduler counts an item's encoder work by its K placeholders, but the tower runs on
         all N of it, so one step may hand over up to N / K times the tokens vLLM profiled the
-        tower's memory for; run by run, each run's rows are reduced before the next run."""
-        if not all(_one_per_item(value, len(sizes)) for value in kwargs.values()):
-            return [slice(0, len(sizes))]
-        return tower_groups(sizes, self.par_encoder_budget)
+        tower's memory for; the caller reduces each run's rows before the next run is
+        encoded. Where the fields cannot be split per item (`per_item` False), one run."""
+        keys = [content_key(packed) for packed in packed_keys] if packed_keys is not None else [None] * len(sizes)
+        cache = self.par_feature_cache
+        for items, hit in encoder_runs(sizes, [key in cache for key in keys], self.par_encoder_budget, per_item):
+            # Fetched run by run, so that only one run's rows are on the device at a time; an
+            # item an earlier run's rows pushed out of the cache is encoded after all.
+            features = [cache.get(key, self.par_device) for key in keys[items]] if hit else [None]
+            if any(rows is None for rows in features):
+                features = list(encode(items))
+                for key, rows in zip(keys[items], features):
+                    cache.put(key, rows)
+                hit = False
+            self._count_cache_lookups(modality, keys[items], hit)
+            yield items, features
+
+    @cached_property
+    def par_device(self) -> torch.device:
+        return next(self.parameters()).device
 
     def _count_batch(self, images: int, implementation: str) -> None:
         metrics.engine_batches.labels(model_name=self.par_model_name, implementation=implementation).inc()
@@ -534,12 +595,35 @@ class ParModel:
     def _count_kernel_failure(self, error: Exception) -> None:
         metrics.kernel_fallbacks.labels(model_name=self.par_model_name).inc()
 
+    def _count_cache_lookups(self, modality: str, keys: list, hit: bool) -> None:
+        looked_up = sum(key is not None for key in keys)
+        if looked_up:
+            metrics.feature_cache_lookups.labels(model_name=self.par_model_name, modality=modality,
+                                                 result="hit" if hit else "miss").inc(looked_up)
+
 
 def _one_per_item(value: object, count: int) -> bool:
     try:
         return len(value) == count
     except TypeError:  # None, a number, a 0-d tensor
         return False
+
+
+def encoder_runs(sizes: list[int], cached: list[bool], budget: int, per_item: bool = True) -> list[tuple[slice, bool]]:
+    """The items (their N in `sizes`) in runs, each answered by the feature cache (True:
+    consecutive items it holds) or by the tower (False: consecutive items it does not
+    hold), either kind grouped by tower_groups. Where items cannot be split (`per_item`
+    False), one run of them all, answered by the cache only if it holds every one."""
+    if not per_item:
+        return [(slice(0, len(sizes)), bool(cached) and all(cached))]
+    runs, start = [], 0
+    while start < len(sizes):
+        stop = start + 1
+        while stop < len(sizes) and cached[stop] == cached[start]:
+            stop += 1
+        runs += [(slice(start + g.start, start + g.stop), cached[start]) for g in tower_groups(sizes[start:stop], budget)]
+        start = stop
+    return runs
 
 
 def tower_groups(sizes: list[int], budget: int) -> list[slice]:

@@ -66,7 +66,6 @@ from .base import (
     ParMultiModalProcessor,
     ParProcessingInfo,
     ParRequestError,
-    tower_groups,
 )
 
 
@@ -246,33 +245,32 @@ class ParQwenModel(ParModel):
     def embed_multimodal(self, **kwargs: object):
         # N is each item's own row count here: the layouts are not needed.
         fields = {modality: (kwargs.pop(keys.query, None), kwargs.pop(keys.settings, None),
-                             kwargs.pop(keys.layout, None)) for modality, keys in FIELDS.items()}
+                             kwargs.pop(keys.content, None), kwargs.pop(keys.layout, None))
+                  for modality, keys in FIELDS.items()}
         rows = []
+        merge = self.config.vision_config.spatial_merge_size
         for modality, inputs in self._parse_and_validate_multimodal_inputs(**kwargs).items():
-            query_ids, packed_settings, _ = fields["image" if modality == "image" else "video"]
-            merge = self.config.vision_config.spatial_merge_size
+            query_ids, packed_settings, packed_keys, _ = fields["image" if modality == "image" else "video"]
             if modality == "image":
                 grids = [(1, h, w, partial(grid_offsets, h // merge, w // merge))
                          for _, h, w in inputs["image_grid_thw"].tolist()]
             else:
                 grids = [(t, h, w, offsets) for (t, h, w), offsets in
                          zip(inputs["video_grid_thw"].tolist(), self._video_offsets(inputs))]
-            for items in self._tower_groups(modality, inputs):
-                features = list((self._process_image_input if modality == "image" else
-                                 self._process_video_input)(self._items_of(modality, inputs, items)))
+            sizes = (inputs[f"{modality}_grid_thw"].prod(-1) // merge**2).tolist()
+            # Precomputed embeddings have no tower to skip; rows are packed, each item's grid
+            # t x h x w of them (_items_of).
+            towered = inputs["type"] in ("pixel_values", "pixel_values_videos")
+            encode = partial(self._encode, modality, inputs)
+            for items, features in self.encoded_runs(modality if modality == "image" else "video", sizes,
+                                                     packed_keys if towered else None, towered, encode):
                 rows += self._reduce(features, grids[items], packed_settings[items] if packed_settings is not None
                                      else None, query_ids[items] if query_ids is not None else None)
         return tuple(rows)
 
-    def _tower_groups(self, modality: str, inputs) -> list[slice]:
-        """The items in runs whose summed N stays within vLLM's encoder budget (ParModel's
-        _image_groups says why); Qwen's pixel rows are packed, each item's grid t x h x w of
-        them (_items_of)."""
-        count = len(inputs[f"{modality}_grid_thw"])
-        if inputs["type"] not in ("pixel_values", "pixel_values_videos"):
-            return [slice(0, count)]  # precomputed embeddings: no tower to run
-        merge = self.config.vision_config.spatial_merge_size
-        return tower_groups((inputs[f"{modality}_grid_thw"].prod(-1) // merge**2).tolist(), self.par_encoder_budget)
+    def _encode(self, modality: str, inputs, items: slice) -> list[torch.Tensor]:
+        process = self._process_image_input if modality == "image" else self._process_video_input
+        return list(process(self._items_of(modality, inputs, items)))
 
     @staticmethod
     def _items_of(modality: str, inputs, items: slice) -> dict:
