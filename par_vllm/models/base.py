@@ -245,7 +245,7 @@ class ParMultiModalProcessor:
 
     def _content_keys(self, stock_inputs, settings: ParSettings) -> dict[str, list[str]]:
         """Each reduced item's identity as stock vLLM would compute it (from `stock_inputs`,
-        the request without PAR's kwargs): what the workers' feature cache keys it by. None
+        the request without PAR's kwargs): what the workers' feature cache keys it by. Empty
         where there is nothing to keep: the cache is off, nothing is reduced, or start-up
         profiling's dummy items."""
         if self._profiling or settings.reduces_nothing or not self.info.server_settings.feature_cache_mb:

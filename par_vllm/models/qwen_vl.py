@@ -250,7 +250,8 @@ class ParQwenModel(ParModel):
         rows = []
         merge = self.config.vision_config.spatial_merge_size
         for modality, inputs in self._parse_and_validate_multimodal_inputs(**kwargs).items():
-            query_ids, packed_settings, packed_keys, _ = fields["image" if modality == "image" else "video"]
+            kind = "image" if modality == "image" else "video"
+            query_ids, packed_settings, packed_keys, _ = fields[kind]
             if modality == "image":
                 grids = [(1, h, w, partial(grid_offsets, h // merge, w // merge))
                          for _, h, w in inputs["image_grid_thw"].tolist()]
@@ -262,8 +263,8 @@ class ParQwenModel(ParModel):
             # t x h x w of them (_items_of).
             towered = inputs["type"] in ("pixel_values", "pixel_values_videos")
             encode = partial(self._encode, modality, inputs)
-            for items, features in self.encoded_runs(modality if modality == "image" else "video", sizes,
-                                                     packed_keys if towered else None, towered, encode):
+            for items, features in self.encoded_runs(kind, sizes, packed_keys if towered else None, towered,
+                                                     encode):
                 rows += self._reduce(features, grids[items], packed_settings[items] if packed_settings is not None
                                      else None, query_ids[items] if query_ids is not None else None)
         return tuple(rows)
