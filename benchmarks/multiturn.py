@@ -11,7 +11,8 @@ conversation, in rotating order: stock vLLM, PAR with `par_query_turn="image"` (
 is scored against the user turn it came with, so later turns leave its reduced tokens as
 they were), PAR with `"latest"` (scored against the newest question, so the image is
 prefilled again every turn) and PAR with `"image_and_latest"` (as `image`, and each later
-question is shown the image again, reduced for it, at its turn). Prefix caching is on everywhere, with 32-token blocks (the
+question is shown the image again, reduced for it, at its turn, and keeps that view in the
+turns after). Prefix caching is on everywhere, with 32-token blocks (the
 smallest vLLM's CPU attention takes; its default of 128 is longer than these prompts, and
 the GPU default is 16).
 

@@ -45,6 +45,14 @@ def conversation(turns: int, image_token: str) -> list[dict]:
     return messages
 
 
+def remember_as_before(rewriter, rewrite, previous) -> None:
+    """Forget every turn read, then read `previous` (the conversation's previous request,
+    None for none) as the server would have."""
+    rewriter.forget()
+    if previous is not None:
+        rewrite(previous)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="checkpoint whose tokenizer to use")
@@ -72,22 +80,34 @@ def main() -> None:
     cases |= {f"{name}, 20,000 x {char}": [{"role": "user", "content": f"{IMAGE_TOKEN}\n{char * 20000}"}]
               for name, char in (("Chinese", "三"), ("Japanese", "あ"))}
     # What the processor does per request under each rule: the default rewrite, and under
-    # par_query_turn="image_and_latest" the image turns' query and the second view in one call.
-    rules = {name: rewriter for name in cases}
+    # par_query_turn="image_and_latest" the image turns' query and every later turn's second
+    # view in one call. The rewriter remembers the words of turns it has read (each request
+    # of a conversation sends the earlier turns again); every row is timed with nothing
+    # remembered, as for a prompt never seen, and image_and_latest, which reads every later
+    # turn, also with the earlier turns remembered, as for a conversation's next request.
+    rules = {name: (rewriter, True) for name in cases}
+
+    def newest_view(ids):
+        return rewriter.rewrite(ids, turn="image_and_latest").second_views[-1].query
+
     for n in (4, 16):
         name = f"English, system prompt + {n} turns"
-        cases[f"{name}, image_and_latest"] = cases[name]
-        rules[f"{name}, image_and_latest"] = lambda ids: rewriter.rewrite(ids, turn="image_and_latest").second_view.query
+        for forget, label in ((True, "nothing remembered"), (False, "earlier turns remembered")):
+            cases[f"{name}, image_and_latest, {label}"] = cases[name]
+            rules[f"{name}, image_and_latest, {label}"] = (newest_view, forget)
     rows = []
     for name, messages in cases.items():
-        ids = tokenizer.encode(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
-                               add_special_tokens=False)
+        ids, previous = (tokenizer.encode(tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
+                                          add_special_tokens=False) if m else [] for m in (messages, messages[:-2]))
         long = len(ids) > 5000
-        rewrite = rules[name]
+        rewrite, forget = rules[name]
+
         for _ in range(1 if long else 20):
+            remember_as_before(rewriter, rewrite, previous if not forget else None)
             query = rewrite(ids)
         times = []
         for _ in range(5 if long else args.repeats):
+            remember_as_before(rewriter, rewrite, previous if not forget else None)
             begin = time.perf_counter()
             rewrite(ids)
             times.append(time.perf_counter() - begin)
@@ -99,11 +119,11 @@ def main() -> None:
     where = f"{platform.processor() or platform.machine()}, one thread of Python"
     lines = [f"Prompt rewrite per request (QueryRewriter), {model_words}; {where}; {args.repeats} runs each "
              "(5 for the 20,000-character prompts); query: its first 40 characters (image_and_latest: the "
-             "second view's).",
+             "newest turn's second view's).",
              f"Set-up once per server (stop lists, jieba's dictionary): {set_up:.2f} s.",
-             "", f"{'prompt':<51} {'tokens':>6} {'median ms':>10} {'p99 ms':>8}  query"]
+             "", f"{'prompt':<76} {'tokens':>6} {'median ms':>10} {'p99 ms':>8}  query"]
     for row in rows:
-        lines.append(f"{row['prompt']:<51} {row['prompt_tokens']:>6} {row['median_ms']:>10.3f} {row['p99_ms']:>8.3f}  "
+        lines.append(f"{row['prompt']:<76} {row['prompt_tokens']:>6} {row['median_ms']:>10.3f} {row['p99_ms']:>8.3f}  "
                      f"{row['query']}")
     text = "\n".join(lines)
     print(text)

@@ -14,8 +14,13 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 from par_vllm.words import content_words, warm_up
+
+# What the rewriter remembers of the turns it has read: a bound on its memory, not a
+# condition of correctness (a turn not remembered is read again).
+_REMEMBERED_TURNS, _REMEMBERED_CHARS = 4096, 2000
 
 # Private-use characters: no real message contains them, so they locate a template's markers.
 _PROBE = {name: f"\ue000{name}\ue001" for name in ("system", "user1", "assistant1", "user2")}
@@ -89,11 +94,11 @@ def _end_of_last(ids: list[int], part: list[int]) -> int | None:
 
 @dataclass(frozen=True)
 class SecondView:
-    """Under `turn="image_and_latest"`, in a prompt whose newest user turn follows an earlier
-    one with images and carries no image or video of its own: the images to show again, and
-    where. `images`: how many of the prompt's first images (those of the earlier turns);
-    `at`: the token index where the newest user message starts; `query`: its content words'
-    token ids, which the second views are scored against."""
+    """Under `turn="image_and_latest"`, a later user turn that carries no image or video of
+    its own and asks about something the image turns did not: the images to show again at
+    its start. `images`: how many of the prompt's first images (those of the turns before
+    it); `at`: the token index where its message starts; `query`: its content words' token
+    ids, which these views are scored against."""
 
     images: int
     at: int
@@ -104,10 +109,10 @@ class SecondView:
 class Rewrite:
     """What one prompt's images are scored against: `query`, the content words' token ids
     (empty: no words to score against), and under `turn="image_and_latest"` the
-    `second_view` (None where none is shown)."""
+    `second_views`, one per later turn that gets one, in prompt order."""
 
     query: list[int]
-    second_view: SecondView | None = None
+    second_views: tuple[SecondView, ...] = ()
 
 
 class QueryRewriter:
@@ -119,50 +124,104 @@ class QueryRewriter:
     conversation, at the price of a new prefill every turn), or "image", those of the user
     turns that carry an image or video (in a conversation about one image, the words that
     came with it, so its reduced tokens do not change as the conversation goes on and the
-    prefix cache is reused). "image_and_latest" scores images as "image" does and, for a
-    later question, shows the earlier images again at its turn, scored against it
-    (`second_view`). A prompt the template's markers do not structure (a raw completion
-    prompt) is one user turn."""
+    prefix cache is reused). "image_and_latest" scores images as "image" does and shows the
+    earlier images again at each later question, scored against it (`second_views`): every
+    such turn after the prompt's last image or video, not only the newest, so that each
+    turn's prompt is the previous one's with the reply and the new turn appended, and the
+    prefix cache holds all of it. A prompt the template's markers do not structure (a raw
+    completion prompt) is one user turn."""
 
     def __init__(self, tokenizer, placeholders: str | Sequence[str]):
         self.tokenizer = tokenizer
         self.placeholders = (placeholders,) if isinstance(placeholders, str) else tuple(placeholders)
         self.turns = ChatTurns.from_tokenizer(tokenizer)
         self._special = [t for t in tokenizer.all_special_tokens if t]
-        # A user message's opening marker as tokens: where the newest turn starts is searched
-        # from its last occurrence, not from the start of a possibly long history.
+        # A user message's opening marker as tokens: where a turn starts is searched from
+        # the marker's occurrences, not by decoding a possibly long history.
         self._opens_ids = tokenizer.encode(self.turns.opens.strip(), add_special_tokens=False) if self.turns else []
         # transformers wraps a fast tokenizer's Rust decode and encode in per-token Python
         # work that costs more than the rest of the rewrite; the Rust tokenizer itself gives
         # the same ids and text wherever transformers adds no clean-up of its own.
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self._rust = None if getattr(tokenizer, "clean_up_tokenization_spaces", False) else backend
+        # A conversation sends its earlier turns again with every request; under
+        # "image_and_latest" each of them is read for its words again.
+        self._words = lru_cache(maxsize=_REMEMBERED_TURNS)(self._words_uncached)
         warm_up()
+
+    def forget(self) -> None:
+        """Forget the turns read so far (their words are read again when next seen)."""
+        self._words.cache_clear()
 
     def __call__(self, prompt_ids: list[int], drop_question_type: bool = True, turn: str = "latest") -> list[int]:
         return self.rewrite(prompt_ids, drop_question_type, turn).query
 
-    def second_view(self, prompt_ids: list[int], drop_question_type: bool = True) -> SecondView | None:
-        """Where `turn="image_and_latest"` shows earlier images again; None where it shows
-        none: a single turn, a newest turn with media of its own, no earlier image, or a
-        newest turn whose content words are the image turns' own."""
-        return self.rewrite(prompt_ids, drop_question_type, "image_and_latest").second_view
+    def second_views(self, prompt_ids: list[int], drop_question_type: bool = True) -> tuple[SecondView, ...]:
+        """Where `turn="image_and_latest"` shows earlier images again: at every user turn
+        after the prompt's last image or video, and after the first image, whose content
+        words are not those of the image turns before it (none in a single turn)."""
+        return self.rewrite(prompt_ids, drop_question_type, "image_and_latest").second_views
 
     def rewrite(self, prompt_ids: list[int], drop_question_type: bool = True, turn: str = "latest") -> Rewrite:
-        """The query under `turn`, and the second view where `turn="image_and_latest"`
-        shows one: one decode of the prompt for both."""
+        """The query under `turn`, and the second views where `turn="image_and_latest"`
+        shows some: one decode of the prompt for all of them."""
         text, spans = self._user_turns(prompt_ids)
         query = self._encode(self._query_text(text, spans, turn), drop_question_type)
         if turn != "image_and_latest" or len(spans) < 2:
             return Rewrite(query)
-        start, end = spans[-1]
-        if any(p in text[start:end] for p in self.placeholders):
+        with_media = [any(p in text[start:end] for p in self.placeholders) for start, end in spans]
+        if not any(with_media[:-1]):
             return Rewrite(query)
-        earlier = text[:start].count(self.placeholders[0])
-        latest = self._encode(text[start:end], drop_question_type)
-        if not earlier or not latest or latest == query:
-            return Rewrite(query)
-        return Rewrite(query, SecondView(earlier, self._token_index(prompt_ids, start, len(text)), latest))
+        last_media = max(i for i, media in enumerate(with_media) if media)
+        images = text[:spans[last_media][1]].count(self.placeholders[0])
+        image_turns = " ".join(text[start:end] for (start, end), media in zip(spans, with_media) if media)
+        asked = self._encode(image_turns, drop_question_type)
+        later = [(start, end) for start, end in spans[last_media + 1:]]
+        marker_ends = self._marker_ends(prompt_ids)
+        # Where the template's markers and the user turns pair up one to one, each turn's
+        # start is found next to its own marker; otherwise by decoding suffixes.
+        paired = marker_ends[last_media + 1:] if len(marker_ends) == len(spans) else [None] * len(later)
+        views = []
+        for (start, end), marker_end in zip(later, paired):
+            words = self._encode(text[start:end], drop_question_type)
+            if images and words and words != asked:
+                at = self._start_after_marker(prompt_ids, text, start, marker_end)
+                if at is None:
+                    at = self._token_index(prompt_ids, start, len(text))
+                views.append(SecondView(images, at, words))
+        return Rewrite(query, tuple(views))
+
+    def _marker_ends(self, prompt_ids: list[int]) -> list[int]:
+        """The index just after each occurrence of the user turns' opening marker."""
+        part, ends, i = self._opens_ids, [], 0
+        if not part:
+            return ends
+        while True:
+            try:
+                i = prompt_ids.index(part[0], i)
+            except ValueError:
+                return ends
+            if prompt_ids[i:i + len(part)] == part:
+                ends.append(i + len(part))
+                i += len(part)
+            else:
+                i += 1
+
+    def _start_after_marker(self, prompt_ids: list[int], text: str, start: int, marker_end: int | None) -> int | None:
+        """The token index where the user message at character `start` begins, given where
+        its opening marker's tokens end: past at most a few whitespace tokens (what the
+        template writes after the marker), at the first token whose text and the next few
+        tokens' is where the message begins. None where that is not found."""
+        if marker_end is None:
+            return None
+        for skip in range(4):
+            at = marker_end + skip
+            if at > len(prompt_ids) or (skip and self._decode(prompt_ids[marker_end:at]).strip()):
+                return None
+            ahead = self._decode(prompt_ids[at:at + 8])
+            if ahead and text.startswith(ahead, start):
+                return at
+        return None
 
     def _user_turns(self, prompt_ids: list[int]) -> tuple[str, list[tuple[int, int]]]:
         text = self._decode(prompt_ids)
@@ -187,13 +246,14 @@ class QueryRewriter:
             return self._rust.encode(text, add_special_tokens=False).ids
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def _token_index(self, prompt_ids: list[int], char: int, length: int) -> int:
+    def _token_index(self, prompt_ids: list[int], char: int, length: int, limit: int | None = None) -> int:
         """The last token boundary at or before character `char` of the decoded prompt
-        (`length` characters), where the newest user message starts: the token after the
-        last opening marker, or the next few, checked by decoding suffixes of the newest
-        turn only; where that fails (a marker tokenized with its neighbours), the search."""
+        (`length` characters), where a user message starts: the token after the last opening
+        marker before token `limit` (the start of a later turn), or the next few, checked by
+        decoding suffixes; where that fails (a marker tokenized with its neighbours), the
+        search."""
         tail = length - char
-        at = _end_of_last(prompt_ids, self._opens_ids)
+        at = _end_of_last(prompt_ids if limit is None else prompt_ids[:limit], self._opens_ids)
         if at is not None and self._suffix_length(prompt_ids, at) >= tail:
             for _ in range(4):
                 if at == len(prompt_ids) or self._suffix_length(prompt_ids, at + 1) < tail:
@@ -220,12 +280,17 @@ class QueryRewriter:
         return low
 
     def _encode(self, text: str, drop_question_type: bool) -> list[int]:
+        if len(text) > _REMEMBERED_CHARS:
+            return list(self._words_uncached(text, drop_question_type))
+        return list(self._words(text, drop_question_type))
+
+    def _words_uncached(self, text: str, drop_question_type: bool) -> tuple[int, ...]:
         for token in self._special:
             text = text.replace(token, " ")
         for placeholder in self.placeholders:
             text = text.replace(placeholder, " ")
         words = content_words(text, drop_question_type)
         if not words:
-            return []
+            return ()
         # A leading space makes BPE vocabularies pick their word-initial pieces.
-        return self._encode_text(" " + " ".join(words))
+        return tuple(self._encode_text(" " + " ".join(words)))

@@ -82,59 +82,73 @@ def test_images_in_two_turns_are_scored_against_both_turns(rewriter):
     assert query(rewriter, messages, "image") == ["triangle", "boat"]
 
 
-def second_view(rewriter, messages):
+def second_views(rewriter, messages):
     text = rewriter.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     ids = rewriter.tokenizer.encode(text)
-    return ids, rewriter.second_view(ids)
+    return ids, rewriter.second_views(ids)
 
 
-@pytest.mark.parametrize("turns, latest", [(2, "circle"), (3, "square yellow"), (4, "star")])
-def test_a_later_question_gets_a_second_view_at_the_start_of_its_message(rewriter, turns, latest):
-    ids, view = second_view(rewriter, CONVERSATION[:2 * turns - 1])
+@pytest.mark.parametrize("turns", [2, 3, 4])
+def test_every_later_question_gets_a_second_view_at_the_start_of_its_message(rewriter, turns):
+    ids, views = second_views(rewriter, CONVERSATION[:2 * turns - 1])
     tok = rewriter.tokenizer
-    assert view.images == 1
-    assert tok.decode(view.query).split() == latest.split()
-    # Everything before `at` is the history and the newest turn's opening marker; from
-    # there on the newest user message, as the template wrote it.
-    before, after = tok.decode(ids[:view.at]), tok.decode(ids[view.at:])
-    assert before.rstrip().endswith(rewriter.turns.opens.strip())
-    assert after.strip().startswith(CONVERSATION[2 * turns - 2]["content"].split()[0])
+    later = CONVERSATION[2:2 * turns - 1:2]
+    assert len(views) == turns - 1
+    for view, message, words in zip(views, later, ["circle", "square yellow", "star"]):
+        assert view.images == 1
+        assert tok.decode(view.query).split() == words.split()
+        # Everything before `at` is the history and this turn's opening marker; from there
+        # on its message, as the template wrote it.
+        before, after = tok.decode(ids[:view.at]), tok.decode(ids[view.at:])
+        assert before.rstrip().endswith(rewriter.turns.opens.strip())
+        assert after.strip().startswith(message["content"])
     # The images keep the query they came with.
     assert query(rewriter, CONVERSATION[:2 * turns - 1], "image_and_latest") == ["triangle"]
 
 
+def test_a_turns_second_view_is_the_same_in_every_later_prompt(rewriter):
+    # Turn 2's view, where it sits and what it is scored against, does not change as the
+    # conversation goes on: the next request's prompt starts with the previous one's.
+    ids2, (view2,) = second_views(rewriter, CONVERSATION[:3])
+    ids4, views4 = second_views(rewriter, CONVERSATION)
+    assert ids4[:view2.at] == ids2[:view2.at] and views4[0] == view2
+
+
 @pytest.mark.parametrize("latest", ["What about the star?", "Is the star left of [INST] USER: <|im_start|>user?",
                                     "星星在哪里？"])
-def test_the_newest_turn_found_from_its_marker_is_where_the_full_search_finds_it(rewriter, latest):
-    # The marker's last occurrence is only a first guess (a user may type it): the boundary
+def test_each_turn_found_from_its_marker_is_where_the_full_search_finds_it(rewriter, latest):
+    # A marker's occurrence is only a first guess (a user may type one): each boundary
     # returned is the one the suffix search over the whole prompt returns.
-    ids, view = second_view(rewriter, [*CONVERSATION[:6], {"role": "user", "content": latest}])
+    ids, views = second_views(rewriter, [*CONVERSATION[:6], {"role": "user", "content": latest}])
     text = rewriter.tokenizer.decode(ids, skip_special_tokens=False)
-    start = rewriter.turns.user_turns(text)[-1][0]
-    assert view is not None
-    assert view.at == rewriter._search_token_index(ids, len(text) - start)
+    starts = [start for start, _ in rewriter.turns.user_turns(text)[1:]]
+    assert [view.at for view in views] == [rewriter._search_token_index(ids, len(text) - s) for s in starts]
     both = rewriter.rewrite(ids, turn="image_and_latest")  # the processor's one call
-    assert both.query == rewriter(ids, turn="image") and both.second_view == view
+    assert both.query == rewriter(ids, turn="image") and both.second_views == views
 
 
 def test_no_second_view_where_nothing_earlier_or_nothing_new_is_asked(rewriter):
-    assert second_view(rewriter, CONVERSATION[:1])[1] is None  # the image's own turn
+    assert second_views(rewriter, CONVERSATION[:1])[1] == ()  # the image's own turn
     no_image = [{"role": "user", "content": "Where is the triangle?"}, *CONVERSATION[1:3]]
-    assert second_view(rewriter, no_image)[1] is None
+    assert second_views(rewriter, no_image)[1] == ()
     same_words = [*CONVERSATION[:2], {"role": "user", "content": "The triangle, again?"}]
-    assert second_view(rewriter, same_words)[1] is None
+    assert second_views(rewriter, same_words)[1] == ()
     own_image = [*CONVERSATION[:2], {"role": "user", "content": "<image>\nIs the boat in this one?"}]
-    assert second_view(rewriter, own_image)[1] is None
+    assert second_views(rewriter, own_image)[1] == ()
     function_words = [*CONVERSATION[:2], {"role": "user", "content": "And what about that?"}]
-    assert second_view(rewriter, function_words)[1] is None
+    assert second_views(rewriter, function_words)[1] == ()
+    # Only the turn that asks something new gets one.
+    _, views = second_views(rewriter, [*same_words, *CONVERSATION[3:5]])
+    assert [rewriter.tokenizer.decode(v.query).split() for v in views] == [["square", "yellow"]]
 
 
-def test_two_earlier_images_both_get_a_second_view(rewriter):
-    messages = [*CONVERSATION[:2], {"role": "user", "content": "<image>\nIs the boat in this one?"},
+def test_two_earlier_images_both_get_a_second_view_after_the_last_one(rewriter):
+    # A turn before the newest image has no view from then on: the views are for the turns
+    # after the last image (the images' own query changed with it anyway, under "image").
+    messages = [*CONVERSATION[:4], {"role": "user", "content": "<image>\nIs the boat in this one?"},
                 {"role": "assistant", "content": "No."}, {"role": "user", "content": "Where is the star?"}]
-    _, view = second_view(rewriter, messages)
-    assert view.images == 2
-    assert rewriter.tokenizer.decode(view.query).split() == ["star"]
+    _, views = second_views(rewriter, messages)
+    assert [(v.images, rewriter.tokenizer.decode(v.query).split()) for v in views] == [(2, ["star"])]
 
 
 def test_a_raw_prompt_without_the_templates_markers_is_one_user_turn(tokenizer):
@@ -178,6 +192,7 @@ def test_a_question_in_another_language_through_the_chat_template(rewriter, ques
                                       [{"role": "user", "content": "<image>\n¿De qué color es el triángulo?"}]])
 def test_the_rust_tokenizer_reads_and_writes_as_transformers_does(rewriter, messages):
     import copy
+    import functools
 
     tok = rewriter.tokenizer
     assert rewriter._rust is not None  # the path the rewrite takes with a fast tokenizer
@@ -187,5 +202,36 @@ def test_the_rust_tokenizer_reads_and_writes_as_transformers_does(rewriter, mess
     assert rewriter._encode_text(text) == tok.encode(text, add_special_tokens=False)
     slow = copy.copy(rewriter)
     slow._rust = None
+    slow._words = functools.lru_cache()(slow._words_uncached)
     for turn in ("latest", "image", "image_and_latest"):
         assert slow.rewrite(ids, turn=turn) == rewriter.rewrite(ids, turn=turn)
+
+
+@pytest.fixture(scope="module")
+def metaspace_tokenizer():
+    """A SentencePiece-style vocabulary (Llama's, LLaVA-1.5's): words carry their leading
+    space as "▁", which a decode of a slice drops at its start."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from par_vllm.demo_model import CHAT_TEMPLATE, IMAGE_TOKEN, SPECIAL_TOKENS, _corpus
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace()
+    bpe.decoder = decoders.Metaspace()
+    bpe.train_from_iterator(_corpus(), trainer=trainers.BpeTrainer(vocab_size=1024, special_tokens=SPECIAL_TOKENS,
+                                                                  show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", extra_special_tokens={"image_token": IMAGE_TOKEN},
+                                   chat_template=CHAT_TEMPLATE)
+
+
+@pytest.mark.parametrize("latest", ["What about the star?", "  What, the star again?\n", "USER: the star?"])
+def test_each_turn_found_with_a_sentencepiece_vocabulary_is_where_the_full_search_finds_it(
+        metaspace_tokenizer, latest):
+    rewriter = QueryRewriter(metaspace_tokenizer, "<image>")
+    ids, views = second_views(rewriter, [*CONVERSATION[:6], {"role": "user", "content": latest}])
+    text = rewriter._decode(ids)
+    starts = [start for start, _ in rewriter.turns.user_turns(text)[1:]]
+    assert len(views) == len(starts)
+    assert [view.at for view in views] == [rewriter._search_token_index(ids, len(text) - s) for s in starts]

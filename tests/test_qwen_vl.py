@@ -46,6 +46,9 @@ LONG = chat(IMAGE + " ".join(["Describe the red square and the green circle and 
 # Two turns about one image, then the same with another later question.
 CONVERSATIONS = [ONE + f"Red.<|im_end|>\n<|im_start|>user\n{later}<|im_end|>\n<|im_start|>assistant\n"
                  for later in ("Where is the blue circle?", "Is the star green?")]
+# A third turn after the first conversation's second.
+THIRD_TURN = CONVERSATIONS[0] + "Far right.<|im_end|>\n<|im_start|>user\nAnd the green triangle?<|im_end|>\n" \
+    "<|im_start|>assistant\n"
 SECOND_VIEW = {"par_query_turn": "image_and_latest"}
 # (prompt, image sizes) checked against stock vLLM with nothing removed.
 WHOLE = {"one": (ONE, [(448, 448)]), "portrait": (ONE, [(308, 448)]),
@@ -175,6 +178,7 @@ def runs(qwen_model, family):
         res["whole", name] = generate(llm, prompt, sizes, {"par_keep_ratio": 1.0})
     res["fresh"] = [generate(llm, q, [(448, 448)]) for q in (ONE, OTHER)]
     res["fresh_second_view"] = [generate(llm, c, [(448, 448)], SECOND_VIEW) for c in CONVERSATIONS]
+    res["fresh_third_turn"] = generate(llm, THIRD_TURN, [(448, 448)], SECOND_VIEW)
     res["image_rule"] = generate(llm, CONVERSATIONS[0], [(448, 448)], {"par_query_turn": "image"})
     for bad in ({"par_keep_ratio": 2}, {"par_positions": "sideways"}):
         try:
@@ -205,9 +209,12 @@ def runs(qwen_model, family):
     res["par64", "image+video"] = generate_video(llm, True, {"par_keep_ratio": 1.0})
     res["par64", "reduced+video"] = generate_video(llm, True)
     close(llm)
-    llm = make_llm(qwen_model, family, enable_prefix_caching=True)
+    # Blocks shorter than the CPU default's, so that these short prompts fill some.
+    llm = make_llm(qwen_model, family, enable_prefix_caching=True, block_size=32)
     res["cached"] = [generate(llm, q, [(448, 448)]) for q in (OTHER, ONE, OTHER, ONE)]
     res["cached_second_view"] = [generate(llm, CONVERSATIONS[i], [(448, 448)], SECOND_VIEW) for i in (1, 0, 1, 0)]
+    res["cached_third_turn"] = generate(llm, THIRD_TURN, [(448, 448)], SECOND_VIEW)
+    res["block_size"] = llm.llm_engine.vllm_config.cache_config.block_size
     res["cached_video"] = [generate_video(llm, False, question=VIDEO_QUESTIONS[i]) for i in (1, 0, 1, 0)]
     close(llm)
     # vLLM's own model class, its prefix cache off as in the PAR engines it is compared with:
@@ -414,14 +421,17 @@ def test_prefix_cache_never_hands_one_prompts_tokens_to_another(runs):
 
 
 @pytest.mark.slow
-def test_a_later_question_is_shown_the_image_again_at_its_turn(runs, tokenizer, family):
-    """query_turn="image_and_latest": the second turn carries a second view of the image, K
-    more placeholders between <|vision_start|> and <|vision_end|> at the start of its user
-    message; the first view is as under "image". With the prefix cache on, alternating two
-    later questions about the same image, each answer equals the cache-free one."""
+def test_each_later_question_is_shown_the_image_again_at_its_turn(runs, tokenizer, family):
+    """query_turn="image_and_latest": each later turn carries a view of the image of its
+    own, K more placeholders between <|vision_start|> and <|vision_end|> at the start of its
+    user message, kept in the turns after; the first view is as under "image". With the
+    prefix cache on, alternating two later questions about the same image, each answer
+    equals the cache-free one, and the third turn finds the whole second turn's prompt
+    (the last request before it) in the prefix cache."""
     k = math.ceil(TOKENS[family][(448, 448)] * 0.111)
-    image_rule, second = runs["image_rule"], runs["fresh_second_view"][0]
+    image_rule, second, third = runs["image_rule"], runs["fresh_second_view"][0], runs["fresh_third_turn"]
     assert image_tokens(image_rule, tokenizer) == k and image_tokens(second, tokenizer) == 2 * k
+    assert image_tokens(third, tokenizer) == 3 * k
     ids = second.prompt_token_ids
     opening = tokenizer.encode("<|im_start|>user\n<|vision_start|>")
     starts = [i for i in range(len(ids)) if ids[i:i + len(opening)] == opening]
@@ -429,8 +439,13 @@ def test_a_later_question_is_shown_the_image_again_at_its_turn(runs, tokenizer, 
     # Without its second view the prompt is the "image" rule's, token for token.
     view = list(range(starts[1] + len(opening) - 1, starts[1] + len(opening) + k + 1))
     assert [t for i, t in enumerate(ids) if i not in view] == image_rule.prompt_token_ids
+    # The third turn's prompt is the second's with the reply and the third question after it.
+    assert third.prompt_token_ids[:len(ids)] == ids
     for out, expected in zip(runs["cached_second_view"], runs["fresh_second_view"][::-1] * 2):
         same(out, expected)
+    same(runs["cached_third_turn"], third)
+    block = runs["block_size"]
+    assert runs["cached_third_turn"].num_cached_tokens >= len(ids) // block * block > 0
 
 
 @pytest.mark.slow

@@ -238,8 +238,8 @@ class ParMultiModalProcessor:
                 disabled=settings.reduces_nothing,
                 prompt_agnostic=not query,
             )
-        if rewrite is not None and rewrite.second_view is not None:
-            result = self._with_second_views(inputs, kwargs, rewrite.second_view, result, timing_ctx,
+        if rewrite is not None and rewrite.second_views:
+            result = self._with_second_views(inputs, kwargs, rewrite.second_views, result, timing_ctx,
                                              content_keys)
         return result
 
@@ -266,42 +266,49 @@ class ParMultiModalProcessor:
                         data=pack_key(keys[i] if i < len(keys) else None),
                         field=MultiModalBatchedField(keep_on_cpu=True))
 
-    def _with_second_views(self, inputs, kwargs: dict, view: SecondView, result, timing_ctx,
+    def _with_second_views(self, inputs, kwargs: dict, views: Sequence[SecondView], result, timing_ctx,
                            content_keys: Mapping[str, Sequence[str]]):
         """`query_turn="image_and_latest"`: the earlier turns' images again, at the start of
-        the newest user message, each reduced against it. They are items of their own, with
+        each later user message, each reduced against it. They are items of their own, with
         their own identity (processor, encoder and prefix caches), so the images where the
-        client sent them keep theirs and the history before the newest turn stays cached.
-        The metrics count the images the client sent, not these."""
+        client sent them keep theirs, and a view rebuilt for a turn the previous request
+        already had is the same item: the prefix cache holds everything before the newest
+        turn. The metrics count the images the client sent, not these."""
         images = inputs.mm_data_items.get("image")
-        if not isinstance(images, ImageProcessorItems) or view.images > len(images):
+        if not isinstance(images, ImageProcessorItems) or any(v.images > len(images) for v in views):
             return result
         prompt = result["prompt_token_ids"]
-        at = len(prompt) - (len(inputs.prompt) - view.at)
-        # The newest turn has no media, so vLLM left its tokens as they were.
-        if prompt[at:] != inputs.prompt[view.at:]:
-            logger.warning("PAR: the newest user turn was not where expected; no second view added")
+        # The turns shown again come after the last image or video, so vLLM left their
+        # tokens as they were: they are found from the end of the prompt.
+        shift = len(prompt) - len(inputs.prompt)
+        if prompt[views[0].at + shift:] != inputs.prompt[views[0].at:]:
+            logger.warning("PAR: a later user turn was not where expected; no second view added")
             return result
         uuids = inputs.mm_uuid_items or {}
-        views = super().apply(replace(
-            inputs,
-            prompt=self.info.second_view_prompt_ids * view.images,
-            mm_data_items=MultiModalDataItems({"image": ImageProcessorItems(images.data[:view.images])}),
-            mm_uuid_items={"image": list(uuids["image"][:view.images])} if "image" in uuids else None,
-            hf_processor_mm_kwargs={**kwargs, QUERY_KEY: tuple(view.query)},
-        ), timing_ctx)
-        # The same images: the feature cache holds the rows encoded for them.
-        self._attach_content_keys(views, {"image": list(content_keys.get("image", []))[:view.images]})
+        merged_prompt, placeholders, hashes, items, done = [], [], [], [], 0
+        for view in views:
+            shown = super().apply(replace(
+                inputs,
+                prompt=self.info.second_view_prompt_ids * view.images,
+                mm_data_items=MultiModalDataItems({"image": ImageProcessorItems(images.data[:view.images])}),
+                mm_uuid_items={"image": list(uuids["image"][:view.images])} if "image" in uuids else None,
+                hf_processor_mm_kwargs={**kwargs, QUERY_KEY: tuple(view.query)},
+            ), timing_ctx)
+            # The same images: the feature cache holds the rows encoded for them.
+            self._attach_content_keys(shown, {"image": list(content_keys.get("image", []))[:view.images]})
+            merged_prompt += prompt[done:view.at + shift]
+            placeholders += [replace(r, offset=r.offset + len(merged_prompt)) for r in shown["mm_placeholders"]["image"]]
+            merged_prompt += shown["prompt_token_ids"]
+            hashes += shown["mm_hashes"]["image"]
+            items += shown["mm_kwargs"]["image"]
+            done = view.at + shift
         merged = dict(result)
-        merged["prompt_token_ids"] = prompt[:at] + views["prompt_token_ids"] + prompt[at:]
-        placed = [replace(r, offset=r.offset + at) for r in views["mm_placeholders"]["image"]]
+        merged["prompt_token_ids"] = merged_prompt + prompt[done:]
         merged["mm_placeholders"] = {**result["mm_placeholders"],
-                                     "image": [*result["mm_placeholders"]["image"], *placed]}
-        merged["mm_hashes"] = {**result["mm_hashes"],
-                               "image": [*result["mm_hashes"]["image"], *views["mm_hashes"]["image"]]}
+                                     "image": [*result["mm_placeholders"]["image"], *placeholders]}
+        merged["mm_hashes"] = {**result["mm_hashes"], "image": [*result["mm_hashes"]["image"], *hashes]}
         merged["mm_kwargs"] = MultiModalKwargsItems({**result["mm_kwargs"],
-                                                     "image": [*result["mm_kwargs"]["image"],
-                                                               *views["mm_kwargs"]["image"]]})
+                                                     "image": [*result["mm_kwargs"]["image"], *items]})
         return merged
 
     def _check_video_method(self, method: str, mm_items: MultiModalDataItems) -> None:
