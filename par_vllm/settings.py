@@ -106,8 +106,9 @@ class ParSettings(BaseModel):
         "earlier images again at its turn, each reduced to its own K against that question, "
         "and keeps that view in the turns after it (each turn's prompt extends the previous "
         "one's, so the prefix cache holds all of it; each later turn prefills its views' K "
-        "tokens, and the conversation's context grows by them). System prompts and assistant "
-        "turns never count.")] = "latest"
+        "tokens, and the conversation's context grows by them, up to as many as the images "
+        "have unreduced: later turns get none). System prompts and assistant turns never "
+        "count.")] = "latest"
     drop_question_type_words: Annotated[bool, setting(
         "Prompt rewriting also drops the words that name the kind of answer asked for "
         "(color, shape, kind, type, ...), which match every patch with a colour or a shape, so "

@@ -83,11 +83,12 @@ def fresh_answers(fresh_start):
 LATER_TURNS = ["And the circle?", "Is the square yellow?", "What about the star?"]
 
 
-def converse(server, first_question, answers=None, rule="image"):
+def converse(server, first_question, answers=None, rule="image", **settings):
     """A four-turn conversation about one image, each later turn asking about another part
-    of it, under `par_query_turn=rule` (None: the server's default); the assistant turns are `answers` (the cache-free
-    server's, so that both servers see the same prompts) or, where none are given, the
-    server's own. Each turn's answer, and the prefix-cache hits the turn added."""
+    of it, under `par_query_turn=rule` (None: the server's default) and any other `par_`
+    `settings`; the assistant turns are `answers` (the cache-free server's, so that both
+    servers see the same prompts) or, where none are given, the server's own. Each turn's
+    answer, and the prefix-cache hits the turn added."""
     messages = chat_messages(first_question, demo_image())
     turns = []
     for i, question in enumerate([None, *LATER_TURNS]):
@@ -95,7 +96,8 @@ def converse(server, first_question, answers=None, rule="image"):
             reply = (answers or turns)[i - 1]["text"]
             messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": question}]
         before = cache_hits(server)
-        turns.append({**ask(server, messages, **({"mm_processor_kwargs": {"par_query_turn": rule}} if rule else {})),
+        kwargs = {**({"par_query_turn": rule} if rule else {}), **settings}
+        turns.append({**ask(server, messages, **({"mm_processor_kwargs": kwargs} if kwargs else {})),
                       "cache_hits": cache_hits(server) - before})
     return turns
 
@@ -172,6 +174,17 @@ def test_each_later_question_is_shown_the_image_again_reduced_for_it_and_each_tu
         assert turn["image_tokens"] == (i + 1) * K
         # The same conversation under "image": the prompts differ by the views alone.
         assert turn["prompt_tokens"] - fresh_image_rule[i]["prompt_tokens"] == i * (K + 1)
+    block = int(SERVER_ARGS[SERVER_ARGS.index("--block-size") + 1])
+    hits = [turn["cache_hits"] for turn in turns]
+    assert all(hit >= before["prompt_tokens"] // block * block for hit, before in zip(hits[1:], turns)), hits
+
+
+def test_the_views_together_hold_no_more_tokens_than_the_image_and_each_turn_still_finds_the_last_cached(server):
+    # At 40%, K = 231 of 576: turns 2 and 3 get their views (462 tokens), turn 4's would
+    # make 693, so it gets none and its prompt is turn 3's with the reply and question after.
+    k = 231
+    turns = converse(server, QUESTIONS[1], rule="image_and_latest", par_keep_ratio=0.4)
+    assert [turn["image_tokens"] for turn in turns] == [k, 2 * k, 3 * k, 3 * k]
     block = int(SERVER_ARGS[SERVER_ARGS.index("--block-size") + 1])
     hits = [turn["cache_hits"] for turn in turns]
     assert all(hit >= before["prompt_tokens"] // block * block for hit, before in zip(hits[1:], turns)), hits

@@ -285,6 +285,12 @@ class ParMultiModalProcessor:
             logger.warning("PAR: a later user turn was not where expected; no second view added")
             return result
         uuids = inputs.mm_uuid_items or {}
+        # The views together hold at most as many tokens as the images they show have
+        # unreduced (from about turn 1 + 1 / keep ratio on, later turns get none): a long
+        # conversation's context never holds more of them than twice stock vLLM's. Which
+        # turns get one depends only on the turns before, so each prompt still extends the
+        # previous one.
+        budget = sum(layout.full for layout in self._layouts(inputs.mm_data_items)[:views[0].images])
         merged_prompt, placeholders, hashes, items, done = [], [], [], [], 0
         for view in views:
             shown = super().apply(replace(
@@ -294,6 +300,9 @@ class ParMultiModalProcessor:
                 mm_uuid_items={"image": list(uuids["image"][:view.images])} if "image" in uuids else None,
                 hf_processor_mm_kwargs={**kwargs, QUERY_KEY: tuple(view.query)},
             ), timing_ctx)
+            budget -= sum(r.get_num_embeds() for r in shown["mm_placeholders"]["image"])
+            if budget < 0:
+                break
             # The same images: the feature cache holds the rows encoded for them.
             self._attach_content_keys(shown, {"image": list(content_keys.get("image", []))[:view.images]})
             merged_prompt += prompt[done:view.at + shift]
