@@ -158,8 +158,8 @@ class QueryRewriter:
 
     def second_views(self, prompt_ids: list[int], drop_question_type: bool = True) -> tuple[SecondView, ...]:
         """Where `turn="image_and_latest"` shows earlier images again: at every user turn
-        after the prompt's last image or video, and after the first image, whose content
-        words are not those of the image turns before it (none in a single turn)."""
+        after the prompt's last image or video whose content words are not the image
+        turns' own (none in a single turn, or where no earlier turn has an image)."""
         return self.rewrite(prompt_ids, drop_question_type, "image_and_latest").second_views
 
     def rewrite(self, prompt_ids: list[int], drop_question_type: bool = True, turn: str = "latest") -> Rewrite:
@@ -174,9 +174,11 @@ class QueryRewriter:
             return Rewrite(query)
         last_media = max(i for i, media in enumerate(with_media) if media)
         images = text[:spans[last_media][1]].count(self.placeholders[0])
+        if not images:  # videos only: they are not shown again
+            return Rewrite(query)
         image_turns = " ".join(text[start:end] for (start, end), media in zip(spans, with_media) if media)
         asked = self._encode(image_turns, drop_question_type)
-        later = [(start, end) for start, end in spans[last_media + 1:]]
+        later = spans[last_media + 1:]
         marker_ends = self._marker_ends(prompt_ids)
         # Where the template's markers and the user turns pair up one to one, each turn's
         # start is found next to its own marker; otherwise by decoding suffixes.
@@ -184,7 +186,7 @@ class QueryRewriter:
         views = []
         for (start, end), marker_end in zip(later, paired):
             words = self._encode(text[start:end], drop_question_type)
-            if images and words and words != asked:
+            if words and words != asked:
                 at = self._start_after_marker(prompt_ids, text, start, marker_end)
                 if at is None:
                     at = self._token_index(prompt_ids, start, len(text))
@@ -246,14 +248,13 @@ class QueryRewriter:
             return self._rust.encode(text, add_special_tokens=False).ids
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def _token_index(self, prompt_ids: list[int], char: int, length: int, limit: int | None = None) -> int:
+    def _token_index(self, prompt_ids: list[int], char: int, length: int) -> int:
         """The last token boundary at or before character `char` of the decoded prompt
         (`length` characters), where a user message starts: the token after the last opening
-        marker before token `limit` (the start of a later turn), or the next few, checked by
-        decoding suffixes; where that fails (a marker tokenized with its neighbours), the
-        search."""
+        marker, or the next few, checked by decoding suffixes; where that fails (a marker
+        tokenized with its neighbours, or the turn is not the last), the search."""
         tail = length - char
-        at = _end_of_last(prompt_ids if limit is None else prompt_ids[:limit], self._opens_ids)
+        at = _end_of_last(prompt_ids, self._opens_ids)
         if at is not None and self._suffix_length(prompt_ids, at) >= tail:
             for _ in range(4):
                 if at == len(prompt_ids) or self._suffix_length(prompt_ids, at + 1) < tail:
