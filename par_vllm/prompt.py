@@ -176,8 +176,6 @@ class QueryRewriter:
         images = text[:spans[last_media][1]].count(self.placeholders[0])
         if not images:  # videos only: they are not shown again
             return Rewrite(query)
-        image_turns = " ".join(text[start:end] for (start, end), media in zip(spans, with_media) if media)
-        asked = self._encode(image_turns, drop_question_type)
         later = spans[last_media + 1:]
         marker_ends = self._marker_ends(prompt_ids)
         # Where the template's markers and the user turns pair up one to one, each turn's
@@ -186,7 +184,8 @@ class QueryRewriter:
         views = []
         for (start, end), marker_end in zip(later, paired):
             words = self._encode(text[start:end], drop_question_type)
-            if words and words != asked:
+            # `query` is the image turns' own words here (an earlier turn has media).
+            if words and words != query:
                 at = self._start_after_marker(prompt_ids, text, start, marker_end)
                 if at is None:
                     at = self._token_index(prompt_ids, start, len(text))
