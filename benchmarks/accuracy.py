@@ -2,7 +2,8 @@
 
     .venv/bin/python -m benchmarks.accuracy --model .models/vqa4
 
-The model answers composite easy-VQA questions (composite_vqa.py) from the test split.
+The model answers composite easy-VQA questions (composite_vqa.py) from the test split
+(`--split train` for choosing settings without looking at the test questions).
 Every method runs inside the plugin (`par_method` per request) at every budget, so the
 language model, the prompt and the image are the same and only the kept tokens differ.
 
@@ -220,6 +221,9 @@ def main(argv=None) -> int:
     parser.add_argument("--base", default={}, type=settings_arg,
                         help="key=value,... settings under every reduced row, methods and variants "
                              "alike, e.g. positions=consecutive")
+    parser.add_argument("--split", default="test", choices=["test", "train"],
+                        help="easy-VQA split the composites come from (train: for choosing settings "
+                             "without looking at the test questions)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--explain", type=int, default=3, help="composites to render")
     parser.add_argument("--max-num-seqs", type=int, default=16)
@@ -231,7 +235,7 @@ def main(argv=None) -> int:
 
     grid, patch_px = composite_geometry(args.model)
     visual_tokens = (grid * TILE_PX // patch_px) ** 2
-    composites = make_composites("test", args.count, grid=grid, seed=args.seed)
+    composites = make_composites(args.split, args.count, grid=grid, seed=args.seed)
     configs = configs_for(args.methods, args.budgets, args.variant, args.base)
 
     # Hugging Face reads a relative path as a hub id, so the engines get an absolute one.
@@ -242,7 +246,7 @@ def main(argv=None) -> int:
 
     about = model_about(args.model)
     title = (f"composite easy-VQA ({grid}x{grid} tiles, {visual_tokens} visual tokens), "
-             f"{len(composites)} test questions; model: {model_words(about, args.model)}")
+             f"{len(composites)} {args.split} questions; model: {model_words(about, args.model)}")
     text = (f"{title}\nvision: {about.get('vision_tower_and_projector', 'see par_model.json')}\n"
             + (f"{settings_line(args.base)} (every reduced row)\n" if args.base else "") + f"\n{table(rows)}\n")
     print(text)
@@ -250,7 +254,7 @@ def main(argv=None) -> int:
     write_results(stem, text, {
         "model": str(args.model), "about": about, "count": len(composites), "seed": args.seed, "base": args.base,
         "grid": grid, "visual_tokens": visual_tokens, "rows": rows,
-        "split": "test", "correct": correct_strings(right),
+        "split": args.split, "correct": correct_strings(right),
     })
     plot(rows, stem.with_suffix(".png"), title)
     headline = min(args.budgets, key=lambda b: abs(b - 0.111))
