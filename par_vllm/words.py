@@ -51,6 +51,8 @@ _CJK = re.compile(r"[\u3005\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]
 _KANA = re.compile(r"[\u3040-\u30ff]")
 _HIRAGANA = re.compile(r"[\u3040-\u309f]+")
 _PARTS = re.compile(r"['-]")
+# Latin script: Basic Latin through IPA Extensions (U+0000-U+024F).
+_NOT_LATIN = re.compile(r"[^\u0000-\u024f]")
 _SENTENCE_END = re.compile(r"[.!?;:\n。！？；：]+")
 # French elision: l'image, d'un, qu'est-ce.
 _ELIDED = re.compile(r"^(?:c|d|j|l|m|n|s|t|qu|jusqu|lorsqu|puisqu)'(?=\w)", re.IGNORECASE)
@@ -99,16 +101,40 @@ def warm_up() -> None:
     _tiny_segmenter()
     for language in LANGUAGES:
         stop_words(language)
+    _languages_of()
 
 
 def _is_latin(word: str) -> bool:
-    return all(ch < "\u0250" for ch in word)
+    return _NOT_LATIN.search(word) is None
+
+
+@lru_cache(maxsize=1)
+def _languages_of() -> dict[str, tuple[str, ...]]:
+    """Each Latin-script function word -> the languages whose list has it: one lookup per
+    word instead of one per word and language (every request reads every user turn)."""
+    languages: dict[str, list[str]] = {}
+    for language in LATIN_LANGUAGES:
+        for word in function_words(language):
+            languages.setdefault(word, []).append(language)
+    return {word: tuple(found) for word, found in languages.items()}
 
 
 def latin_language(words: list[str], default: str = "en") -> str:
     """The Latin-script language whose stop words `words` use most; `default` on a tie."""
-    lowered = [part for w in words for part in _PARTS.split(w.lower())]
-    hits = {lang: sum(w in function_words(lang) for w in lowered) for lang in LATIN_LANGUAGES}
+    return _most_used(_stop_word_hits(words), default)
+
+
+def _stop_word_hits(words: list[str]) -> dict[str, int]:
+    hits = dict.fromkeys(LATIN_LANGUAGES, 0)
+    languages_of = _languages_of()
+    for word in words:
+        for part in _PARTS.split(word.lower()):
+            for language in languages_of.get(part, ()):
+                hits[language] += 1
+    return hits
+
+
+def _most_used(hits: dict[str, int], default: str) -> str:
     best = max(hits.values())
     return default if hits.get(default, 0) == best else max(LATIN_LANGUAGES, key=hits.__getitem__)
 
@@ -178,11 +204,12 @@ def _content_words(text: str, drop_question_type: bool) -> list[str]:
     japanese = bool(_KANA.search(text))
     sentences = [s for s in _SENTENCE_END.split(text) if s.strip()]
     words_by_sentence = [_WORD.findall(_CJK.sub(" ", s)) for s in sentences]
-    prompt_language = latin_language([w for ws in words_by_sentence for w in ws if _is_latin(w)])
+    # Each sentence's stop-word counts, summed for the whole text's language.
+    hits_by_sentence = [_stop_word_hits([w for w in words if _is_latin(w)]) for words in words_by_sentence]
+    prompt_language = _most_used({lang: sum(h[lang] for h in hits_by_sentence) for lang in LATIN_LANGUAGES}, "en")
     kept: list[str] = []
-    for sentence, words in zip(sentences, words_by_sentence):
-        latin = [w for w in words if _is_latin(w)]
-        language = latin_language(latin, default=prompt_language)
+    for sentence, hits in zip(sentences, hits_by_sentence):
+        language = _most_used(hits, default=prompt_language)
         stops = stop_words(language, drop_question_type)
         # Walk the sentence in order: CJK runs and the words between them.
         at = 0
