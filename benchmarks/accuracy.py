@@ -30,6 +30,7 @@ from pathlib import Path
 
 from benchmarks.common import (
     LABELS,
+    add_split,
     answer_each,
     correct_strings,
     model_about,
@@ -221,9 +222,7 @@ def main(argv=None) -> int:
     parser.add_argument("--base", default={}, type=settings_arg,
                         help="key=value,... settings under every reduced row, methods and variants "
                              "alike, e.g. positions=consecutive")
-    parser.add_argument("--split", default="test", choices=["test", "train"],
-                        help="easy-VQA split the composites come from (train: for choosing settings "
-                             "without looking at the test questions)")
+    add_split(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--explain", type=int, default=3, help="composites to render")
     parser.add_argument("--max-num-seqs", type=int, default=16)

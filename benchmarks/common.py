@@ -153,8 +153,13 @@ def add_base_and_split(parser: argparse.ArgumentParser) -> None:
     """--base and --split, for the diagnostics that run PAR outside vLLM on either split."""
     parser.add_argument("--base", default={}, type=settings_arg,
                         help="key=value,... settings every PAR row starts from, e.g. similarity=cosine")
+    add_split(parser)
+
+
+def add_split(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="test", choices=["test", "train"],
-                        help="easy-VQA split the composites come from (train: seen images, new composites)")
+                        help="easy-VQA split the composites come from (train: seen images, new composites, "
+                             "for choosing settings without looking at the test questions)")
 
 
 def settings_line(base: dict) -> str:
