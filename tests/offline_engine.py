@@ -38,9 +38,16 @@ def text_tokens(tokenizer, prompt):
 
 def same(a, b, tolerance=1e-4):
     """Two engine outputs agree: prompt tokens, greedy tokens, and every log-probability
-    both report within `tolerance`."""
+    both report within `tolerance`. A token in one side's top list but not the other's is
+    allowed only at the list's edge, within `tolerance` of the other side's last entry:
+    two runners-up that round to a tie may swap places (bfloat16), nothing more."""
     assert a.prompt_token_ids == b.prompt_token_ids
     assert a.outputs[0].token_ids == b.outputs[0].token_ids
     for step_a, step_b in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
-        for token, lp in step_a.items():
-            assert abs(lp.logprob - step_b[token].logprob) < tolerance
+        for one, other in ((step_a, step_b), (step_b, step_a)):
+            edge = min(lp.logprob for lp in other.values())
+            for token, lp in one.items():
+                if token in other:
+                    assert abs(lp.logprob - other[token].logprob) < tolerance
+                else:
+                    assert lp.logprob < edge + tolerance, f"token {token} at {lp.logprob} above {edge}"
