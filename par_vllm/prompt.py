@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
+from par_vllm import words
 from par_vllm.words import content_words, warm_up
 
 # What the rewriter remembers of the turns it has read: a bound on its memory, not a
@@ -150,8 +151,9 @@ class QueryRewriter:
         warm_up()
 
     def forget(self) -> None:
-        """Forget the turns read so far (their words are read again when next seen)."""
+        """Forget the turns and words read so far (they are read again when next seen)."""
         self._words.cache_clear()
+        words.forget()
 
     def __call__(self, prompt_ids: list[int], drop_question_type: bool = True, turn: str = "latest") -> list[int]:
         return self.rewrite(prompt_ids, drop_question_type, turn).query

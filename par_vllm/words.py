@@ -104,10 +104,6 @@ def warm_up() -> None:
     _languages_of()
 
 
-def _is_latin(word: str) -> bool:
-    return _NOT_LATIN.search(word) is None
-
-
 @lru_cache(maxsize=1)
 def _languages_of() -> dict[str, tuple[str, ...]]:
     """Each Latin-script function word -> the languages whose list has it: one lookup per
@@ -125,13 +121,43 @@ def latin_language(words: list[str], default: str = "en") -> str:
 
 
 def _stop_word_hits(words: list[str]) -> dict[str, int]:
+    return _hits(map(_latin_word, words))
+
+
+def _hits(facts) -> dict[str, int]:
+    """How many stop words of each Latin-script language `_latin_word`'s `facts` have."""
     hits = dict.fromkeys(LATIN_LANGUAGES, 0)
-    languages_of = _languages_of()
-    for word in words:
-        for part in _PARTS.split(word.lower()):
-            for language in languages_of.get(part, ()):
-                hits[language] += 1
+    for fact in facts:
+        for language in fact[1] if fact else ():
+            hits[language] += 1
     return hits
+
+
+# Words up to this long are remembered, at most this many: a bound on memory.
+_REMEMBERED_WORD_CHARS, _REMEMBERED_WORDS = 32, 1 << 16
+
+
+def _latin_word(word: str) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """A word's lower-cased parts ("qu'est-ce": qu, est, ce) and, for each part, the
+    languages whose stop words have it; None for a word not in Latin script. Remembered:
+    every request reads every user turn again, and conversations repeat their words."""
+    return _remembered_latin_word(word) if len(word) <= _REMEMBERED_WORD_CHARS else _read_latin_word(word)
+
+
+def _read_latin_word(word: str) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    if _NOT_LATIN.search(word):
+        return None
+    parts = tuple(_PARTS.split(word.lower()))
+    languages_of = _languages_of()
+    return parts, tuple(language for part in parts for language in languages_of.get(part, ()))
+
+
+_remembered_latin_word = lru_cache(maxsize=_REMEMBERED_WORDS)(_read_latin_word)
+
+
+def forget() -> None:
+    """Forget the words read so far (benchmarks time text never seen)."""
+    _remembered_latin_word.cache_clear()
 
 
 def _most_used(hits: dict[str, int], default: str) -> str:
@@ -202,27 +228,32 @@ def content_words(text: str, drop_question_type: bool = True) -> list[str]:
 def _content_words(text: str, drop_question_type: bool) -> list[str]:
     text = text.replace("\u2019", "'")
     japanese = bool(_KANA.search(text))
-    sentences = [s for s in _SENTENCE_END.split(text) if s.strip()]
-    words_by_sentence = [_WORD.findall(_CJK.sub(" ", s)) for s in sentences]
+    sentences = [_segments(s) for s in _SENTENCE_END.split(text) if s.strip()]
     # Each sentence's stop-word counts, summed for the whole text's language.
-    hits_by_sentence = [_stop_word_hits([w for w in words if _is_latin(w)]) for words in words_by_sentence]
+    hits_by_sentence = [_hits(fact for pairs, _ in segments for _, fact in pairs) for segments in sentences]
     prompt_language = _most_used({lang: sum(h[lang] for h in hits_by_sentence) for lang in LATIN_LANGUAGES}, "en")
     kept: list[str] = []
-    for sentence, hits in zip(sentences, hits_by_sentence):
+    for segments, hits in zip(sentences, hits_by_sentence):
         language = _most_used(hits, default=prompt_language)
         stops = stop_words(language, drop_question_type)
-        # Walk the sentence in order: CJK runs and the words between them.
-        at = 0
-        for match in [*_CJK.finditer(sentence), None]:
-            between = sentence[at:match.start() if match else len(sentence)]
-            for word in _WORD.findall(between):
-                if not _is_latin(word):
+        for pairs, cjk_run in segments:
+            for word, fact in pairs:
+                if fact is None:
                     kept.append(word)  # a script with no stop list here: keep it
-                    continue
                 # "c'est", "qu'est-ce": dropped when every part is a stop word.
-                if not all(part in stops for part in _PARTS.split(word.lower())):
+                elif not stops.issuperset(fact[0]):
                     kept.append(_ELIDED.sub("", word) if language == "fr" else word)
-            if match:
-                kept.extend(_cjk_words(match.group(), japanese, drop_question_type))
-                at = match.end()
-    return [w for w in kept if _WORD.fullmatch(w)]
+            if cjk_run:
+                kept.extend(w for w in _cjk_words(cjk_run, japanese, drop_question_type) if _WORD.fullmatch(w))
+    return kept
+
+
+def _segments(sentence: str) -> list[tuple[list[tuple[str, tuple | None]], str | None]]:
+    """`sentence` in order as its runs of CJK text and the words before each, every word
+    with its `_latin_word` facts: (word-fact pairs, the CJK run after them or None)."""
+    segments, at = [], 0
+    for match in [*_CJK.finditer(sentence), None]:
+        words = _WORD.findall(sentence, at, match.start() if match else len(sentence))
+        segments.append(([(w, _latin_word(w)) for w in words], match and match.group()))
+        at = match and match.end()
+    return segments
