@@ -12,8 +12,8 @@ most vocabularies.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 from par_vllm import words
@@ -110,10 +110,11 @@ class SecondView:
 class Rewrite:
     """What one prompt's images are scored against: `query`, the content words' token ids
     (empty: no words to score against), and under `turn="image_and_latest"` the
-    `second_views`, one per later turn that gets one, in prompt order."""
+    `second_views`, one per later turn that gets one, in prompt order, read as they are
+    taken: a caller that stops early leaves the later turns unread."""
 
     query: list[int]
-    second_views: tuple[SecondView, ...] = ()
+    second_views: Iterator[SecondView] = field(default_factory=lambda: iter(()))
 
 
 class QueryRewriter:
@@ -162,7 +163,7 @@ class QueryRewriter:
         """Where `turn="image_and_latest"` shows earlier images again: at every user turn
         after the prompt's last image or video whose content words are not the image
         turns' own (none in a single turn, or where no earlier turn has an image)."""
-        return self.rewrite(prompt_ids, drop_question_type, "image_and_latest").second_views
+        return tuple(self.rewrite(prompt_ids, drop_question_type, "image_and_latest").second_views)
 
     def rewrite(self, prompt_ids: list[int], drop_question_type: bool = True, turn: str = "latest") -> Rewrite:
         """The query under `turn`, and the second views where `turn="image_and_latest"`
@@ -171,19 +172,22 @@ class QueryRewriter:
         query = self._encode(self._query_text(text, spans, turn), drop_question_type)
         if turn != "image_and_latest" or len(spans) < 2:
             return Rewrite(query)
+        return Rewrite(query, self._second_views(prompt_ids, text, spans, query, drop_question_type))
+
+    def _second_views(self, prompt_ids: list[int], text: str, spans: list[tuple[int, int]], query: list[int],
+                      drop_question_type: bool) -> Iterator[SecondView]:
         with_media = [any(p in text[start:end] for p in self.placeholders) for start, end in spans]
         if not any(with_media[:-1]):
-            return Rewrite(query)
+            return
         last_media = max(i for i, media in enumerate(with_media) if media)
         images = text[:spans[last_media][1]].count(self.placeholders[0])
         if not images:  # videos only: they are not shown again
-            return Rewrite(query)
+            return
         later = spans[last_media + 1:]
         marker_ends = self._marker_ends(prompt_ids)
         # Where the template's markers and the user turns pair up one to one, each turn's
         # start is found next to its own marker; otherwise by decoding suffixes.
         paired = marker_ends[last_media + 1:] if len(marker_ends) == len(spans) else [None] * len(later)
-        views = []
         for (start, end), marker_end in zip(later, paired):
             words = self._encode(text[start:end], drop_question_type)
             # `query` is the image turns' own words here (an earlier turn has media).
@@ -191,8 +195,7 @@ class QueryRewriter:
                 at = self._start_after_marker(prompt_ids, text, start, marker_end)
                 if at is None:
                     at = self._token_index(prompt_ids, start, len(text))
-                views.append(SecondView(images, at, words))
-        return Rewrite(query, tuple(views))
+                yield SecondView(images, at, words)
 
     def _marker_ends(self, prompt_ids: list[int]) -> list[int]:
         """The index just after each occurrence of the user turns' opening marker."""

@@ -124,7 +124,20 @@ def test_each_turn_found_from_its_marker_is_where_the_full_search_finds_it(rewri
     starts = [start for start, _ in rewriter.turns.user_turns(text)[1:]]
     assert [view.at for view in views] == [rewriter._search_token_index(ids, len(text) - s) for s in starts]
     both = rewriter.rewrite(ids, turn="image_and_latest")  # the processor's one call
-    assert both.query == rewriter(ids, turn="image") and both.second_views == views
+    assert both.query == rewriter(ids, turn="image") and tuple(both.second_views) == views
+
+
+def test_the_turns_after_the_views_taken_are_not_read(rewriter):
+    # The processor stops taking views when the image's budget is spent: the turns after
+    # it cost nothing.
+    text = rewriter.tokenizer.apply_chat_template(CONVERSATION, add_generation_prompt=True, tokenize=False)
+    ids = rewriter.tokenizer.encode(text)
+    rewriter.forget()
+    views = rewriter.rewrite(ids, turn="image_and_latest").second_views
+    read = rewriter._words.cache_info().misses  # the image's turn
+    next(views)
+    assert rewriter._words.cache_info().misses == read + 1
+    assert len(list(views)) == 2 and rewriter._words.cache_info().misses == read + 3
 
 
 def test_no_second_view_where_nothing_earlier_or_nothing_new_is_asked(rewriter):
@@ -204,7 +217,8 @@ def test_the_rust_tokenizer_reads_and_writes_as_transformers_does(rewriter, mess
     slow._rust = None
     slow._words = functools.lru_cache()(slow._words_uncached)
     for turn in ("latest", "image", "image_and_latest"):
-        assert slow.rewrite(ids, turn=turn) == rewriter.rewrite(ids, turn=turn)
+        one, other = slow.rewrite(ids, turn=turn), rewriter.rewrite(ids, turn=turn)
+        assert (one.query, tuple(one.second_views)) == (other.query, tuple(other.second_views))
 
 
 @pytest.fixture(scope="module")

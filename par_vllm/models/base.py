@@ -22,9 +22,10 @@ same settings as an image.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property, partial
 
@@ -238,7 +239,7 @@ class ParMultiModalProcessor:
                 disabled=settings.reduces_nothing,
                 prompt_agnostic=not query,
             )
-        if rewrite is not None and rewrite.second_views:
+        if rewrite is not None:
             result = self._with_second_views(inputs, kwargs, rewrite.second_views, result, timing_ctx,
                                              content_keys)
         return result
@@ -266,7 +267,7 @@ class ParMultiModalProcessor:
                         data=pack_key(keys[i] if i < len(keys) else None),
                         field=MultiModalBatchedField(keep_on_cpu=True))
 
-    def _with_second_views(self, inputs, kwargs: dict, views: Sequence[SecondView], result, timing_ctx,
+    def _with_second_views(self, inputs, kwargs: dict, views: Iterator[SecondView], result, timing_ctx,
                            content_keys: Mapping[str, Sequence[str]]):
         """`query_turn="image_and_latest"`: the earlier turns' images again, at the start of
         each later user message, each reduced against it. They are items of their own, with
@@ -274,14 +275,16 @@ class ParMultiModalProcessor:
         client sent them keep theirs, and a view rebuilt for a turn the previous request
         already had is the same item: the prefix cache holds everything before the newest
         turn. The metrics count the images the client sent, not these."""
+        first = next(views, None)
         images = inputs.mm_data_items.get("image")
-        if not isinstance(images, ImageProcessorItems) or any(v.images > len(images) for v in views):
+        # Every view shows the same images: the first `first.images` of the prompt's.
+        if first is None or not isinstance(images, ImageProcessorItems) or first.images > len(images):
             return result
         prompt = result["prompt_token_ids"]
         # The turns shown again come after the last image or video, so vLLM left their
         # tokens as they were: they are found from the end of the prompt.
         shift = len(prompt) - len(inputs.prompt)
-        if prompt[views[0].at + shift:] != inputs.prompt[views[0].at:]:
+        if prompt[first.at + shift:] != inputs.prompt[first.at:]:
             logger.warning("PAR: a later user turn was not where expected; no second view added")
             return result
         uuids = inputs.mm_uuid_items or {}
@@ -290,9 +293,9 @@ class ParMultiModalProcessor:
         # conversation's context never holds more of them than twice stock vLLM's. Which
         # turns get one depends only on the turns before, so each prompt still extends the
         # previous one.
-        budget = sum(layout.full for layout in self._layouts(inputs.mm_data_items)[:views[0].images])
+        budget = sum(layout.full for layout in self._layouts(inputs.mm_data_items)[:first.images])
         merged_prompt, placeholders, hashes, items, done = [], [], [], [], 0
-        for view in views:
+        for view in itertools.chain([first], views):
             shown = super().apply(replace(
                 inputs,
                 prompt=self.info.second_view_prompt_ids * view.images,
@@ -300,9 +303,10 @@ class ParMultiModalProcessor:
                 mm_uuid_items={"image": list(uuids["image"][:view.images])} if "image" in uuids else None,
                 hf_processor_mm_kwargs={**kwargs, QUERY_KEY: tuple(view.query)},
             ), timing_ctx)
-            budget -= sum(r.get_num_embeds() for r in shown["mm_placeholders"]["image"])
-            if budget < 0:
+            cost = sum(r.get_num_embeds() for r in shown["mm_placeholders"]["image"])
+            if cost > budget:
                 break
+            budget -= cost
             # The same images: the feature cache holds the rows encoded for them.
             self._attach_content_keys(shown, {"image": list(content_keys.get("image", []))[:view.images]})
             merged_prompt += prompt[done:view.at + shift]
@@ -311,6 +315,12 @@ class ParMultiModalProcessor:
             hashes += shown["mm_hashes"]["image"]
             items += shown["mm_kwargs"]["image"]
             done = view.at + shift
+            # Each view costs the same (the same images, the same settings): with no room
+            # for another, the turns after this one are not read at all.
+            if cost > budget:
+                break
+        if not placeholders:
+            return result
         merged = dict(result)
         merged["prompt_token_ids"] = merged_prompt + prompt[done:]
         merged["mm_placeholders"] = {**result["mm_placeholders"],
