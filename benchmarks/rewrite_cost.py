@@ -2,7 +2,8 @@
 ids PAR scores the image against (`par_vllm.prompt.QueryRewriter`: decode, find the user
 turns, drop function words, segment Chinese and Japanese, encode), in each language it
 covers and for long conversations (and under `par_query_turn="image_and_latest"`, which
-also finds where the newest question's second view goes).
+also finds where each later question's view goes, for as many views as the image's
+budget takes: N // K of them, N given by `--image-tokens`).
 
     python -m benchmarks.rewrite_cost [--model DIR]
 `--model`: a checkpoint whose tokenizer and chat template to use (default: the tiny demo
@@ -12,6 +13,7 @@ model's, built here). Writes benchmarks/results/rewrite-cost-cpu.{txt,json}.
 from __future__ import annotations
 
 import argparse
+import itertools
 import platform
 import statistics
 import tempfile
@@ -57,6 +59,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="checkpoint whose tokenizer to use")
     parser.add_argument("--repeats", type=int, default=1000)
+    parser.add_argument("--image-tokens", type=int, default=144,
+                        help="N of the conversation's image, which bounds its views (default: the accuracy models')")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -64,6 +68,7 @@ def main() -> None:
 
     from par_vllm.demo_model import IMAGE_TOKEN, make_demo_model
     from par_vllm.prompt import QueryRewriter
+    from par_vllm.settings import ParSettings
 
     if args.model:
         model, model_words = args.model, str(args.model)
@@ -85,16 +90,26 @@ def main() -> None:
     # of a conversation sends the earlier turns again); every row is timed with nothing
     # remembered, as for a prompt never seen, and image_and_latest, which reads every later
     # turn, also with the earlier turns remembered, as for a conversation's next request.
+    # The processor takes views while the image's budget (its N tokens) has room for
+    # another K, and the turns after the last one taken are not read.
     rules = {name: (rewriter, True) for name in cases}
 
-    def newest_view(ids):
-        return rewriter.rewrite(ids, turn="image_and_latest").second_views[-1].query
+    def views_taken(keep_ratio):
+        most = args.image_tokens // ParSettings(keep_ratio=keep_ratio).num_kept(args.image_tokens)
 
-    for n in (4, 16):
+        def last_view(ids):
+            views = rewriter.rewrite(ids, turn="image_and_latest").second_views
+            return list(itertools.islice(views, most))[-1].query
+        return last_view, most
+
+    for n, ratios in ((4, (0.111,)), (16, (0.111, 0.06))):
         name = f"English, system prompt + {n} turns"
-        for forget, label in ((True, "nothing remembered"), (False, "earlier turns remembered")):
-            cases[f"{name}, image_and_latest, {label}"] = cases[name]
-            rules[f"{name}, image_and_latest, {label}"] = (newest_view, forget)
+        for ratio in ratios:
+            rule, most = views_taken(ratio)
+            for forget, label in ((True, "nothing remembered"), (False, "earlier turns remembered")):
+                row = f"{name}, image_and_latest at {ratio:.0%} ({min(most, n - 1)} views), {label}"
+                cases[row] = cases[name]
+                rules[row] = (rule, forget)
     rows = []
     for name, messages in cases.items():
         ids, previous = (tokenizer.encode(tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
@@ -119,11 +134,11 @@ def main() -> None:
     where = f"{platform.processor() or platform.machine()}, one thread of Python"
     lines = [f"Prompt rewrite per request (QueryRewriter), {model_words}; {where}; {args.repeats} runs each "
              "(5 for the 20,000-character prompts); query: its first 40 characters (image_and_latest: the "
-             "newest turn's second view's).",
+             f"last view's the processor takes for a {args.image_tokens}-token image at that keep ratio).",
              f"Set-up once per server (stop lists, jieba's dictionary): {set_up:.2f} s.",
-             "", f"{'prompt':<76} {'tokens':>6} {'median ms':>10} {'p99 ms':>8}  query"]
+             "", f"{'prompt':<96} {'tokens':>6} {'median ms':>10} {'p99 ms':>8}  query"]
     for row in rows:
-        lines.append(f"{row['prompt']:<76} {row['prompt_tokens']:>6} {row['median_ms']:>10.3f} {row['p99_ms']:>8.3f}  "
+        lines.append(f"{row['prompt']:<96} {row['prompt_tokens']:>6} {row['median_ms']:>10.3f} {row['p99_ms']:>8.3f}  "
                      f"{row['query']}")
     text = "\n".join(lines)
     print(text)
