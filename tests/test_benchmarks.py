@@ -114,3 +114,18 @@ def test_multiturn_compares_every_two_par_servers_on_later_turns():
     assert right["PAR, latest"] == [True, True, True, True, True, False]  # turn 1 left out
     lines = paired_lines(right)
     assert lines[1:] == ["  PAR, latest against PAR, image: 3:0, p 0.250"]
+
+
+def test_rewrite_cost_takes_the_views_the_images_budget_allows(tmp_path):
+    # A 144-token image takes 9 views at 11% (K = 16) and 16 at 6% (K = 9): of a 16-turn
+    # conversation's 15 later turns, the 9th is the last one read at 11%, all at 6%.
+    result = subprocess.run([sys.executable, "-m", "benchmarks.rewrite_cost", "--repeats", "2", "--out", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {r["prompt"]: r for r in json.loads((tmp_path / "rewrite-cost-cpu.json").read_text())["rows"]}
+    for remembered in ("nothing remembered", "earlier turns remembered"):
+        at = "English, system prompt + {} turns, image_and_latest at {} views), " + remembered
+        assert rows[at.format(16, "11% (9")]["query"] == "corner 9"
+        assert rows[at.format(16, "6% (15")]["query"] == "corner 15"
+        assert rows[at.format(4, "11% (3")]["query"] == "corner 3"
+    assert all(r["median_ms"] > 0 for r in rows.values())
