@@ -16,8 +16,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from par_vllm import words
-from par_vllm.words import content_words, warm_up
+from par_vllm.words import content_words, forget as forget_words, warm_up
 
 # What the rewriter remembers of the turns it has read: a bound on its memory, not a
 # condition of correctness (a turn not remembered is read again).
@@ -154,7 +153,7 @@ class QueryRewriter:
     def forget(self) -> None:
         """Forget the turns and words read so far (they are read again when next seen)."""
         self._words.cache_clear()
-        words.forget()
+        forget_words()
 
     def __call__(self, prompt_ids: list[int], drop_question_type: bool = True, turn: str = "latest") -> list[int]:
         return self.rewrite(prompt_ids, drop_question_type, turn).query

@@ -134,7 +134,7 @@ def _hits(facts) -> dict[str, int]:
 
 
 # Words up to this long are remembered, at most this many: a bound on memory.
-_REMEMBERED_WORD_CHARS, _REMEMBERED_WORDS = 32, 1 << 16
+_REMEMBERED_WORD_CHARS, _REMEMBERED_WORDS = 32, 1 << 14
 
 
 def _latin_word(word: str) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
