@@ -15,7 +15,7 @@ Per series: TTFT p50 and p95, latency, requests per second, prompt tokens per re
 peak KV-cache usage.
 
     python -m benchmarks.serve_video --model smollm-qwen --keep-ratio 0.111
-Writes benchmarks/results/serve-video-<model>.{txt,json}.
+Writes benchmarks/results/serve-video-<model or --name>.{txt,json}.
 """
 
 from __future__ import annotations
@@ -113,6 +113,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=32, help="frames the servers read from each clip")
     parser.add_argument("--side", type=int, default=336, help="clip frames' side in px")
     add_run_arguments(parser)
+    parser.add_argument("--name", help="results file name after serve-video- (default: the model's name)")
     args = parser.parse_args()
 
     path, about = model_dir(args.model)
@@ -185,7 +186,7 @@ def main() -> None:
                  f"{selection['repeats']}, random features of width {selection['hidden']}, "
                  f"{selection['torch_threads']} torch threads): PAR {selection['par_s'] * 1e3:.1f} ms, "
                  f"EVS {selection['evs_s'] * 1e3:.1f} ms")
-    write_report(f"serve-video-{Path(args.model).name}", lines, {
+    write_report(f"serve-video-{args.name or Path(args.model).name}", lines, {
         "model": about, "device": device, "args": vars(args), "video_tokens": full, "kept": kept,
         "summary": summary, "ratios": ratios, "selection": selection})
 
