@@ -117,11 +117,7 @@ def _languages_of() -> dict[str, tuple[str, ...]]:
 
 def latin_language(words: list[str], default: str = "en") -> str:
     """The Latin-script language whose stop words `words` use most; `default` on a tie."""
-    return _most_used(_stop_word_hits(words), default)
-
-
-def _stop_word_hits(words: list[str]) -> dict[str, int]:
-    return _hits(map(_latin_word, words))
+    return _most_used(_hits(map(_latin_word, words)), default)
 
 
 def _hits(facts) -> dict[str, int]:

@@ -303,9 +303,9 @@ class ParMultiModalProcessor:
                 mm_uuid_items={"image": list(uuids["image"][:view.images])} if "image" in uuids else None,
                 hf_processor_mm_kwargs={**kwargs, QUERY_KEY: tuple(view.query)},
             ), timing_ctx)
+            # Never over the budget: a view shows its images at K <= N each, and the check
+            # below stops before any view that would not fit.
             cost = sum(r.get_num_embeds() for r in shown["mm_placeholders"]["image"])
-            if cost > budget:
-                break
             budget -= cost
             # The same images: the feature cache holds the rows encoded for them.
             self._attach_content_keys(shown, {"image": list(content_keys.get("image", []))[:view.images]})
@@ -319,8 +319,6 @@ class ParMultiModalProcessor:
             # for another, the turns after this one are not read at all.
             if cost > budget:
                 break
-        if not placeholders:
-            return result
         merged = dict(result)
         merged["prompt_token_ids"] = merged_prompt + prompt[done:]
         merged["mm_placeholders"] = {**result["mm_placeholders"],
