@@ -18,6 +18,9 @@ NEXT = "ParLlavaNextForConditionalGeneration"
 PROMPT = "USER: <image>\nWhat color is the triangle?\nASSISTANT:"
 OTHER = "USER: <image>\nWhere is the blue circle?\nASSISTANT:"
 TWO_IMAGES = "USER: <image>\n<image>\nWhich shape is larger?\nASSISTANT:"
+# A conversation about one image: each later turn appends the reply and a new question.
+CONVERSATION = [PROMPT, PROMPT + " red</s>USER: Where is the blue circle?\nASSISTANT:"]
+CONVERSATION.append(CONVERSATION[1] + " left</s>USER: What shape is green?\nASSISTANT:")
 # (width, height): (N, grid rows, row width) as vLLM counts them: the 576-token base view,
 # then each unpadded grid row of visual tokens followed by one image_newline.
 LAYOUTS = {(672, 672): (2928, 48, 48), (640, 480): (2340, 36, 48), (336, 336): (1176, 24, 24)}
@@ -132,6 +135,9 @@ def runs(next_model):
     close(llm)
     llm = make_llm(next_model, par_overrides(architecture=NEXT), enable_prefix_caching=True)
     res["cached"] = [generate(llm, q, image((672, 672))) for q in (OTHER, PROMPT, OTHER, PROMPT)]
+    res["conversation"] = [generate(llm, turn, image((672, 672))) for turn in CONVERSATION]
+    res["conversation", "image"] = generate(llm, CONVERSATION[2], image((672, 672)), {"par_query_turn": "image"})
+    res["block_size"] = llm.llm_engine.vllm_config.cache_config.block_size
     close(llm)
     llm = make_llm(next_model)  # vLLM's own LlavaNextForConditionalGeneration
     for size in LAYOUTS:
@@ -209,6 +215,23 @@ def test_the_prefix_cache_never_hands_one_prompts_image_tokens_to_another(runs):
     assert apart(fresh[PROMPT], fresh[OTHER])
     for question, out in zip((OTHER, PROMPT, OTHER, PROMPT), runs["cached"]):
         same(out, fresh[question])
+
+
+@pytest.mark.slow
+def test_each_later_question_is_shown_the_image_again_with_its_separator(runs, tokenizer):
+    """query_turn="image_and_latest" (the default): each later turn carries a view of the
+    image reduced for it, K visual tokens and one separator as the image itself has, and
+    keeps it in the turns after, so each prompt extends the previous one and the prefix
+    cache holds all of its full blocks."""
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    turns = [out.prompt_token_ids for out in runs["conversation"]]
+    assert [ids.count(image_id) for ids in turns] == [RESERVED[(672, 672)] * (i + 1) for i in range(3)]
+    assert runs["conversation", "image"].prompt_token_ids.count(image_id) == RESERVED[(672, 672)]
+    for before, after in zip(turns, turns[1:]):
+        assert after[:len(before)] == before
+    block = runs["block_size"]
+    for before, later in zip(turns, runs["conversation"][1:]):
+        assert later.num_cached_tokens >= len(before) // block * block > 0
 
 
 @pytest.mark.slow
