@@ -66,23 +66,29 @@ def video_part(frames: int, side: int):
     return lambda i: {"type": "video_url", "video_url": {"url": video_data_url(clip_frames(i, frames, side))}}
 
 
+def clip_metadata(frames: int) -> dict:
+    """What the servers' loader reports for a clip of `frames` frames, as transformers takes it."""
+    return {"fps": 2.0, "duration": frames / 2.0, "total_num_frames": frames, "frames_indices": list(range(frames))}
+
+
 def video_grid(path: Path, frames: int, side: int) -> tuple[int, int, int]:
     """A clip's (frame pairs, patch rows, patch columns), from the checkpoint's own processor."""
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(path)
-    metadata = {"fps": 2.0, "duration": frames / 2.0, "total_num_frames": frames,
-                "frames_indices": list(range(frames))}
-    grid = processor.video_processor(videos=[clip_frames(0, frames, side)], video_metadata=[metadata],
+    grid = processor.video_processor(videos=[clip_frames(0, frames, side)], video_metadata=[clip_metadata(frames)],
                                      do_sample_frames=False, return_tensors="pt")["video_grid_thw"][0].tolist()
     return tuple(grid)
 
 
-def selection_seconds(path: Path, grid: tuple[int, int, int], kept: int, device: str, repeats: int = 30) -> dict:
+def selection_seconds(path: Path, grid: tuple[int, int, int], kept: int, device: str, repeats: int = 30,
+                      clip: tuple[np.ndarray, dict] | None = None) -> dict:
     """Seconds the model executor spends choosing one clip's K tokens, timed directly with
     the functions the two series run: PAR's reduction (the question's tokens as its query)
     and vLLM's EVS selection, on the same random features of the checkpoint's hidden size:
-    the part of the two series' difference that is the selection itself."""
+    the part of the two series' difference that is the selection itself. With `clip`
+    (frames, metadata), also PAR with and without its repeats merged first on that clip's
+    own visual tokens (the checkpoint's tower, in transformers), where repeats exist."""
     import torch
     from transformers import AutoConfig, AutoTokenizer
     from vllm.multimodal.video_prune.evs import compute_retention_mask
@@ -102,8 +108,24 @@ def selection_seconds(path: Path, grid: tuple[int, int, int], kept: int, device:
         par = timed_median(lambda: reduce_per_image([features], [query_ids], [settings], embed), repeats, device)
         evs = timed_median(lambda: compute_retention_mask(features, grid, merge, q=evs_pruning_rate(kept, len(features))),
                            repeats, device)
-    return {"repeats": repeats, "par_s": par, "evs_s": evs, "torch_threads": torch.get_num_threads(),
-            "device": device, "hidden": hidden}
+    out = {"repeats": repeats, "par_s": par, "evs_s": evs, "torch_threads": torch.get_num_threads(),
+           "device": device, "hidden": hidden}
+    if clip is not None:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        from benchmarks.diagnostics.temporal_repeats import video_features
+
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+        own, _ = video_features(model, AutoProcessor.from_pretrained(path), *clip)
+        own = own.to(device)
+        merged = settings.model_copy(update={"merge_repeats": True})
+        steps = [grid[0]]
+        with torch.no_grad():
+            out["clip_par_s"] = timed_median(lambda: reduce_per_image([own], [query_ids], [settings], embed),
+                                             repeats, device)
+            out["clip_par_merged_s"] = timed_median(
+                lambda: reduce_per_image([own], [query_ids], [merged], embed, steps=steps), repeats, device)
+    return out
 
 
 def main() -> None:
@@ -114,6 +136,8 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=336, help="clip frames' side in px")
     add_run_arguments(parser)
     parser.add_argument("--name", help="results file name after serve-video- (default: the model's name)")
+    parser.add_argument("--merge-repeats", action="store_true",
+                        help="a fourth series: PAR with each clip's repeats merged first (par_merge_repeats)")
     args = parser.parse_args()
 
     path, about = model_dir(args.model)
@@ -133,6 +157,8 @@ def main() -> None:
     series = [("vLLM", "stock", {}),
               (f"vLLM+EVS K={kept}", "par", {"mm_processor_kwargs": {"par_method": "evs"}}),
               (f"vLLM+PAR K={kept}", "par", {})]
+    if args.merge_repeats:
+        series.append((f"PAR K={kept} repeats merged", "par", {"mm_processor_kwargs": {"par_merge_repeats": True}}))
     stock = VllmServer(path, extra_args=common, log_path=RESULTS / "serve-video-stock.log")
     par = VllmServer(path, hf_overrides=par_overrides(architecture=architecture, keep_ratio=args.keep_ratio),
                      extra_args=[*common, *par_engine_args(architecture)], log_path=RESULTS / "serve-video-par.log")
@@ -166,7 +192,7 @@ def main() -> None:
     lines.append("\nRatios at the same concurrency (medians of per-repeat ratios):")
     ratios = {}
     for c in levels:
-        stock_runs, evs_runs, par_runs = (runs[(label, c)] for label, _, _ in series)
+        stock_runs, evs_runs, par_runs = (runs[(label, c)] for label, _, _ in series[:3])
 
         def ratio(numerator, denominator, key, invert=False):
             values = [(d[key] / n[key]) if invert else (n[key] / d[key]) for n, d in zip(numerator, denominator)]
@@ -177,15 +203,26 @@ def main() -> None:
              "par_ttft_vs_evs": ratio(par_runs, evs_runs, "ttft_p50", invert=True),
              "par_rps_vs_evs": ratio(par_runs, evs_runs, "rps"),
              "par_rps_vs_stock": ratio(par_runs, stock_runs, "rps")}
-        ratios[f"c={c}"] = r
         lines.append(f"  c={c}: TTFT {r['par_ttft_vs_stock']:.2f}x lower than stock with PAR, "
                      f"{r['evs_ttft_vs_stock']:.2f}x with EVS (PAR vs EVS {r['par_ttft_vs_evs']:.2f}x); "
                      f"requests/s PAR/EVS {r['par_rps_vs_evs']:.2f}x, PAR/stock {r['par_rps_vs_stock']:.2f}x")
-    selection = selection_seconds(path, grid, kept, "cuda" if args.gpu else "cpu")
+        if args.merge_repeats:
+            merged_runs = runs[(series[3][0], c)]
+            r["merged_ttft_vs_evs"] = ratio(merged_runs, evs_runs, "ttft_p50", invert=True)
+            r["merged_rps_vs_evs"] = ratio(merged_runs, evs_runs, "rps")
+            lines.append(f"  c={c}: PAR with repeats merged vs EVS: TTFT {r['merged_ttft_vs_evs']:.2f}x, "
+                         f"requests/s {r['merged_rps_vs_evs']:.2f}x")
+        ratios[f"c={c}"] = r
+    selection = selection_seconds(path, grid, kept, "cuda" if args.gpu else "cpu",
+                                  clip=(clip_frames(0, args.frames, args.side), clip_metadata(args.frames))
+                                  if args.merge_repeats else None)
     lines.append(f"\nChoosing one clip's {kept} of {full} tokens in the model executor, timed directly (median of "
                  f"{selection['repeats']}, random features of width {selection['hidden']}, "
                  f"{selection['torch_threads']} torch threads): PAR {selection['par_s'] * 1e3:.1f} ms, "
                  f"EVS {selection['evs_s'] * 1e3:.1f} ms")
+    if args.merge_repeats:
+        lines.append(f"On the first request's clip, its tower's own tokens: PAR {selection['clip_par_s'] * 1e3:.1f} ms, "
+                     f"with its repeats merged first {selection['clip_par_merged_s'] * 1e3:.1f} ms")
     write_report(f"serve-video-{args.name or Path(args.model).name}", lines, {
         "model": about, "device": device, "args": vars(args), "video_tokens": full, "kept": kept,
         "summary": summary, "ratios": ratios, "selection": selection})

@@ -110,15 +110,21 @@ def reference_markdown() -> str:
                          f"{field.description}{choices}{note} |")
         lines.append("")
     lines += ["## Experimental", "",
-              "Kept for comparisons, not recommended: on the accuracy benchmark's model (trained here,",
-              "docs/accuracy.md) neither measurably gained anything over the defaults.", "",
+              "Off by default, not recommended: on the accuracy benchmark's model (trained here,",
+              "docs/accuracy.md) neither of the first two measurably gained anything over the defaults,",
+              "and the third has not been measured for accuracy yet.", "",
               "- `par_centre_relevance` 0.5, 1 and 2: on 300 training-split questions, between 2 answers",
               "  fewer and 1 more than the default at 25 / 11 / 6% of the tokens, measured before",
               "  `par_min_retrieved=2` became the default",
               "  (`benchmarks/results/par-ablation-vqa-v4-train-seed1-variants.txt`, rows cr05, cr1, cr2).",
               "- `par_centres=farthest_point`: on the same 300 questions, 298 / 298 / 292 right against the",
               "  default's 298 / 295 / 291 at 25 / 11 / 6% (3 and 1 answers ahead, p 0.25 and 1.0)",
-              "  (`benchmarks/results/par-ablation-vqa-v4-train-seed1-min-retrieved-fps.txt`).", ""]
+              "  (`benchmarks/results/par-ablation-vqa-v4-train-seed1-min-retrieved-fps.txt`).",
+              "- `par_merge_repeats`: what it would leave of a clip for PAR's pairwise steps,",
+              "  `python -m benchmarks.diagnostics.temporal_repeats` (about 240 distinct of the 2,304 tokens",
+              "  of `benchmarks/serve_video.py`'s clips through its random-weight tower, about 235 of the",
+              "  1,296 of the video accuracy benchmark's through the Qwen image model's tower, on CPU);",
+              "  its accuracy on the video benchmark and its serving cost are not measured yet.", ""]
     return "\n".join(lines)
 
 

@@ -18,11 +18,17 @@ logger = logging.getLogger("vllm.plugins." + __name__)
 
 def reduce_tokens(
     visual: torch.Tensor, query: torch.Tensor, query_mask: torch.Tensor, num_kept: int, settings: ParSettings,
-    grid: tuple[int, int] | None = None,
+    grid: tuple[int, int] | None = None, steps: int = 1,
 ) -> Reduction:
     """B images of N tokens to K each by `settings.method`: PAR, or a baseline at the same
     budget. Arguments as par_vllm.reduction.par_reduce; `grid`, the images' token grid
-    (rows, columns) where it is not square, for the pooling baseline."""
+    (rows, columns) where it is not square, for the pooling baseline; `steps`, the frame
+    pairs of a video (one item, B = 1), whose repeats PAR merges first under
+    `merge_repeats` (par_vllm/repeats.py)."""
+    if settings.method == "par" and settings.merge_repeats and steps > 1:
+        from .repeats import reduce_video
+
+        return reduce_video(visual, query, query_mask, num_kept, settings, steps)
     if settings.method == "par" or num_kept >= visual.shape[1]:
         return par_reduce(visual, query, query_mask, num_kept, settings)
     return reduce_with(settings.method, visual, query, query_mask, num_kept, settings, grid=grid)
@@ -38,6 +44,7 @@ def reduce_per_image(
     score_dims: int | None = None,
     with_kept: bool = False,
     grids: list[tuple[int, int]] | None = None,
+    steps: list[int] | None = None,
 ) -> list[torch.Tensor] | list[tuple[torch.Tensor, torch.Tensor]]:
     """What the model executor calls: one N_i x D tensor per image (possibly from
     different requests, each with its own prompt and settings) to one K_i x D each.
@@ -47,6 +54,8 @@ def reduce_per_image(
     `with_kept`: return (rows, kept indices) pairs, the indices (ascending) of each output
     row's representative token.
     `grids`: each image's token grid (rows, columns), for images that are not square.
+    `steps`: each item's frame pairs (1 for an image), for videos whose repeats PAR merges
+    first (`merge_repeats`): each such video is reduced alone.
 
     Images with the same N and settings are reduced as one batch; prompts are embedded
     with `embed_tokens` (the LLM's own input embedding table) in one call; each batch
@@ -62,9 +71,11 @@ def reduce_per_image(
         else:
             # Only pooling reads the grid: PAR batches images of one N whatever their shape.
             grid = tuple(grids[i]) if grids is not None and setting.method == "pool" else None
-            groups.setdefault((feature.shape, num_kept, setting, grid), []).append(i)
+            # A video whose repeats merge first is reduced alone (its distinct tokens are its own).
+            alone = (i, steps[i]) if steps is not None and steps[i] > 1 and setting.merge_repeats else None
+            groups.setdefault((feature.shape, num_kept, setting, grid, alone), []).append(i)
 
-    for (_, num_kept, setting, grid), members in groups.items():
+    for (_, num_kept, setting, grid, alone), members in groups.items():
         # One image needs no stacked copy: a large one's features are hundreds of MB.
         rows = features[members[0]][None] if len(members) == 1 else torch.stack([features[i] for i in members])
         visual, carried = (rows, None) if score_dims is None else (rows[..., :score_dims], rows[..., score_dims:])
@@ -79,7 +90,8 @@ def reduce_per_image(
         )[:, None]
         kernels = setting.method == "par" and use_kernels(visual, setting.backend)
         try:
-            reduced = reduce_tokens(visual, query, query_mask, num_kept, setting, grid=grid)
+            reduced = reduce_tokens(visual, query, query_mask, num_kept, setting, grid=grid,
+                                    steps=alone[1] if alone else 1)
         except Exception as error:
             if not kernels:
                 raise
@@ -88,7 +100,8 @@ def reduce_per_image(
             if on_kernel_failure is not None:
                 on_kernel_failure(error)
             kernels = False
-            reduced = par_reduce(visual, query, query_mask, num_kept, setting.model_copy(update={"backend": "torch"}))
+            reduced = reduce_tokens(visual, query, query_mask, num_kept, setting.model_copy(update={"backend": "torch"}),
+                                    steps=alone[1] if alone else 1)
         if on_batch is not None:
             on_batch(len(members), "triton" if kernels else "torch")
         tokens = reduced.tokens if carried is None else torch.cat([reduced.tokens, carry(reduced, carried)], dim=-1)

@@ -132,6 +132,12 @@ class ParSettings(BaseModel):
         "relevance (rescaled to [0, 1] within the image) to this power; 0 is the paper's "
         "prompt-agnostic clustering.", experimental="any value above 0",
         ge=0, le=16, allow_inf_nan=False)] = 0.0
+    merge_repeats: Annotated[bool, setting(
+        "Videos: a token more similar than duplicate_threshold (by `similarity`) to the token at "
+        "its place one frame pair before merges into it first, and PAR's steps compare only "
+        "the distinct tokens, whose number, not N, their cost grows with; where K or fewer "
+        "are distinct, the repeats that changed most are kept too. Images are unaffected.",
+        experimental="true")] = False
 
     backend: Annotated[Literal["auto", "torch", "triton"], setting(
         "auto: the Triton kernels on CUDA tensors, the torch reference elsewhere; torch or "

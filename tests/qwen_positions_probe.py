@@ -71,7 +71,10 @@ def main():
         data = {"image": [Image.open(path).convert("RGB") for path in request["images"]]} if request["images"] else {}
         if "video" in request:  # (frames saved with numpy, metadata)
             data["video"] = (np.load(request["video"]["frames"]), request["video"]["metadata"])
-        (out,) = llm.generate({"prompt": request["prompt"], "multi_modal_data": data},
+        prompt = {"prompt": request["prompt"], "multi_modal_data": data}
+        if "mm_processor_kwargs" in request:
+            prompt["mm_processor_kwargs"] = request["mm_processor_kwargs"]
+        (out,) = llm.generate(prompt,
                               SamplingParams(max_tokens=1, temperature=0.0, logprobs=5), use_tqdm=False)
         first = {token: lp.logprob for token, lp in out.outputs[0].logprobs[0].items()}
         results.append({"prompt_token_ids": list(out.prompt_token_ids), "kept": list(kept_log), "first": first,

@@ -138,7 +138,7 @@ def test_serve_reads_every_setting_from_its_variable_and_a_flag_wins(monkeypatch
               "positions": "consecutive", "outlier_factor": "2", "retrieval_share": "0.75",
               "min_retrieved": "3", "duplicate_threshold": "0.8", "relevance": "mean",
               "drop_question_type_words": "false", "query_turn": "latest", "knn_k": "7", "similarity": "cosine",
-              "routing": "nearest", "centres": "farthest_point", "centre_relevance": "1",
+              "routing": "nearest", "centres": "farthest_point", "centre_relevance": "1", "merge_repeats": "1",
               "backend": "torch", "allowed_request_kwargs": "do_resize", "feature_cache_mb": "64"}
     assert set(values) == set(ParSettings.model_fields)
     for name, text in values.items():
@@ -149,7 +149,7 @@ def test_serve_reads_every_setting_from_its_variable_and_a_flag_wins(monkeypatch
                                    positions="consecutive", outlier_factor=2.0, retrieval_share=0.75,
                                    min_retrieved=3, duplicate_threshold=0.8, relevance="mean",
                                    drop_question_type_words=False, query_turn="latest", knn_k=11, similarity="cosine",
-                                   routing="nearest", centres="farthest_point", centre_relevance=1.0,
+                                   routing="nearest", centres="farthest_point", centre_relevance=1.0, merge_repeats=True,
                                    backend="torch", allowed_request_kwargs=("do_resize",), feature_cache_mb=64)
 
 

@@ -94,6 +94,7 @@ BAD_SETTINGS = {
     "knn_k": [0, 65, 5.5],
     "centres": ["kmeans"],
     "centre_relevance": [-0.5, 17, inf],
+    "merge_repeats": ["yes", 1],
     "similarity": ["euclidean"],
     "routing": ["random"],
     "positions": ["raster", None],

@@ -472,7 +472,8 @@ def test_every_kept_token_sits_at_its_full_image_position(qwen_model, family, to
     right after and inside an image, for two images (a portrait and a square), one, and an
     image and a video: each kept token's (t, h, w) position equals the one transformers' own
     Qwen code gives that token in the unreduced prompt, and every text token's equals its
-    unreduced one. Items above vLLM's encoder budget pass through the tower one at a time."""
+    unreduced one, also with the video's repeats merged first. Items above vLLM's encoder
+    budget pass through the tower one at a time."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     sizes = {"portrait": (308, 448), "square": (448, 448)}
@@ -497,6 +498,9 @@ def test_every_kept_token_sits_at_its_full_image_position(qwen_model, family, to
     requests.append({"prompt": chat(IMAGE + "Where is the star? " + VIDEO + "What moves?"),
                      "images": [str(paths["portrait"])],
                      "video": {"frames": str(tmp_path / "clip.npy"), "metadata": metadata}})
+    # The same with the video's repeats merged first (par_merge_repeats): its kept tokens
+    # are the distinct ones PAR chose, and the repeats it kept where too few were distinct.
+    requests.append({**requests[-1], "mm_processor_kwargs": {"par_merge_repeats": True}})
     # The feature cache off: every item goes through the tower, to be counted below.
     results = probe(qwen_model, family, requests, tmp_path, chunk=64, feature_cache_mb=0)
 
@@ -550,6 +554,7 @@ def test_every_kept_token_sits_at_its_full_image_position(qwen_model, family, to
         assert all(len(tower_run) == 1 for call in calls for tower_run in call)
         handed_together |= any(len(call) > 1 for call in calls)
     assert handed_together  # or the line above checks nothing
+    assert results[-1]["kept"][-1] != results[-2]["kept"][-1]  # the repeats were merged
 
 
 def probe(qwen_model, family, requests, tmp_path, chunk, feature_cache_mb) -> list[dict]:

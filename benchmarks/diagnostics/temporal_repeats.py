@@ -58,12 +58,9 @@ def repeats(features: torch.Tensor, grid: tuple[int, int, int], threshold: float
 def clips(kind: str, count: int, seed: int):
     """(frames, metadata) per clip, as the benchmark of that kind sends them."""
     if kind == "serve":
-        from benchmarks.serve_video import clip_frames
+        from benchmarks.serve_video import clip_frames, clip_metadata
 
-        frames = 32
-        metadata = {"fps": 2.0, "duration": frames / 2.0, "total_num_frames": frames,
-                    "frames_indices": list(range(frames))}
-        return [(clip_frames(i, frames, 336), metadata) for i in range(count)]
+        return [(clip_frames(i, 32, 336), clip_metadata(32)) for i in range(count)]
     from benchmarks.composite_vqa import make_video_composites
 
     out = []

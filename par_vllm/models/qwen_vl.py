@@ -315,7 +315,8 @@ class ParQwenModel(ParModel):
             on_batch=self._count_batch, on_kernel_failure=self._count_kernel_failure,
             score_dims=self.par_score_dims, with_kept=True,
             # Pooling reads the grid (PAR does not): a video's frames stacked.
-            grids=[(frames * height // merge, width // merge) for frames, height, width, _ in grids])
+            grids=[(frames * height // merge, width // merge) for frames, height, width, _ in grids],
+            steps=[frames for frames, _, _, _ in grids])
         return [self._with_positions(tokens, kept, len(feature), grid, setting)
                 for (tokens, kept), feature, grid, setting in zip(reduced, features, grids, settings)]
 
