@@ -57,13 +57,10 @@ def reduce_video(visual: torch.Tensor, query: torch.Tensor, query_mask: torch.Te
     root = roots(before, settings.duplicate_threshold)
     distinct = (root == torch.arange(num_visual, device=visual.device)).nonzero().squeeze(1)
     if len(distinct) <= num_kept:
-        return _keep_every_root(visual, query, query_mask, num_kept, settings, before, distinct)
+        return _keep_every_root(visual, query, query_mask, num_kept, settings, before, root, distinct)
     reduced = par_reduce(visual[:, distinct], query, query_mask, num_kept, settings)
-    # Each token's root, as a position among the distinct tokens.
-    rank = torch.full((num_visual,), -1, dtype=torch.long, device=visual.device)
-    rank[distinct] = torch.arange(len(distinct), device=visual.device)
-    of_root = rank[root]
     # A repeat is a near copy of its root: it goes where the root went, with its weight.
+    of_root = _among(distinct, num_visual)[root]
     assignment = reduced.assignment[0, of_root][None]
     weight = reduced.weight[0, of_root][None]
     kept = distinct[reduced.kept_indices[0]][None]
@@ -73,8 +70,15 @@ def reduce_video(visual: torch.Tensor, query: torch.Tensor, query_mask: torch.Te
     return Reduction(tokens, kept, assignment, retrieved, reduced.prompt_aware, weight)
 
 
+def _among(distinct: torch.Tensor, num_visual: int) -> torch.Tensor:
+    """Each of the N tokens' position among the (ascending) distinct ones, -1 for the rest."""
+    out = torch.full((num_visual,), -1, dtype=torch.long, device=distinct.device)
+    out[distinct] = torch.arange(len(distinct), device=distinct.device)
+    return out
+
+
 def _keep_every_root(visual, query, query_mask, num_kept: int, settings: ParSettings,
-                     before: torch.Tensor, distinct: torch.Tensor) -> Reduction:
+                     before: torch.Tensor, root: torch.Tensor, distinct: torch.Tensor) -> Reduction:
     """K or fewer roots: every root kept, and the repeats that changed most from the frame
     pair before (the lowest similarity to it; the earlier first where equal) until K are,
     each the root of the rest of its run."""
@@ -84,19 +88,14 @@ def _keep_every_root(visual, query, query_mask, num_kept: int, settings: ParSett
     if extra > 0:
         change = before.flatten().clone()
         change[(distinct - places)[distinct >= places]] = math.inf  # already roots
-        promoted = torch.sort(torch.argsort(change, stable=True)[:extra]).values
         split = before.clone()
-        split.view(-1)[promoted] = -math.inf
+        split.view(-1)[torch.argsort(change, stable=True)[:extra]] = -math.inf
         root = roots(split, settings.duplicate_threshold)
         distinct = (root == torch.arange(num_visual, device=visual.device)).nonzero().squeeze(1)
-    else:
-        root = roots(before, settings.duplicate_threshold)
-    rank = torch.full((num_visual,), -1, dtype=torch.long, device=visual.device)
-    rank[distinct] = torch.arange(len(distinct), device=visual.device)
-    assignment = rank[root][None]
+    assignment = _among(distinct, num_visual)[root][None]
     query_n = torch.nn.functional.normalize(query.float(), dim=-1)
     rel, prompt_aware = relevance(token_space(visual, None, "cosine"), query_n, query_mask, settings.relevance)
-    weight = torch.exp(rel)
+    weight = torch.exp(rel)  # as PAR weighs what it merges
     kept = distinct[None]
     tokens = merge(visual, weight, kept, assignment)
     retrieved = torch.zeros(1, num_visual, dtype=torch.bool, device=visual.device)

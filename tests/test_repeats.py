@@ -74,7 +74,7 @@ def test_with_k_or_fewer_distinct_every_one_is_kept_and_the_most_changed_repeats
 
 
 def test_the_executor_reduces_only_videos_differently_and_only_when_asked():
-    visual, query, mask = clip([(1, 2), (3, 11)])
+    visual = clip([(1, 2), (3, 11)])[0]
     embed = torch.nn.Embedding(50, DIM)
     ids = torch.tensor([4, 9])
     features = [visual[0], visual[0]]
