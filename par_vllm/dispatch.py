@@ -76,6 +76,7 @@ def reduce_per_image(
             groups.setdefault((feature.shape, num_kept, setting, grid, alone), []).append(i)
 
     for (_, num_kept, setting, grid, alone), members in groups.items():
+        frame_pairs = alone[1] if alone else 1
         # One image needs no stacked copy: a large one's features are hundreds of MB.
         rows = features[members[0]][None] if len(members) == 1 else torch.stack([features[i] for i in members])
         visual, carried = (rows, None) if score_dims is None else (rows[..., :score_dims], rows[..., score_dims:])
@@ -90,8 +91,7 @@ def reduce_per_image(
         )[:, None]
         kernels = setting.method == "par" and use_kernels(visual, setting.backend)
         try:
-            reduced = reduce_tokens(visual, query, query_mask, num_kept, setting, grid=grid,
-                                    steps=alone[1] if alone else 1)
+            reduced = reduce_tokens(visual, query, query_mask, num_kept, setting, grid=grid, steps=frame_pairs)
         except Exception as error:
             if not kernels:
                 raise
@@ -101,7 +101,7 @@ def reduce_per_image(
                 on_kernel_failure(error)
             kernels = False
             reduced = reduce_tokens(visual, query, query_mask, num_kept, setting.model_copy(update={"backend": "torch"}),
-                                    steps=alone[1] if alone else 1)
+                                    steps=frame_pairs)
         if on_batch is not None:
             on_batch(len(members), "triton" if kernels else "torch")
         tokens = reduced.tokens if carried is None else torch.cat([reduced.tokens, carry(reduced, carried)], dim=-1)

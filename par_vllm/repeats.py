@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from .reduction import Reduction, merge, par_reduce, relevance, token_space, unit_rows
+from .reduction import Reduction, merge, par_reduce, relevance, token_space
 from .settings import ParSettings
 
 
@@ -52,8 +52,7 @@ def reduce_video(visual: torch.Tensor, query: torch.Tensor, query_mask: torch.Te
     num_visual = visual.shape[1]
     if num_kept >= num_visual or steps < 2:
         return par_reduce(visual, query, query_mask, num_kept, settings)
-    mean = visual.float().mean(dim=1, keepdim=True) if settings.similarity == "centred" else None
-    before = similarity_to_before(unit_rows(visual[0], None if mean is None else mean[0]), steps)
+    before = similarity_to_before(token_space(visual, None, settings.similarity)[0], steps)
     root = roots(before, settings.duplicate_threshold)
     distinct = (root == torch.arange(num_visual, device=visual.device)).nonzero().squeeze(1)
     if len(distinct) <= num_kept:

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from par_vllm.reduction import token_space
+from par_vllm.repeats import similarity_to_before
 
 THRESHOLDS = (0.9, 0.95, 0.99)
 
@@ -50,9 +51,8 @@ def video_features(model, processor, frames, metadata) -> tuple[torch.Tensor, tu
 
 def repeats(features: torch.Tensor, grid: tuple[int, int, int], threshold: float) -> int:
     """How many tokens are near copies of the token at their place one frame pair before."""
-    steps, height, width = grid
-    units = token_space(features[None], None, "centred")[0].view(steps, height * width, -1)
-    return int(((units[1:] * units[:-1]).sum(-1) > threshold).sum())
+    units = token_space(features[None], None, "centred")[0]
+    return int((similarity_to_before(units, grid[0]) > threshold).sum())
 
 
 def clips(kind: str, count: int, seed: int):
@@ -61,12 +61,12 @@ def clips(kind: str, count: int, seed: int):
         from benchmarks.serve_video import clip_frames, clip_metadata
 
         return [(clip_frames(i, 32, 336), clip_metadata(32)) for i in range(count)]
-    from benchmarks.composite_vqa import make_video_composites
+    from benchmarks.composite_vqa import hf_video_metadata, make_video_composites
 
     out = []
     for clip in make_video_composites("test", count, frames_per_scene=6, seed=seed):
         frames, metadata = clip.clip()
-        out.append((frames, {k: v for k, v in metadata.items() if k not in ("do_sample_frames", "video_backend")}))
+        out.append((frames, hf_video_metadata(metadata)))
     return out
 
 
