@@ -19,8 +19,10 @@ second, prompt tokens per request, peak KV-cache usage sampled from /metrics.
     python -m benchmarks.serve --model smollm-next --keep-ratio 0.111   # the same in a LLaVA-NeXT, 672 px
     python -m benchmarks.serve --model demo          # tiny random-weight LLaVA
     python -m benchmarks.serve --model smollm-qwen --keep-ratio 0.111   # Qwen2.5-VL, 448 and 896 px
+    python -m benchmarks.serve --model smollm-qwen --keep-ratio 0.111 --sizes 1792,3584 --concurrency 1 \
+        --requests 2 --repeats 1 --name smollm-qwen-large   # 4,096 and 16,384 visual tokens an image
     python -m benchmarks.serve --model DIR --gpu     # any LLaVA checkpoint on a GPU
-Writes benchmarks/results/serve-<model>.{txt,json,png}.
+Writes benchmarks/results/serve-<model or --name>.{txt,json,png}.
 """
 
 from __future__ import annotations
@@ -70,6 +72,23 @@ def model_dir(name: str) -> tuple[Path, str]:
     if not (path / "config.json").exists():
         build(path)
     return path, about
+
+
+def engine_room(path: Path, most_visual: int) -> tuple[list[str], dict, str]:
+    """(vLLM flags, environment, a note for the results) with room for the largest image's
+    whole prompt in one prefill and in the encoder cache, which vLLM sizes from
+    --max-num-batched-tokens: at least 4,096 (a whole LLaVA-NeXT image, 2,928 rows at
+    672 px). A length past the checkpoint's max_position_embeddings is allowed and noted: a
+    Qwen-VL image takes positions along its grid, far fewer than its tokens, so a prompt's
+    positions stay in range (a LLaVA's would not)."""
+    room = max(4096, -(-(most_visual + 512) // 256) * 256)
+    flags = ["--max-model-len", str(room), "--max-num-batched-tokens", str(room)]
+    config = json.loads((path / "config.json").read_text())
+    positions = config.get("text_config", config).get("max_position_embeddings")
+    if positions is None or room <= positions:
+        return flags, {}, ""
+    return (flags, {"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"},
+            f", --max-model-len {room}, past the checkpoint's max_position_embeddings ({positions})")
 
 
 def visual_tokens(path: Path, saved: dict, size: int) -> int:
@@ -197,6 +216,7 @@ def main() -> None:
     add_run_arguments(parser)
     parser.add_argument("--sizes", help="image sides in px, comma-separated (Qwen-VL: any; default "
                         "448,896 for Qwen-VL, the checkpoint's own size otherwise)")
+    parser.add_argument("--name", help="results file name after serve- (default: the model's name)")
     args = parser.parse_args()
 
     path, about = model_dir(args.model)
@@ -204,16 +224,14 @@ def main() -> None:
     if args.sizes is None and architecture in PLACES_ROWS:
         args.sizes = "448,896"
     levels = [int(c) for c in args.concurrency.split(",")]
-    # Room for a whole LLaVA-NeXT image (2,928 rows at 672 px) in one prefill and in the
-    # encoder cache, which vLLM sizes from --max-num-batched-tokens.
-    long_images = ["--max-model-len", "4096", "--max-num-batched-tokens", "4096"]
-    engine = long_images if args.gpu else [*CPU_ENGINE_ARGS, *long_images]
-    common = [*engine, "--no-enable-prefix-caching", "--mm-processor-cache-gb", "0",
-              "--trust-request-mm-kwargs"]
     saved = json.loads((path / "par_model.json").read_text()) if (path / "par_model.json").exists() else {}
     # Qwen-VL takes any size; a LLaVA checkpoint has the one it was saved with.
     sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else [saved.get("image_size", 336)]
     visual = {size: visual_tokens(path, saved, size) for size in sizes}
+    room, env, room_note = engine_room(path, max(visual.values()))
+    engine = room if args.gpu else [*CPU_ENGINE_ARGS, *room]
+    common = [*engine, "--no-enable-prefix-caching", "--mm-processor-cache-gb", "0",
+              "--trust-request-mm-kwargs"]
     budget = {"keep_ratio": args.keep_ratio} if args.keep_ratio else {"num_tokens": args.budget}
 
     def series_at(size: int) -> list[tuple[str, str, dict]]:
@@ -224,9 +242,12 @@ def main() -> None:
                 (f"vLLM+PAR K={n_tokens - 1} (overhead){at}", "par",
                  {"mm_processor_kwargs": {"par_num_tokens": n_tokens - 1}})]
 
-    stock = VllmServer(path, extra_args=common, log_path=RESULTS / "serve-stock.log")
+    # vLLM profiles its largest image at start-up, minutes for the largest sizes on a CPU.
+    server_options = {"env": env, "startup_timeout": 1200}
+    stock = VllmServer(path, extra_args=common, log_path=RESULTS / "serve-stock.log", **server_options)
     par = VllmServer(path, hf_overrides=par_overrides(architecture=architecture, **budget),
-                     extra_args=[*common, *par_engine_args(architecture)], log_path=RESULTS / "serve-par.log")
+                     extra_args=[*common, *par_engine_args(architecture)], log_path=RESULTS / "serve-par.log",
+                     **server_options)
     RESULTS.mkdir(exist_ok=True)
     runs: dict[tuple[str, int], list[dict]] = {}
     total = args.repeats * len(levels) * 3 * len(sizes) * args.requests
@@ -256,7 +277,7 @@ def main() -> None:
     device = describe_device(args.gpu)
     lines = [f"model: {about}; images {', '.join(f'{s}x{s} ({visual[s]} visual tokens)' for s in sizes)}; "
              f"device: {device}; {args.requests} requests x {args.repeats} repeats "
-             f"per cell, {args.max_tokens} output tokens, caches off; median [min-max] over repeats",
+             f"per cell, {args.max_tokens} output tokens, caches off{room_note}; median [min-max] over repeats",
              table_header(40)]
     for (label, c), _ in runs.items():
         lines.append(series_row(label, c, summary[f"{label} @c{c}"], 40))
@@ -292,7 +313,7 @@ def main() -> None:
             lines.append(f"  reduction {visual[size]} -> {k} tokens: {1e3 * seconds:.2f} ms; with the rewrite "
                          f"{share:.2f}% of stock vLLM's p50 latency, {ttft_share:.2f}% of its p50 TTFT "
                          f"at c={levels[0]} ({stock_latency:.2f} s, {stock_ttft:.2f} s)")
-    slug = Path(args.model).name
+    slug = args.name or Path(args.model).name
     write_report(f"serve-{slug}", lines, {"model": about, "device": device, "args": vars(args), "summary": summary,
                                           "ratios": ratios, "own_work": own_work})
     plot(runs, levels, [x for size in sizes for x in series_at(size)], RESULTS / f"serve-{slug}.png", about)
@@ -336,7 +357,7 @@ def timed_median(fn, repeats: int, device: str) -> float:
     return statistics.median(times)
 
 
-def par_own_work(path: Path, n_tokens: int, budget: int, device: str, repeats: int = 30) -> dict:
+def par_own_work(path: Path, n_tokens: int, budget: int, device: str, repeats: int | None = None) -> dict:
     """Seconds PAR adds to one request, using the plugin's own functions: the frontend's
     prompt rewrite (decode, strip, re-encode) and the executor's reduction of one image
     (N x D features of the checkpoint's hidden size, the prompt embedded by a table of
@@ -346,6 +367,7 @@ def par_own_work(path: Path, n_tokens: int, budget: int, device: str, repeats: i
 
     from par_vllm.dispatch import reduce_per_image
     from par_vllm.prompt import QueryRewriter
+    from par_vllm.reduction import FULL_MATRIX_MAX
 
     config = AutoConfig.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -354,6 +376,8 @@ def par_own_work(path: Path, n_tokens: int, budget: int, device: str, repeats: i
         [{"role": "user", "content": f"{image_token}\n{QUESTION}"}], add_generation_prompt=True, tokenize=False)
     prompt_ids = tokenizer.encode(prompt.replace(image_token, image_token * n_tokens))
     rewriter = QueryRewriter(tokenizer, image_token)
+    if repeats is None:  # the tiled path takes seconds per image at the largest sizes
+        repeats = 30 if n_tokens <= FULL_MATRIX_MAX else 3
 
     def median_seconds(fn) -> float:
         return timed_median(fn, repeats, device)
