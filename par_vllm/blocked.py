@@ -8,8 +8,9 @@ needed, so memory grows with a block of rows (block x N at most), not with N x N
 N x D:
 - near-duplicates and routing compare every token with the retrieved or the kept tokens
   only (R or K columns);
-- density peaks take one pass that keeps each candidate's nearest candidates (a tile of
-  candidates against candidates at a time, each tile once for its rows and its columns);
+- density peaks take one pass that keeps each candidate's nearest candidates (a panel of
+  candidates against a tile of candidates at a time, each pair of tiles once for its rows
+  and its columns);
   most tokens' nearest denser neighbour is among them, exactly (every candidate nearer
   than the last one listed is listed), and only the rest, the local density maxima, are
   compared with every token again.
@@ -42,9 +43,13 @@ from .settings import ParSettings
 
 # Rows (and columns) of similarities computed at a time.
 BLOCK = 256
-# Nearest candidates kept per token in the density pass: enough that almost every token
-# finds a denser one among them.
-NEIGHBOURS = 32
+# Nearest candidates kept per token in the density pass. A token with no denser one among
+# them is compared with every token again; a longer list leaves fewer such tokens but makes
+# merging each tile into the lists, the pass's costliest step besides its products, dearer
+# (benchmarks/par_cost.py).
+NEIGHBOURS = 8
+# Row tiles that meet each column tile in one product in the density pass.
+PANEL = 4
 
 
 def _blocks(count: int, block: int):
@@ -118,36 +123,51 @@ def nearest_candidates(space: Space, candidates: torch.Tensor, knn_k: int, neigh
     # Candidates against candidates only (every other pair is inf), and each tile of that
     # symmetric matrix computed once: it lists neighbours for its rows, and transposed for
     # its columns' rows. Which of equally near neighbours a row lists may differ from the
-    # reference's; its densities and deltas cannot (nearest_denser).
-    best_d2 = torch.full((rows_of.numel(), listed), math.inf, device=device)
+    # reference's; its densities and deltas cannot (nearest_denser). The lists hold
+    # similarities, the largest first: squared distances, 2 - 2 cos clamped at 0, fall as
+    # similarities rise, so the most similar give the nearest distances, the same values
+    # in the same order, and only the listed ones are turned into distances.
+    best_sim = torch.full((rows_of.numel(), listed), -math.inf, device=device)
     best_at = torch.zeros((rows_of.numel(), listed), dtype=torch.long, device=device)
     parts = list(_blocks(rows_of.numel(), space.block))
-    for i, part in enumerate(parts):
-        units = _padded(space.units(rows_of[part]), space.block)
-        for other in parts[i:]:
-            other_units = units if other is part else _padded(space.units(rows_of[other]), space.block)
-            sim = (units @ other_units.T)[:part.stop - part.start, :other.stop - other.start]
-            d2 = (2.0 - 2.0 * sim).clamp(min=0.0)
-            if other is part:
-                d2.fill_diagonal_(math.inf)
-            _keep_nearest(best_d2, best_at, part, d2, other.start)
-            if other is not part:
-                _keep_nearest(best_d2, best_at, other, d2.T, part.start)
+    # A panel of PANEL row tiles meets each column tile from its own first one on in one
+    # product, the same shape every time (padded): fewer, larger products, and each column
+    # tile's unit rows computed once a panel rather than once a row tile.
+    for first in range(0, len(parts), PANEL):
+        rows = slice(parts[first].start, parts[min(first + PANEL, len(parts)) - 1].stop)
+        panel_units = _padded(space.units(rows_of[rows]), PANEL * space.block)
+        for other in parts[first:]:
+            sims = panel_units @ _padded(space.units(rows_of[other]), space.block).T
+            width = other.stop - other.start
+            if other.start < rows.stop:
+                # One of the panel's own tiles: its rows and those before it take it in,
+                # and it takes in the rows before it; rows after it meet it as columns later.
+                before = other.start - rows.start
+                sim = sims[:before + width, :width]
+                sim[before:].fill_diagonal_(-math.inf)
+                _keep_nearest(best_sim, best_at, slice(rows.start, other.stop), sim, other.start)
+                if before:
+                    _keep_nearest(best_sim, best_at, other, sim[:before].T, rows.start)
+            else:
+                sim = sims[:rows.stop - rows.start, :width]
+                _keep_nearest(best_sim, best_at, rows, sim, other.start)
+                _keep_nearest(best_sim, best_at, other, sim.T, rows.start)
+    best_d2 = (2.0 - 2.0 * best_sim).clamp(min=0.0)
     near_d2[rows_of], near_index[rows_of] = best_d2, rows_of[best_at]
     if k > 0:
-        first = best_d2[:, :k]
-        valid = torch.isfinite(first)
-        mean_d2[rows_of] = first.masked_fill(~valid, 0.0).sum(-1) / valid.sum(-1).clamp(min=1)
+        first_k = best_d2[:, :k]
+        valid = torch.isfinite(first_k)
+        mean_d2[rows_of] = first_k.masked_fill(~valid, 0.0).sum(-1) / valid.sum(-1).clamp(min=1)
     return mean_d2, near_d2, near_index
 
 
-def _keep_nearest(best_d2: torch.Tensor, best_at: torch.Tensor, rows: slice, d2: torch.Tensor, first: int) -> None:
-    """Merge a tile's squared distances (columns `first`, `first` + 1, ...) into `rows`'
-    nearest so far, in place, ascending."""
-    columns = torch.arange(first, first + d2.shape[1], device=d2.device).expand(d2.shape[0], -1)
-    d2, at = torch.cat([best_d2[rows], d2], dim=1), torch.cat([best_at[rows], columns], dim=1)
-    best, order = d2.topk(best_d2.shape[1], dim=-1, largest=False)
-    best_d2[rows], best_at[rows] = best, at.gather(1, order)
+def _keep_nearest(best_sim: torch.Tensor, best_at: torch.Tensor, rows: slice, sim: torch.Tensor, first: int) -> None:
+    """Merge a tile's similarities (columns `first`, `first` + 1, ...) into `rows`' most
+    similar so far, in place, largest first."""
+    listed = best_sim.shape[1]
+    best, order = torch.cat([best_sim[rows], sim], dim=1).topk(listed, dim=-1)
+    listed_before = best_at[rows].gather(1, order.clamp(max=listed - 1))
+    best_sim[rows], best_at[rows] = best, torch.where(order < listed, listed_before, order - listed + first)
 
 
 def nearest_denser(space: Space, candidates: torch.Tensor, density: torch.Tensor,
