@@ -174,7 +174,8 @@ def main(argv: list[str] | None = None) -> None:
                     "Requests can override a default with the same `par_*` key in "
                     "mm_processor_kwargs if vLLM runs with --trust-request-mm-kwargs.",
     )
-    serve.add_argument("model", help="checkpoint directory or name (an unmodified LLaVA-1.5 or LLaVA-NeXT)")
+    serve.add_argument("model", help="checkpoint directory or name, unmodified, of a supported family "
+                       "(LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL, Qwen3-VL, Qwen3.5: --architecture lists them)")
     add_setting_flags(serve)
     serve.add_argument("--architecture", help="the checkpoint's architecture, when its config cannot be "
                        f"read here (default: from the config; supported: {', '.join(FAMILIES)})")
