@@ -25,6 +25,13 @@ ARCH = {"qwen2_5_vl": "ParQwen2_5_VLForConditionalGeneration", "qwen3_vl": "ParQ
         "qwen3_5": "ParQwen3_5ForConditionalGeneration"}
 # vLLM's CPU Gated DeltaNet layers (Qwen3.5's linear attention) run in bfloat16 only.
 DTYPE = {"qwen2_5_vl": "float32", "qwen3_vl": "float32", "qwen3_5": "bfloat16"}
+# How far a log-probability may move when only the engine's schedule differs: other requests
+# in the same steps, or the prefix cache on (vLLM then splits a hybrid model's prefill where
+# its linear-attention state is cached, mamba_cache_mode "align"). In bfloat16 that moves
+# log-probabilities by rounding (seen on a CPU with AVX-512 BF16); the tolerance stays under
+# what a misplaced image moves (test_the_tiny_models_answers_depend_on_positions), and the
+# tokens must match exactly.
+SCHEDULE_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
 # (width, height) -> N, as the family's processor counts it (2x2 merge of 14 or 16 px patches).
 TOKENS = {
     "qwen2_5_vl": {(448, 448): 256, (224, 224): 64, (308, 448): 176, (448, 308): 176},
@@ -378,22 +385,20 @@ def test_frame_dropping_keeps_a_videos_budget_and_refuses_images(runs, tokenizer
 
 
 @pytest.mark.slow
-def test_reduced_videos_do_not_depend_on_prefill_chunks_and_keep_to_their_prompt(runs):
+def test_reduced_videos_do_not_depend_on_prefill_chunks_and_keep_to_their_prompt(runs, family):
     """A reduced video answers the same in 64-token chunks as with whole prefill; with the
     prefix cache on, the same video under two prompts, alternating, answers each prompt as
     a cache-free engine does."""
     same(runs["par64", "video"], runs["video", 8, 224])
     for out, expected in zip(runs["cached_video"], [runs["fresh_video"][i] for i in (1, 0, 1, 0)]):
-        same(out, expected)
+        same(out, expected, SCHEDULE_TOLERANCE[DTYPE[family]])
 
 
 @pytest.mark.slow
 def test_reduced_outputs_do_not_depend_on_prefill_chunks_or_other_requests(runs, family):
     """Reduced, a request answers the same alone with whole prefill as in 64-token chunks
-    sharing engine steps with other requests. In bfloat16 (Qwen3.5 on a CPU) a batch's
-    composition moves log-probabilities by rounding, so the tokens must match exactly and
-    the log-probabilities within bfloat16's rounding, under what a misplaced image moves."""
-    tolerance = 5e-2 if DTYPE[family] == "bfloat16" else 1e-4
+    sharing engine steps with other requests (SCHEDULE_TOLERANCE)."""
+    tolerance = SCHEDULE_TOLERANCE[DTYPE[family]]
     same(runs["par64", "two"], runs["par", "two"], tolerance)
     one, two, portrait = runs["par64", "batch"]
     same(one, runs["par", (448, 448)], tolerance)
@@ -412,12 +417,12 @@ def test_positions_setting_changes_the_answer(runs):
 
 
 @pytest.mark.slow
-def test_prefix_cache_never_hands_one_prompts_tokens_to_another(runs):
+def test_prefix_cache_never_hands_one_prompts_tokens_to_another(runs, family):
     """The same image under two prompts, alternating with the prefix cache on: each answer
     equals that prompt's answer from a cache-free engine."""
     other, one = runs["fresh"][1], runs["fresh"][0]
     for out, expected in zip(runs["cached"], (other, one, other, one)):
-        same(out, expected)
+        same(out, expected, SCHEDULE_TOLERANCE[DTYPE[family]])
 
 
 @pytest.mark.slow
@@ -442,8 +447,8 @@ def test_each_later_question_is_shown_the_image_again_at_its_turn(runs, tokenize
     # The third turn's prompt is the second's with the reply and the third question after it.
     assert third.prompt_token_ids[:len(ids)] == ids
     for out, expected in zip(runs["cached_second_view"], runs["fresh_second_view"][::-1] * 2):
-        same(out, expected)
-    same(runs["cached_third_turn"], third)
+        same(out, expected, SCHEDULE_TOLERANCE[DTYPE[family]])
+    same(runs["cached_third_turn"], third, SCHEDULE_TOLERANCE[DTYPE[family]])
     block = runs["block_size"]
     assert runs["cached_third_turn"].num_cached_tokens >= len(ids) // block * block > 0
 
