@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -24,6 +25,20 @@ from .composite_vqa import COLORS
 LABELS = {"par": "PAR", "pool": "uniform 2D pooling", "random": "random",
           "topk": "relevance top-k", "diverse": "diversity (DivPrune-style)", "full": "no reduction",
           "evs": "EVS (vLLM's own)", "frames": "uniform frame dropping"}
+
+
+def cpu_words() -> str:
+    """This machine's CPU for a results file: its cores and widest vector instructions, which
+    set the CPU kernels' speed and how bfloat16 rounds (sessions do not always get the same
+    CPU)."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    vector = ("AVX-512 with BF16" if "avx512_bf16" in flags else "AVX-512" if "avx512f" in flags
+              else "AVX2" if "avx2" in flags else "vector instructions unknown")
+    return f"{os.cpu_count()} cores, {vector}"
 
 
 def model_about(model: Path) -> dict:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -130,7 +129,9 @@ def main() -> None:
     else:
         import torch
 
-        where = f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+        from benchmarks.common import cpu_words
+
+        where = f"CPU ({cpu_words()}, {torch.get_num_threads()} torch threads)"
     lines = [(f"PAR's own reduction of one image (reduce_per_image, default settings, torch reference), "
               f"D = {args.dim}, random tokens; {where}; median of {args.repeats}"),
              ("peak extra memory in MiB: tensors alive at once (torch's allocation events), and the "

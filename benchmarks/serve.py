@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
 import threading
@@ -41,7 +40,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from benchmarks.common import make_smollm_llava, make_smollm_llava_next, make_smollm_qwen
+from benchmarks.common import cpu_words, make_smollm_llava, make_smollm_llava_next, make_smollm_qwen
 from par_vllm import PLACES_ROWS, par_architecture
 from par_vllm.demo import image_data_url
 from par_vllm.server import CPU_ENGINE_ARGS, VllmServer, par_engine_args, par_overrides
@@ -194,7 +193,7 @@ def describe_device(gpu: bool) -> str:
         import torch
 
         return f"GPU ({torch.cuda.get_device_name(0)}, {torch.cuda.device_count()} visible)"
-    return f"CPU ({os.cpu_count()} cores)"
+    return f"CPU ({cpu_words()})"
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
