@@ -241,7 +241,7 @@ def main() -> None:
                 (f"vLLM+PAR K={n_tokens - 1} (overhead){at}", "par",
                  {"mm_processor_kwargs": {"par_num_tokens": n_tokens - 1}})]
 
-    # vLLM profiles its largest image at start-up, minutes for the largest sizes on a CPU.
+    # vLLM profiles its largest image at start-up, which takes longer the more room it is given.
     server_options = {"env": env, "startup_timeout": 1200}
     stock = VllmServer(path, extra_args=common, log_path=RESULTS / "serve-stock.log", **server_options)
     par = VllmServer(path, hf_overrides=par_overrides(architecture=architecture, **budget),

@@ -76,7 +76,7 @@ def test_serve_benchmark_counts_qwen_tokens_per_size_and_times_its_own_work(tmp_
     assert [serve.visual_tokens(model, about, size) for size in (448, 896)] == [256, 1024]
     work = serve.par_own_work(model, 256, 29, "cpu", repeats=2)
     assert work["rewrite_s"] > 0 and set(work["reduce_s"]) == {29, 255}
-    # Room for the largest image's prompt; past the checkpoint's positions only when told.
+    # Room for the largest image's prompt; past the checkpoint's positions only where it must, and said.
     positions = json.loads((model / "config.json").read_text())["text_config"]["max_position_embeddings"]
     assert serve.engine_room(model, 1024) == (["--max-model-len", "4096", "--max-num-batched-tokens", "4096"], {}, "")
     flags, env, note = serve.engine_room(model, positions)
