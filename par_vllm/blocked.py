@@ -137,12 +137,15 @@ def nearest_candidates(space: Space, candidates: torch.Tensor, knn_k: int, neigh
         rows = slice(parts[first].start, parts[min(first + PANEL, len(parts)) - 1].stop)
         panel_units = _padded(space.units(rows_of[rows]), PANEL * space.block)
         for other in parts[first:]:
-            sims = panel_units @ _padded(space.units(rows_of[other]), space.block).T
-            width = other.stop - other.start
-            if other.start < rows.stop:
+            before, width = other.start - rows.start, other.stop - other.start
+            inside = other.start < rows.stop
+            # A tile of the panel's own has its unit rows (padded as _padded pads) in the panel's.
+            other_units = (panel_units[before:before + space.block] if inside
+                           else _padded(space.units(rows_of[other]), space.block))
+            sims = panel_units @ other_units.T
+            if inside:
                 # One of the panel's own tiles: its rows and those before it take it in,
                 # and it takes in the rows before it; rows after it meet it as columns later.
-                before = other.start - rows.start
                 sim = sims[:before + width, :width]
                 sim[before:].fill_diagonal_(-math.inf)
                 _keep_nearest(best_sim, best_at, slice(rows.start, other.stop), sim, other.start)
