@@ -48,8 +48,12 @@ BLOCK = 256
 # merging each tile into the lists, the pass's costliest step besides its products, dearer
 # (benchmarks/par_cost.py).
 NEIGHBOURS = 8
-# Row tiles that meet each column tile in one product in the density pass.
-PANEL = 4
+# The density pass's tiles are this many blocks wide: merging a tile into its rows' lists
+# costs less per similarity the more columns a row brings at once (a top-k over a row of
+# under 64 x NEIGHBOURS values takes torch's slower selection on a CPU).
+DENSITY_TILE_BLOCKS = 2
+# Tiles of rows that meet each column tile in one product in the density pass.
+PANEL = 2
 
 
 def _blocks(count: int, block: int):
@@ -83,13 +87,15 @@ class Space:
             targets = _padded(self.units(columns), self.block).T
             yield columns, (units @ targets)[:rows.numel(), :columns.stop - columns.start]
 
-    def to_columns(self, columns: torch.Tensor, reduce) -> torch.Tensor:
-        """reduce(similarities of a row block to `columns`, its row slice), over all row blocks."""
+    def to_columns(self, columns: torch.Tensor, reduce, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """reduce(similarities of a block of rows to `columns`), over every row block of
+        `rows` (all rows by default)."""
         targets = _padded(self.units(columns), self.block).T
         out = []
-        for rows in _blocks(self.size, self.block):
-            sim = (_padded(self.units(rows), self.block) @ targets)[:rows.stop - rows.start, :columns.numel()]
-            out.append(reduce(sim, rows))
+        for part in _blocks(self.size if rows is None else rows.numel(), self.block):
+            index = part if rows is None else rows[part]
+            sim = (_padded(self.units(index), self.block) @ targets)[:part.stop - part.start, :columns.numel()]
+            out.append(reduce(sim))
         return torch.cat(out)
 
 
@@ -98,15 +104,8 @@ def near_duplicates(space: Space, retrieved: torch.Tensor, threshold: float) -> 
     columns = retrieved.nonzero().squeeze(1)
     if columns.numel() == 0:
         return torch.zeros_like(retrieved)
-    to_retrieved = space.to_columns(columns, lambda sim, rows: sim.amax(dim=-1))
+    to_retrieved = space.to_columns(columns, lambda sim: sim.amax(dim=-1))
     return (to_retrieved > threshold) & ~retrieved
-
-
-def _distances2(sim: torch.Tensor, rows: torch.Tensor, columns: slice, candidates: torch.Tensor) -> torch.Tensor:
-    """Squared distances, inf off the candidates and from a token to itself."""
-    index = torch.arange(columns.start, columns.stop, device=sim.device)
-    pair = candidates[columns][None, :] & (index[None, :] != rows[:, None])
-    return (2.0 - 2.0 * sim).clamp(min=0.0).masked_fill(~pair, math.inf)
 
 
 def nearest_candidates(space: Space, candidates: torch.Tensor, knn_k: int, neighbours: int | None = None):
@@ -129,19 +128,20 @@ def nearest_candidates(space: Space, candidates: torch.Tensor, knn_k: int, neigh
     # in the same order, and only the listed ones are turned into distances.
     best_sim = torch.full((rows_of.numel(), listed), -math.inf, device=device)
     best_at = torch.zeros((rows_of.numel(), listed), dtype=torch.long, device=device)
-    parts = list(_blocks(rows_of.numel(), space.block))
+    tile = DENSITY_TILE_BLOCKS * space.block
+    parts = list(_blocks(rows_of.numel(), tile))
     # A panel of PANEL row tiles meets each column tile from its own first one on in one
     # product, the same shape every time (padded): fewer, larger products, and each column
     # tile's unit rows computed once a panel rather than once a row tile.
     for first in range(0, len(parts), PANEL):
         rows = slice(parts[first].start, parts[min(first + PANEL, len(parts)) - 1].stop)
-        panel_units = _padded(space.units(rows_of[rows]), PANEL * space.block)
+        panel_units = _padded(space.units(rows_of[rows]), PANEL * tile)
         for other in parts[first:]:
             before, width = other.start - rows.start, other.stop - other.start
             inside = other.start < rows.stop
             # A tile of the panel's own has its unit rows (padded as _padded pads) in the panel's.
-            other_units = (panel_units[before:before + space.block] if inside
-                           else _padded(space.units(rows_of[other]), space.block))
+            other_units = (panel_units[before:before + tile] if inside
+                           else _padded(space.units(rows_of[other]), tile))
             sims = panel_units @ other_units.T
             if inside:
                 # One of the panel's own tiles: its rows and those before it take it in,
@@ -178,30 +178,42 @@ def nearest_denser(space: Space, candidates: torch.Tensor, density: torch.Tensor
     """Density-peak delta for one image: each candidate's distance to its nearest denser
     candidate (equal densities: the lower index is denser), its farthest distance for the
     densest; 0 off the candidates."""
-
-    def denser(rows: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
-        d_rows, d_others = density[rows][:, None], density[others]
-        return (d_others > d_rows) | ((d_others == d_rows) & (others < rows[:, None]))
-
     rows_of = candidates.nonzero().squeeze(1)
-    listed_denser = denser(rows_of, near_index[rows_of]) & torch.isfinite(near_d2[rows_of])
+    # j is denser than i when it comes before i in the reference's density order; a token
+    # off the candidates is never denser.
+    order = rows_of[density[rows_of].sort(descending=True, stable=True).indices]
+    rank = torch.full((space.size,), space.size, dtype=torch.long, device=candidates.device)
+    rank[order] = torch.arange(order.numel(), device=candidates.device)
+    listed_denser = (rank[near_index[rows_of]] < rank[rows_of][:, None]) & torch.isfinite(near_d2[rows_of])
     delta = torch.zeros(space.size, dtype=torch.float32, device=candidates.device)
     delta[rows_of] = near_d2[rows_of].sqrt().masked_fill(~listed_denser, math.inf).amin(dim=-1)
-    # The local maxima: no denser candidate listed, so compare with every token.
+    # The local maxima: no denser candidate listed, so compare with every token. Distances
+    # fall as similarities rise (2 - 2 cos, clamped, then its root), so the most similar
+    # denser token gives the nearest distance, the reference's to the bit. The densest, one
+    # of them, has no denser candidate and takes its least similar other candidate instead.
     again = rows_of[torch.isinf(delta[rows_of])]
-    for part in _blocks(again.numel(), space.block):
+    densest = order[:1]
+    for part in _blocks(again.numel(), PANEL * DENSITY_TILE_BLOCKS * space.block):
         rows = again[part]
-        nearest = torch.full((rows.numel(),), math.inf, device=candidates.device)
-        farthest = torch.zeros_like(nearest)
+        most_similar = torch.full((rows.numel(),), -math.inf, device=candidates.device)
+        least_similar = torch.full((rows.numel(),), math.inf, device=candidates.device)
+        is_densest = rows == densest
+        at = int(is_densest.nonzero()[0]) if is_densest.any() else None
         for columns, sim in space.row_tiles(rows):
-            dist2 = _distances2(sim, rows, columns, candidates)
-            pair = torch.isfinite(dist2)
-            dist = dist2.masked_fill(~pair, 0.0).sqrt()
-            others = torch.arange(columns.start, columns.stop, device=sim.device).expand(rows.numel(), -1)
-            nearest = torch.minimum(nearest, dist.masked_fill(~(denser(rows, others) & pair), math.inf).amin(-1))
-            farthest = torch.maximum(farthest, dist.masked_fill(~pair, 0.0).amax(dim=-1))
-        delta[rows] = torch.where(torch.isinf(nearest), farthest, nearest)
+            if at is not None:
+                others = candidates[columns] & (torch.arange(columns.start, columns.stop, device=sim.device) != densest)
+                least_similar[at] = torch.minimum(least_similar[at], sim[at].masked_fill(~others, math.inf).amin())
+            not_denser = rank[columns][None, :] >= rank[rows][:, None]
+            most_similar = torch.maximum(most_similar, sim.masked_fill_(not_denser, -math.inf).amax(dim=-1))
+        # With no other candidate the densest's least similar stays inf: distance 0.
+        delta[rows] = _distance(torch.where(is_densest, least_similar, most_similar))
     return delta
+
+
+def _distance(sim: torch.Tensor) -> torch.Tensor:
+    """Euclidean distance between unit rows of cosine `sim`, as the reference rounds it
+    (inf for -inf, 0 for inf)."""
+    return (2.0 - 2.0 * sim).clamp(min=0.0).sqrt()
 
 
 def farthest_points(space: Space, candidates: torch.Tensor, retrieved: torch.Tensor,
@@ -211,7 +223,7 @@ def farthest_points(space: Space, candidates: torch.Tensor, retrieved: torch.Ten
     num_visual = candidates.shape[0]
     columns = retrieved.nonzero().squeeze(1)
     if columns.numel():
-        nearest = space.to_columns(columns, lambda sim, rows: (1.0 - sim).amin(dim=-1))
+        nearest = space.to_columns(columns, lambda sim: (1.0 - sim).amin(dim=-1))
     else:
         nearest = torch.full((num_visual,), math.inf, device=candidates.device)
     units = space.units(slice(0, num_visual))
@@ -232,19 +244,22 @@ def farthest_points(space: Space, candidates: torch.Tensor, retrieved: torch.Ten
 
 def route(space: Space, kept: torch.Tensor, retrieved: torch.Tensor, duplicates: torch.Tensor,
           separate: bool) -> torch.Tensor:
-    """reduction.route for one image."""
+    """reduction.route for one image. Each token is compared with the kept tokens it may
+    join only, rather than with all of them and the rest masked: fewer products, and the
+    same answer, since those columns keep their order (ties go to the first)."""
     kept_is_retrieved = retrieved[kept]
-    only_retrieved = bool(kept_is_retrieved.all())
-
-    def assign(sim: torch.Tensor, rows: slice) -> torch.Tensor:
-        duplicate = duplicates[rows][:, None]
-        closed = duplicate & ~kept_is_retrieved[None, :]
-        if separate and not only_retrieved:
-            closed = closed | (~duplicate & kept_is_retrieved[None, :])
-        return sim.masked_fill(closed, -math.inf).argmax(dim=-1)
-
-    assignment = space.to_columns(kept, assign)
-    return assignment.scatter(0, kept, torch.arange(kept.numel(), device=kept.device))
+    position = torch.arange(kept.numel(), device=kept.device)
+    open_to_others = (position[~kept_is_retrieved] if separate and not bool(kept_is_retrieved.all())
+                      else position)
+    # A near-duplicate of a retrieved token joins a retrieved one; any other token, a centre
+    # under separate routing (any kept token where all are retrieved), else any kept token.
+    groups = (((~duplicates).nonzero().squeeze(1), open_to_others),
+              (duplicates.nonzero().squeeze(1), position[kept_is_retrieved]))
+    assignment = torch.empty(space.size, dtype=torch.long, device=kept.device)
+    for rows, open_ in groups:
+        if rows.numel():
+            assignment[rows] = open_[space.to_columns(kept[open_], lambda sim: sim.argmax(dim=-1), rows)]
+    return assignment.scatter(0, kept, position)
 
 
 def reduce_blocked(visual: torch.Tensor, rel: torch.Tensor, prompt_aware: torch.Tensor, num_kept: int,

@@ -81,3 +81,28 @@ def test_par_reduce_on_a_large_image_keeps_what_the_reference_keeps(monkeypatch)
     assert torch.equal(large.kept_indices, reference.kept_indices)
     assert torch.equal(large.assignment, reference.assignment)
     torch.testing.assert_close(large.tokens, reference.tokens)
+
+
+@pytest.mark.parametrize("chosen", ["all", "three", "one", "none", "two copies"])
+def test_blocked_density_peaks_equal_the_reference_for_any_candidates(monkeypatch, chosen):
+    # Density peaks alone, over candidate sets down to none: the densest token (no denser
+    # one anywhere) and the local maxima take the path that compares with every token.
+    monkeypatch.setattr(blocked, "NEIGHBOURS", 4)
+    visual = clustered(300, 64, 3)
+    candidates = {
+        "all": torch.ones(300, dtype=torch.bool),
+        "three": torch.arange(300) % 100 == 7,
+        "one": torch.arange(300) == 42,
+        "none": torch.zeros(300, dtype=torch.bool),
+        "two copies": torch.isin(torch.arange(300), torch.tensor([10, 250])),
+    }[chosen]
+    if chosen == "two copies":
+        visual[250] = visual[10]
+    units = F.normalize(visual, dim=-1)
+    reference = reduction.density_peaks(reduction.similarities(units[None]), candidates[None], 5)[0]
+    for block in (64, 256):
+        space = blocked.Space(visual, None, block)
+        mean_d2, near_d2, near_index = blocked.nearest_candidates(space, candidates, 5)
+        density = torch.exp(-mean_d2)
+        delta = blocked.nearest_denser(space, candidates, density, near_d2, near_index)
+        assert torch.equal((density * delta).masked_fill(~candidates, 0.0), reference)
