@@ -451,13 +451,60 @@ def pretrain_vision(model, processor, args, log, arch: Llava) -> dict:
     return final
 
 
-def train_stage(name, model, groups, step_loss, minutes, args, log, validate, steps=None) -> dict:
+class Checkpoint:
+    """The run's state, saved every `every` steps of a stage to `path`: the model's weights,
+    the finished stages' results, and the current stage's step, elapsed time and optimizer.
+    A run stopped part-way (the longest stages outlast a working session on a 2-core CPU)
+    continues from its last save with --resume, skipping the stages it finished; each step
+    draws its batch from its own seed, so the steps it runs again train what they trained
+    before. Written to a temporary file and renamed, so a stop while saving leaves the
+    previous save whole."""
+
+    def __init__(self, path: Path, every: int, model):
+        self.path, self.every, self.model = path, every, model
+        self.results: dict = {}
+        self.saved: dict | None = None
+
+    def resume(self) -> dict | None:
+        """Load the saved weights into the model; the saved results, or None without a save."""
+        if not self.path.exists():
+            return None
+        self.saved = torch.load(self.path, weights_only=False)
+        self.model.load_state_dict(self.saved["model"])
+        torch.set_rng_state(self.saved["torch_rng"])
+        random.setstate(self.saved["python_rng"])
+        return self.saved["results"]
+
+    def stage_state(self, stage: str) -> dict | None:
+        """What the save holds of `stage`, where the run stopped inside it."""
+        return self.saved if self.saved is not None and self.saved["stage"] == stage else None
+
+    def save(self, stage: str, step: int, seconds: float, optimizer) -> None:
+        state = {"model": self.model.state_dict(), "results": dict(self.results), "stage": stage, "step": step,
+                 "seconds": seconds, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                 "python_rng": random.getstate()}
+        partial = self.path.with_suffix(".partial")
+        torch.save(state, partial)
+        partial.replace(self.path)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def train_stage(name, model, groups, step_loss, minutes, args, log, validate, steps=None,
+                checkpoint: Checkpoint | None = None) -> dict:
     """AdamW over `groups` ((params, learning rate) pairs) for `minutes` of wall clock, or
     for `steps` steps where given (the same schedule whatever else shares the CPU): 20
-    warm-up steps, then a cosine down to a tenth."""
+    warm-up steps, then a cosine down to a tenth. With a checkpoint, saved every so many
+    steps and continued from where its save stopped inside this stage."""
     optimizer = torch.optim.AdamW([{"params": p, "base_lr": lr} for p, lr in groups], weight_decay=0.0)
     params = [p for group, _ in groups for p in group]
     budget, start, step = minutes * 60, time.time(), 0
+    saved = checkpoint.stage_state(name) if checkpoint is not None else None
+    if saved is not None:
+        optimizer.load_state_dict(saved["optimizer"])
+        step, start = saved["step"], start - saved["seconds"]
+        print(json.dumps({"stage": name, "resumed_at_step": step}), flush=True)
     model.train()
     while step < steps if steps else time.time() - start < budget:
         progress = step / steps if steps else min(1.0, (time.time() - start) / budget)
@@ -477,6 +524,8 @@ def train_stage(name, model, groups, step_loss, minutes, args, log, validate, st
             print(json.dumps(record), flush=True)
         log.write(json.dumps(record) + "\n")
         log.flush()
+        if checkpoint is not None and checkpoint.every and step % checkpoint.every == 0:
+            checkpoint.save(name, step, time.time() - start, optimizer)
     final = {"stage": name, "steps": step, "minutes": round((time.time() - start) / 60, 1), **validate()}
     print(json.dumps(final), flush=True)
     log.write(json.dumps(final) + "\n")
@@ -555,6 +604,10 @@ def main(argv=None) -> int:
     parser.add_argument("--val-every", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    parser.add_argument("--checkpoint-every", type=int, default=25,
+                        help="save the run's state to OUT/checkpoint.pt every so many steps of a stage (0: never)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue a run that stopped part-way from OUT/checkpoint.pt (the same arguments)")
     parser.add_argument("--init", type=Path, default=None,
                         help="a model this script saved: skip stages 1-2 and continue stage 3 from it")
     parser.add_argument("--task", choices=("image", "video"), default="image",
@@ -593,9 +646,16 @@ def main(argv=None) -> int:
     for p in lm.parameters():
         p.requires_grad_(False)
     args.out.mkdir(parents=True, exist_ok=True)
-    log = (args.out / "train_log.jsonl").open("w")
+    checkpoint = Checkpoint(args.out / "checkpoint.pt", args.checkpoint_every, model)
+    resumed = checkpoint.resume() if args.resume else None
+    if args.resume and resumed is None:
+        print(f"no {checkpoint.path} to resume from: starting from the beginning", flush=True)
+    # A resumed run adds to its log: steps after the last save appear twice.
+    log = (args.out / "train_log.jsonl").open("a" if resumed is not None else "w")
     tower = arch.tower(model)
-    if args.init:
+    if resumed is not None:
+        results = resumed
+    elif args.init:
         results = {**earlier.get("results", {}), "init": str(args.init)}
     elif args.vision_from:
         saved = load_saved(args.vision_from.resolve())[0]
@@ -603,6 +663,7 @@ def main(argv=None) -> int:
         results = {"vision": {"from": str(args.vision_from), **saved_results(args.vision_from).get("vision", {})}}
     else:
         results = {"vision": pretrain_vision(model, processor, args, log, arch)}
+    checkpoint.results = results
     for p in tower.parameters():  # frozen from here on, as CLIP is in LLaVA
         p.requires_grad_(False)
 
@@ -646,20 +707,23 @@ def main(argv=None) -> int:
         return answer_loss(model, enc, targets)
 
     projector = list(arch.projector(model).parameters())
-    if not args.init:
+    if not args.init and "align" not in results:
         # Answering questions through the frozen language model leaves the projector the
         # whole job of making "the triangle" in a question find the triangle's tokens, which
         # the unchanged model can only do by reading them as words it knows.
         align_loss = caption_loss if args.align_task == "caption" else (lambda step: chat_loss(step, 3_000_017))
         results["align"] = train_stage("align", model, [(projector, args.align_lr)], align_loss,
-                                       args.align_minutes, args, log, validate, args.align_steps)
+                                       args.align_minutes, args, log, validate, args.align_steps, checkpoint)
     layers = [p for name, p in lm.named_parameters() if not name.startswith("embed_tokens")]
     for p in layers:
         p.requires_grad_(True)
-    stage, chat_offset = tune_stage(results if args.init else None, "video" if video else "tune_more")
+    # Named from the run continued, not from this run's own results, which a resumed run
+    # brings back with it.
+    stage, chat_offset = tune_stage(earlier.get("results", {}) if args.init else None,
+                                    "video" if video else "tune_more")
     chats = lambda step: chat_loss(step + chat_offset)  # noqa: E731
     results[stage] = train_stage(stage, model, [(projector, args.tune_lr), (layers, args.lm_lr)],
-                                 chats, args.tune_minutes, args, log, validate, args.tune_steps)
+                                 chats, args.tune_minutes, args, log, validate, args.tune_steps, checkpoint)
     model.eval()
     log.write(json.dumps({"final": results}) + "\n")
     log.close()
@@ -676,6 +740,7 @@ def main(argv=None) -> int:
         "results": results,
         "grid": args.grid,
     })
+    checkpoint.remove()
     print(f"saved {args.out}")
     return 0
 

@@ -827,3 +827,40 @@ def test_temporal_repeats_counts_the_tokens_that_copy_their_place_one_frame_pair
     row = capsys.readouterr().out.splitlines()[-1].split()
     total, left = int(row[2]), [int(n) for n in row[3:]]
     assert row[0] == "0" and left == sorted(left) and 0 < left[0] <= total
+
+
+def test_a_training_stopped_part_way_resumes_to_the_same_weights(tmp_path):
+    """train_vqa's checkpoints: a stage stopped after its last save and resumed with
+    --resume ends with the weights of the same stage run in one go."""
+    import io
+    from types import SimpleNamespace
+
+    import torch
+
+    from benchmarks import train_vqa
+
+    def run(stop_at=None, resume=False):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 1)
+        checkpoint = train_vqa.Checkpoint(tmp_path / "checkpoint.pt", 2, model)
+        if resume:
+            assert checkpoint.resume() == {"align": {"steps": 3}}
+        checkpoint.results = {"align": {"steps": 3}}
+
+        def step_loss(step):
+            if step == stop_at:
+                raise KeyboardInterrupt
+            x = torch.randn(8, 4, generator=torch.Generator().manual_seed(step))
+            return model(x).pow(2).mean(), 0.0
+
+        args = SimpleNamespace(val_every=100)
+        train_vqa.train_stage("tune", model, [(list(model.parameters()), 0.1)], step_loss, 0, args, io.StringIO(),
+                              dict, steps=7, checkpoint=checkpoint)
+        return model
+
+    whole = run()
+    (tmp_path / "checkpoint.pt").unlink()
+    with pytest.raises(KeyboardInterrupt):
+        run(stop_at=5)  # saved after steps 2 and 4; step 5 is lost and runs again
+    resumed = run(resume=True)
+    assert torch.equal(resumed.weight, whole.weight) and torch.equal(resumed.bias, whole.bias)
