@@ -460,16 +460,26 @@ class Checkpoint:
     before. Written to a temporary file and renamed, so a stop while saving leaves the
     previous save whole."""
 
-    def __init__(self, path: Path, every: int, model):
+    # Arguments that may differ between a run and its continuation.
+    FREE = ("resume", "checkpoint_every", "threads")
+
+    def __init__(self, path: Path, every: int, model, arguments: dict | None = None):
         self.path, self.every, self.model = path, every, model
+        self.arguments = {k: str(v) for k, v in (arguments or {}).items() if k not in self.FREE}
         self.results: dict = {}
         self.saved: dict | None = None
 
     def resume(self) -> dict | None:
-        """Load the saved weights into the model; the saved results, or None without a save."""
+        """Load the saved weights into the model; the saved results, or None without a save.
+        A save of a run with other arguments is refused, naming them."""
         if not self.path.exists():
             return None
         self.saved = torch.load(self.path, weights_only=False)
+        before = self.saved.get("arguments", {})
+        differ = sorted(k for k in {*before, *self.arguments} if before.get(k) != self.arguments.get(k))
+        if differ:
+            raise SystemExit(f"{self.path} was saved by a run with other arguments ({', '.join(differ)}): "
+                             "run it with those, or remove the file to start again")
         self.model.load_state_dict(self.saved["model"])
         torch.set_rng_state(self.saved["torch_rng"])
         random.setstate(self.saved["python_rng"])
@@ -480,7 +490,8 @@ class Checkpoint:
         return self.saved if self.saved is not None and self.saved["stage"] == stage else None
 
     def save(self, stage: str, step: int, seconds: float, optimizer) -> None:
-        state = {"model": self.model.state_dict(), "results": dict(self.results), "stage": stage, "step": step,
+        state = {"arguments": self.arguments, "model": self.model.state_dict(), "results": dict(self.results),
+                 "stage": stage, "step": step,
                  "seconds": seconds, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
                  "python_rng": random.getstate()}
         partial = self.path.with_suffix(".partial")
@@ -646,7 +657,7 @@ def main(argv=None) -> int:
     for p in lm.parameters():
         p.requires_grad_(False)
     args.out.mkdir(parents=True, exist_ok=True)
-    checkpoint = Checkpoint(args.out / "checkpoint.pt", args.checkpoint_every, model)
+    checkpoint = Checkpoint(args.out / "checkpoint.pt", args.checkpoint_every, model, vars(args))
     resumed = checkpoint.resume() if args.resume else None
     if args.resume and resumed is None:
         print(f"no {checkpoint.path} to resume from: starting from the beginning", flush=True)

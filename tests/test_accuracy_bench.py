@@ -864,3 +864,10 @@ def test_a_training_stopped_part_way_resumes_to_the_same_weights(tmp_path):
         run(stop_at=5)  # saved after steps 2 and 4; step 5 is lost and runs again
     resumed = run(resume=True)
     assert torch.equal(resumed.weight, whole.weight) and torch.equal(resumed.bias, whole.bias)
+    # A save is continued only by a run with the same arguments (--resume aside).
+    model = torch.nn.Linear(4, 1)
+    saving = train_vqa.Checkpoint(tmp_path / "other.pt", 2, model, {"seed": 0, "resume": False})
+    saving.save("tune", 2, 1.0, torch.optim.AdamW(model.parameters()))
+    assert train_vqa.Checkpoint(tmp_path / "other.pt", 2, model, {"seed": 0, "resume": True}).resume() == {}
+    with pytest.raises(SystemExit, match="seed"):
+        train_vqa.Checkpoint(tmp_path / "other.pt", 2, model, {"seed": 1, "resume": True}).resume()
