@@ -31,6 +31,7 @@ from benchmarks.common import (
     model_about,
     model_words,
     right_answers,
+    variant_arg,
     write_results,
 )
 from benchmarks.composite_vqa import (
@@ -59,7 +60,7 @@ def clip_tokens(processor, clip) -> tuple[int, int]:
     return steps * height * width // merge**2, height * width // merge**2
 
 
-def configs_for(methods, budgets, num_visual: int, per_step: int) -> list[tuple[str, dict | None]]:
+def configs_for(methods, budgets, num_visual: int, per_step: int, variants=()) -> list[tuple[str, dict | None]]:
     """(name, mm_processor_kwargs) per row; None where the method cannot keep that few."""
     configs = [("full", {"par_enabled": False})]
     for budget in budgets:
@@ -67,6 +68,8 @@ def configs_for(methods, budgets, num_visual: int, per_step: int) -> list[tuple[
             kwargs = {"par_method": method, "par_keep_ratio": budget}
             feasible = method != "evs" or ParSettings.from_keys(kwargs).num_kept(num_visual) >= per_step
             configs.append((f"{method}@{budget:g}", kwargs if feasible else None))
+        for name, keys in variants:
+            configs.append((f"{name}@{budget:g}", {"par_method": "par", **keys, "par_keep_ratio": budget}))
     return configs
 
 
@@ -137,6 +140,9 @@ def main(argv=None) -> int:
     parser.add_argument("--count", type=int, default=200, help="test clips")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
+    parser.add_argument("--variant", action="append", default=[], type=variant_arg,
+                        help="a PAR variant measured beside the methods: NAME:key=value,... "
+                             "(par_ keys without the prefix), e.g. par-repeats:merge_repeats=true")
     parser.add_argument("--scenes", type=int, default=3)
     parser.add_argument("--naming", choices=NAMINGS, default="attribute",
                         help="how a question names its tile (make_video_composites)")
@@ -156,7 +162,7 @@ def main(argv=None) -> int:
 
     processor = AutoProcessor.from_pretrained(model)
     num_visual, per_step = clip_tokens(processor, clips[0].clip())
-    configs = configs_for(args.methods, args.budgets, num_visual, per_step)
+    configs = configs_for(args.methods, args.budgets, num_visual, per_step, args.variant)
     # vLLM admits a video of at most 14 frames at the processor's largest frame size, and
     # within the context length. This model resizes every frame to one size (its smallest
     # and largest are equal), so the benchmark's longer clips would be refused; a larger

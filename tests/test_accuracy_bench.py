@@ -644,9 +644,9 @@ def test_the_recipe_trains_qwen_at_the_positions_vllm_serves(tmp_path):
 
 @pytest.mark.slow
 def test_video_evaluation_runs_end_to_end_through_vllm(tmp_path):
-    """benchmarks.accuracy_video on a tiny random-weight Qwen2.5-VL: every method at every
-    budget keeps the clip's K through vLLM, and EVS below one frame pair is a row that says
-    why instead of an accuracy."""
+    """benchmarks.accuracy_video on a tiny random-weight Qwen2.5-VL: every method (and a PAR
+    variant) at every budget keeps the clip's K through vLLM, and EVS below one frame pair
+    is a row that says why instead of an accuracy."""
     from par_vllm.demo_qwen import make_demo_qwen_model
 
     model = make_demo_qwen_model(tmp_path / "q")
@@ -654,13 +654,14 @@ def test_video_evaluation_runs_end_to_end_through_vllm(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks.accuracy_video", "--model", str(model), "--count", "4",
          "--budgets", "0.5", "0.06", "--frames-per-scene", "2", "--max-num-seqs", "4", "--name", "tiny",
-         "--out", str(out)],
+         "--variant", "par-repeats:merge_repeats=true", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     data = json.loads((out / "accuracy-video-tiny.json").read_text())
     assert data["visual_tokens"] == 3 * data["tokens_per_step"]
     rows = {(r["method"], r["budget"]): r for r in data["rows"]}
-    assert set(rows) == {("full", 1.0)} | {(m, b) for m in ("par", "evs", "frames", "random") for b in (0.5, 0.06)}
+    methods = ("par", "evs", "frames", "random", "par-repeats")
+    assert set(rows) == {("full", 1.0)} | {(m, b) for m in methods for b in (0.5, 0.06)}
     full = rows["full", 1.0]
     for (method, budget), row in rows.items():
         if (method, budget) == ("evs", 0.06):
@@ -670,8 +671,7 @@ def test_video_evaluation_runs_end_to_end_through_vllm(tmp_path):
                                         else math.ceil(full["visual_tokens"] * budget))
         assert row["prefill_tokens"] == pytest.approx(full["prefill_tokens"] - full["visual_tokens"]
                                                       + row["visual_tokens"])
-    assert set(data["correct"]) == {"full"} | {f"{m}@{b:g}" for m in ("par", "evs", "frames", "random")
-                                              for b in (0.5, 0.06)} - {"evs@0.06"}
+    assert set(data["correct"]) == {"full"} | {f"{m}@{b:g}" for m in methods for b in (0.5, 0.06)} - {"evs@0.06"}
     for key, answers in data["correct"].items():
         method, _, budget = key.partition("@")
         assert answers.count("1") / 4 == pytest.approx(rows[method, float(budget or 1.0)]["accuracy"])
