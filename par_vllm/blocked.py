@@ -144,13 +144,14 @@ def nearest_candidates(space: Space, candidates: torch.Tensor, knn_k: int, neigh
                            else _padded(space.units(rows_of[other]), tile))
             sims = panel_units @ other_units.T
             if inside:
-                # One of the panel's own tiles: its rows and those before it take it in,
-                # and it takes in the rows before it; rows after it meet it as columns later.
+                # One of the panel's own tiles: it takes in the rows before it (first, as
+                # the lower indices), then its rows and those before it take it in; rows
+                # after it meet it as columns later.
                 sim = sims[:before + width, :width]
                 sim[before:].fill_diagonal_(-math.inf)
-                _keep_nearest(best_sim, best_at, slice(rows.start, other.stop), sim, other.start)
                 if before:
                     _keep_nearest(best_sim, best_at, other, sim[:before].T, rows.start)
+                _keep_nearest(best_sim, best_at, slice(rows.start, other.stop), sim, other.start)
             else:
                 sim = sims[:rows.stop - rows.start, :width]
                 _keep_nearest(best_sim, best_at, rows, sim, other.start)
@@ -168,9 +169,20 @@ def _keep_nearest(best_sim: torch.Tensor, best_at: torch.Tensor, rows: slice, si
     """Merge a tile's similarities (columns `first`, `first` + 1, ...) into `rows`' most
     similar so far, in place, largest first."""
     listed = best_sim.shape[1]
+    # Of equal similarities the list should keep those it has: candidates arrive about in
+    # index order, and a run of identical tokens (a flat region, a still part of a video)
+    # then lists its lower-indexed copies, the denser among equal densities, and needs no
+    # second pass. torch's top-k on a CPU keeps the earlier of equal values in the partial
+    # sort it takes for rows of 64 x k values or more, so a shorter row is padded to that.
+    width, short = sim.shape[1], 64 * listed - listed - sim.shape[1]
+    if short > 0:
+        sim = torch.cat([sim, sim.new_full((sim.shape[0], short), -math.inf)], dim=1)
     best, order = torch.cat([best_sim[rows], sim], dim=1).topk(listed, dim=-1)
     listed_before = best_at[rows].gather(1, order.clamp(max=listed - 1))
-    best_sim[rows], best_at[rows] = best, torch.where(order < listed, listed_before, order - listed + first)
+    # A padding column taken (an -inf, where a row has fewer candidates than it lists) is
+    # given a real column's index: inf distances are never read as neighbours.
+    from_tile = (order - listed).clamp(max=width - 1) + first
+    best_sim[rows], best_at[rows] = best, torch.where(order < listed, listed_before, from_tile)
 
 
 def nearest_denser(space: Space, candidates: torch.Tensor, density: torch.Tensor,

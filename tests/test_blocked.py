@@ -106,3 +106,18 @@ def test_blocked_density_peaks_equal_the_reference_for_any_candidates(monkeypatc
         density = torch.exp(-mean_d2)
         delta = blocked.nearest_denser(space, candidates, density, near_d2, near_index)
         assert torch.equal((density * delta).masked_fill(~candidates, 0.0), reference)
+
+
+def test_identical_tokens_list_lower_indexed_copies_so_few_need_a_second_pass():
+    # A flat region or a still part of a video: many exact copies of one token, equally
+    # dense, where the lower index is denser. Each copy's list should hold earlier copies,
+    # found first, or nearly every copy would be compared with every token again. Tiles
+    # of 128 candidates leave a narrow last tile, whose merge is padded.
+    generator = torch.Generator().manual_seed(4)
+    visual = torch.randn(300, 64, generator=generator)
+    copies = torch.randperm(300, generator=generator)[:200].sort().values
+    visual[copies] = visual[copies[0]].clone()
+    candidates = torch.ones(300, dtype=torch.bool)
+    _, _, near_index = blocked.nearest_candidates(blocked.Space(visual, None, 64), candidates, 5)
+    later = copies[blocked.NEIGHBOURS + 1:]
+    assert bool((near_index[later] < later[:, None]).any(dim=-1).all())
