@@ -491,9 +491,8 @@ class Checkpoint:
 
     def save(self, stage: str, step: int, seconds: float, optimizer) -> None:
         state = {"arguments": self.arguments, "model": self.model.state_dict(), "results": dict(self.results),
-                 "stage": stage, "step": step,
-                 "seconds": seconds, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                 "python_rng": random.getstate()}
+                 "stage": stage, "step": step, "seconds": seconds, "optimizer": optimizer.state_dict(),
+                 "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
         partial = self.path.with_suffix(".partial")
         torch.save(state, partial)
         partial.replace(self.path)

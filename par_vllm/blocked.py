@@ -156,7 +156,7 @@ def nearest_candidates(space: Space, candidates: torch.Tensor, knn_k: int, neigh
                 sim = sims[:rows.stop - rows.start, :width]
                 _keep_nearest(best_sim, best_at, rows, sim, other.start)
                 _keep_nearest(best_sim, best_at, other, sim.T, rows.start)
-    best_d2 = (2.0 - 2.0 * best_sim).clamp(min=0.0)
+    best_d2 = _squared_distance(best_sim)
     near_d2[rows_of], near_index[rows_of] = best_d2, rows_of[best_at]
     if k > 0:
         first_k = best_d2[:, :k]
@@ -222,10 +222,14 @@ def nearest_denser(space: Space, candidates: torch.Tensor, density: torch.Tensor
     return delta
 
 
+def _squared_distance(sim: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distance between unit rows of cosine `sim`, 2 - 2 cos clamped at
+    0, as the reference rounds it (inf for -inf, 0 for inf)."""
+    return (2.0 - 2.0 * sim).clamp(min=0.0)
+
+
 def _distance(sim: torch.Tensor) -> torch.Tensor:
-    """Euclidean distance between unit rows of cosine `sim`, as the reference rounds it
-    (inf for -inf, 0 for inf)."""
-    return (2.0 - 2.0 * sim).clamp(min=0.0).sqrt()
+    return _squared_distance(sim).sqrt()
 
 
 def farthest_points(space: Space, candidates: torch.Tensor, retrieved: torch.Tensor,
