@@ -136,13 +136,15 @@ def image_part(size: int):
 
 def one_request(client, part: dict, max_tokens: int, extra: dict, question: str = QUESTION) -> dict:
     """One streamed chat request whose content is `part` (an encoded image or video) and a question.
-    The part is encoded before the clock starts: TTFT is the server's, from the request's send."""
+    The part is encoded before the clock starts: TTFT is the server's, from the request's send.
+    Every request generates exactly `max_tokens` tokens (vLLM's `ignore_eos`): a series whose
+    answers ended early would otherwise free its batch slots sooner and look faster."""
     start = time.perf_counter()
     first = None
     usage = None
     stream = client.chat.completions.create(
         model="par-demo", max_tokens=max_tokens, temperature=0.0, stream=True,
-        stream_options={"include_usage": True}, extra_body=extra or None,
+        stream_options={"include_usage": True}, extra_body={**extra, "ignore_eos": True},
         messages=[{"role": "user", "content": [part, {"type": "text", "text": question}]}],
     )
     for chunk in stream:
@@ -152,7 +154,7 @@ def one_request(client, part: dict, max_tokens: int, extra: dict, question: str 
             usage = chunk.usage
     end = time.perf_counter()
     return {"ttft": (first or end) - start, "latency": end - start,
-            "prompt_tokens": usage.prompt_tokens}
+            "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
 
 
 def run_batch(server, concurrency, requests, first_index, max_tokens, extra, media, bar,
@@ -175,6 +177,7 @@ def run_batch(server, concurrency, requests, first_index, max_tokens, extra, med
         "latency_p50": float(np.median([r["latency"] for r in results])),
         "rps": requests / wall,
         "prompt_tokens": statistics.mean(r["prompt_tokens"] for r in results),
+        "completion_tokens": statistics.mean(r["completion_tokens"] for r in results),
         "kv_peak": kv.peak,
     }
 
@@ -320,7 +323,7 @@ def main() -> None:
 
 def table_header(width: int) -> str:
     return (f"{'series':<{width}} {'conc':>4} {'TTFT p50 s':>18} {'TTFT p95 s':>8} {'latency s':>9} "
-            f"{'req/s':>16} {'prompt tok':>10} {'KV peak':>8}")
+            f"{'req/s':>16} {'prompt tok':>10} {'out tok':>7} {'KV peak':>8}")
 
 
 def series_row(label: str, concurrency: int, s: dict, width: int) -> str:
@@ -328,7 +331,8 @@ def series_row(label: str, concurrency: int, s: dict, width: int) -> str:
     return (f"{label:<{width}} {concurrency:>4} {s['ttft_p50']['median']:>7.3f} [{s['ttft_p50']['min']:.2f}-"
             f"{s['ttft_p50']['max']:.2f}] {s['ttft_p95']['median']:>8.3f} {s['latency_p50']['median']:>9.3f}"
             f" {s['rps']['median']:>6.2f} [{s['rps']['min']:.2f}-{s['rps']['max']:.2f}]"
-            f" {s['prompt_tokens']['median']:>10.0f} {100 * s['kv_peak']['median']:>7.2f}%")
+            f" {s['prompt_tokens']['median']:>10.0f} {s['completion_tokens']['median']:>7.1f}"
+            f" {100 * s['kv_peak']['median']:>7.2f}%")
 
 
 def write_report(name: str, lines: list[str], payload: dict) -> None:

@@ -371,3 +371,12 @@ def test_the_shortest_serve_command_starts_and_reduces(demo_model):
     assert answer["text"] and answer["image_tokens"] == K
     (line,) = [line for line in log.splitlines() if "PAR: K = " in line]
     assert "K = ceil(N x par_keep_ratio=0.111) per image by default; kept tokens at consecutive positions" in line
+
+
+def test_the_serving_benchmark_generates_exactly_its_output_tokens(server, tokenizer):
+    """benchmarks/serve.py's requests run to max_tokens even where the model would stop:
+    here an end-of-text token made certain (a logit bias) would end the answer at once."""
+    from benchmarks.serve import image_part, one_request
+
+    stop_now = {"logit_bias": {str(tokenizer.eos_token_id): 100}}
+    assert one_request(server.client(), image_part(336)(0), 6, stop_now)["completion_tokens"] == 6
