@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from benchmarks.common import variant_arg
 from benchmarks.serve import (
     RESULTS,
     add_run_arguments,
@@ -82,13 +83,14 @@ def video_grid(path: Path, frames: int, side: int) -> tuple[int, int, int]:
 
 
 def selection_seconds(path: Path, grid: tuple[int, int, int], kept: int, device: str, repeats: int = 30,
-                      clip: tuple[np.ndarray, dict] | None = None) -> dict:
+                      clip: tuple[np.ndarray, dict] | None = None, variants: tuple[tuple[str, dict], ...] = ()) -> dict:
     """Seconds the model executor spends choosing one clip's K tokens, timed directly with
     the functions the two series run: PAR's reduction (the question's tokens as its query)
     and vLLM's EVS selection, on the same random features of the checkpoint's hidden size:
     the part of the two series' difference that is the selection itself. With `clip`
-    (frames, metadata), also PAR with and without its repeats merged first on that clip's
-    own visual tokens (the checkpoint's tower, in transformers), where repeats exist."""
+    (frames, metadata), also PAR and each of `variants` ((name, par_ keys) pairs) on that
+    clip's own visual tokens (the checkpoint's tower, in transformers), whose repeats random
+    features lack."""
     import torch
     from transformers import AutoConfig, AutoTokenizer
     from vllm.multimodal.video_prune.evs import compute_retention_mask
@@ -103,11 +105,13 @@ def selection_seconds(path: Path, grid: tuple[int, int, int], kept: int, device:
     embed = torch.nn.Embedding(config.text_config.vocab_size, hidden).to(device)
     query_ids = torch.tensor(AutoTokenizer.from_pretrained(path).encode(QUESTION), device=device)
     settings = ParSettings(num_tokens=kept)
+    steps = [grid[0]]
 
     with torch.no_grad():
-        par = timed_median(lambda: reduce_per_image([features], [query_ids], [settings], embed), repeats, device)
-        evs = timed_median(lambda: compute_retention_mask(features, grid, merge, q=evs_pruning_rate(kept, len(features))),
+        par = timed_median(lambda: reduce_per_image([features], [query_ids], [settings], embed, steps=steps),
                            repeats, device)
+        rate = evs_pruning_rate(kept, len(features))
+        evs = timed_median(lambda: compute_retention_mask(features, grid, merge, q=rate), repeats, device)
     out = {"repeats": repeats, "par_s": par, "evs_s": evs, "torch_threads": torch.get_num_threads(),
            "device": device, "hidden": hidden}
     if clip is not None:
@@ -118,13 +122,12 @@ def selection_seconds(path: Path, grid: tuple[int, int, int], kept: int, device:
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
         own, _ = video_features(model, AutoProcessor.from_pretrained(path), *clip)
         own = own.to(device)
-        merged = settings.model_copy(update={"merge_repeats": True})
-        steps = [grid[0]]
-        with torch.no_grad():
-            out["clip_par_s"] = timed_median(lambda: reduce_per_image([own], [query_ids], [settings], embed),
-                                             repeats, device)
-            out["clip_par_merged_s"] = timed_median(
-                lambda: reduce_per_image([own], [query_ids], [merged], embed, steps=steps), repeats, device)
+        out["clip_s"] = {}
+        for name, keys in (("PAR", {}), *variants):
+            setting = ParSettings.from_keys(keys, base=settings)
+            with torch.no_grad():
+                out["clip_s"][name] = timed_median(
+                    lambda s=setting: reduce_per_image([own], [query_ids], [s], embed, steps=steps), repeats, device)
     return out
 
 
@@ -136,8 +139,9 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=336, help="clip frames' side in px")
     add_run_arguments(parser)
     parser.add_argument("--name", help="results file name after serve-video- (default: the model's name)")
-    parser.add_argument("--merge-repeats", action="store_true",
-                        help="a fourth series: PAR with each clip's repeats merged first (par_merge_repeats)")
+    parser.add_argument("--variant", action="append", default=[], type=variant_arg,
+                        help="a further series through the PAR server, its requests sending these settings: "
+                             "NAME:key=value,... (par_ keys without the prefix), e.g. unmerged:merge_repeats=false")
     args = parser.parse_args()
 
     path, about = model_dir(args.model)
@@ -157,8 +161,7 @@ def main() -> None:
     series = [("vLLM", "stock", {}),
               (f"vLLM+EVS K={kept}", "par", {"mm_processor_kwargs": {"par_method": "evs"}}),
               (f"vLLM+PAR K={kept}", "par", {})]
-    if args.merge_repeats:
-        series.append((f"PAR K={kept} repeats merged", "par", {"mm_processor_kwargs": {"par_merge_repeats": True}}))
+    series += [(f"{name} K={kept}", "par", {"mm_processor_kwargs": keys}) for name, keys in args.variant]
     stock = VllmServer(path, extra_args=common, log_path=RESULTS / "serve-video-stock.log")
     par = VllmServer(path, hf_overrides=par_overrides(architecture=architecture, keep_ratio=args.keep_ratio),
                      extra_args=[*common, *par_engine_args(architecture)], log_path=RESULTS / "serve-video-par.log")
@@ -206,23 +209,22 @@ def main() -> None:
         lines.append(f"  c={c}: TTFT {r['par_ttft_vs_stock']:.2f}x lower than stock with PAR, "
                      f"{r['evs_ttft_vs_stock']:.2f}x with EVS (PAR vs EVS {r['par_ttft_vs_evs']:.2f}x); "
                      f"requests/s PAR/EVS {r['par_rps_vs_evs']:.2f}x, PAR/stock {r['par_rps_vs_stock']:.2f}x")
-        if args.merge_repeats:
-            merged_runs = runs[(series[3][0], c)]
-            r["merged_ttft_vs_evs"] = ratio(merged_runs, evs_runs, "ttft_p50", invert=True)
-            r["merged_rps_vs_evs"] = ratio(merged_runs, evs_runs, "rps")
-            lines.append(f"  c={c}: PAR with repeats merged vs EVS: TTFT {r['merged_ttft_vs_evs']:.2f}x, "
-                         f"requests/s {r['merged_rps_vs_evs']:.2f}x")
+        for (name, _), (label, _, _) in zip(args.variant, series[3:]):
+            variant_runs = runs[(label, c)]
+            r[f"{name}_ttft_vs_evs"] = ratio(variant_runs, evs_runs, "ttft_p50", invert=True)
+            r[f"{name}_rps_vs_evs"] = ratio(variant_runs, evs_runs, "rps")
+            lines.append(f"  c={c}: {name} vs EVS: TTFT {r[f'{name}_ttft_vs_evs']:.2f}x, "
+                         f"requests/s {r[f'{name}_rps_vs_evs']:.2f}x")
         ratios[f"c={c}"] = r
     selection = selection_seconds(path, grid, kept, "cuda" if args.gpu else "cpu",
-                                  clip=(clip_frames(0, args.frames, args.side), clip_metadata(args.frames))
-                                  if args.merge_repeats else None)
+                                  clip=(clip_frames(0, args.frames, args.side), clip_metadata(args.frames)),
+                                  variants=tuple(args.variant))
     lines.append(f"\nChoosing one clip's {kept} of {full} tokens in the model executor, timed directly (median of "
                  f"{selection['repeats']}, random features of width {selection['hidden']}, "
                  f"{selection['torch_threads']} torch threads): PAR {selection['par_s'] * 1e3:.1f} ms, "
                  f"EVS {selection['evs_s'] * 1e3:.1f} ms")
-    if args.merge_repeats:
-        lines.append(f"On the first request's clip, its tower's own tokens: PAR {selection['clip_par_s'] * 1e3:.1f} ms, "
-                     f"with its repeats merged first {selection['clip_par_merged_s'] * 1e3:.1f} ms")
+    lines.append("On the first request's clip, its tower's own tokens: " + ", ".join(
+        f"{name} {seconds * 1e3:.1f} ms" for name, seconds in selection["clip_s"].items()))
     write_report(f"serve-video-{args.name or Path(args.model).name}", lines, {
         "model": about, "device": device, "args": vars(args), "video_tokens": full, "kept": kept,
         "summary": summary, "ratios": ratios, "selection": selection})

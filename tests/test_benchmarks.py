@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import flops
+from benchmarks.common import parse_variant
 
 ROOT = Path(__file__).parents[1]
 
@@ -98,11 +99,12 @@ def test_video_benchmark_counts_a_clips_tokens_and_sends_it_as_mp4(tmp_path):
     model = make_demo_qwen_model(tmp_path / "qwen")
     assert serve_video.video_grid(model, 32, 336) == (16, 24, 24)
     timed = serve_video.selection_seconds(model, (2, 8, 8), 20, "cpu", repeats=2)
-    assert timed["par_s"] > 0 and timed["evs_s"] > 0 and "clip_par_s" not in timed
-    # With a clip of that grid: PAR on its own tokens, with and without its repeats merged.
+    assert timed["par_s"] > 0 and timed["evs_s"] > 0 and "clip_s" not in timed
+    # With a clip of that grid: PAR and a variant on its own tokens.
     clip = (serve_video.clip_frames(0, 4, 112), serve_video.clip_metadata(4))
-    timed = serve_video.selection_seconds(model, (2, 8, 8), 6, "cpu", repeats=2, clip=clip)
-    assert timed["clip_par_s"] > 0 and timed["clip_par_merged_s"] > 0
+    variant = parse_variant("unmerged:merge_repeats=false")
+    timed = serve_video.selection_seconds(model, (2, 8, 8), 6, "cpu", repeats=2, clip=clip, variants=(variant,))
+    assert set(timed["clip_s"]) == {"PAR", "unmerged"} and min(timed["clip_s"].values()) > 0
     url = serve_video.video_part(6, 112)(3)["video_url"]["url"]
     (tmp_path / "clip.mp4").write_bytes(base64.b64decode(url.split(",", 1)[1]))
     reader = cv2.VideoCapture(str(tmp_path / "clip.mp4"))
