@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     parser.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
     parser.add_argument("--variant", action="append", default=[], type=variant_arg,
                         help="a PAR variant measured beside the methods: NAME:key=value,... "
-                             "(par_ keys without the prefix), e.g. par-repeats:merge_repeats=true")
+                             "(par_ keys without the prefix), e.g. unmerged:merge_repeats=false")
     parser.add_argument("--scenes", type=int, default=3)
     parser.add_argument("--naming", choices=NAMINGS, default="attribute",
                         help="how a question names its tile (make_video_composites)")

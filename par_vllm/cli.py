@@ -111,8 +111,7 @@ def reference_markdown() -> str:
         lines.append("")
     lines += ["## Experimental", "",
               "Off by default, not recommended: on the accuracy benchmark's model (trained here,",
-              "docs/accuracy.md) neither of the first two measurably gained anything over the defaults,",
-              "and the third has not been measured for accuracy yet.", "",
+              "docs/accuracy.md) neither measurably gained anything over the defaults.", "",
               "- `par_centre_relevance` 0.5, 1 and 2: on 300 training-split questions, between 2 answers",
               "  fewer and 1 more than the default at 25 / 11 / 6% of the tokens, measured before",
               "  `par_min_retrieved=2` became the default",
@@ -120,14 +119,7 @@ def reference_markdown() -> str:
               "- `par_centres=farthest_point`: on the same 300 questions, 298 / 298 / 292 right against the",
               "  default's 298 / 295 / 291 at 25 / 11 / 6% (3 and 1 answers ahead, p 0.25 and 1.0)",
               "  (`benchmarks/results/par-ablation-vqa-v4-train-seed1-min-retrieved-fps.txt`).",
-              "- `par_merge_repeats`: what it would leave of a clip for PAR's pairwise steps,",
-              "  `python -m benchmarks.diagnostics.temporal_repeats` (about 240 distinct of the 2,304 tokens",
-              "  of `benchmarks/serve_video.py`'s clips through its random-weight tower, about 235 of the",
-              "  1,296 of the video accuracy benchmark's through the Qwen image model's tower, on CPU).",
-              "  Serving those clips at concurrency 4 on CPU it chose a clip's tokens in 10.8 ms against",
-              "  PAR's 89.7 ms and served at 0.98x EVS's TTFT and requests per second, against PAR's",
-              "  0.96x / 0.95x in the same run (`benchmarks/results/serve-video-smollm-qwen-c4-repeats.txt`).",
-              "  Its accuracy on the video benchmark is not measured yet.", ""]
+              ""]
     return "\n".join(lines)
 
 

@@ -1,5 +1,5 @@
 """PAR for a video whose frames mostly repeat: repeats merged first, then PAR's steps on the
-distinct tokens only (`par_merge_repeats`, experimental).
+distinct tokens only (`par_merge_repeats`, on by default).
 
 PAR compares every token of a clip with every other (clustering, routing), work that grows
 as N x N, while most of a clip's tokens are near copies of the token at their place in the

@@ -136,8 +136,7 @@ class ParSettings(BaseModel):
         "Videos: a token more similar than duplicate_threshold (by `similarity`) to the token at "
         "its place one frame pair before merges into it first, and PAR's steps compare only "
         "the distinct tokens, whose number, not N, their cost grows with; where K or fewer "
-        "are distinct, the repeats that changed most are kept too. Images are unaffected.",
-        experimental="true")] = False
+        "are distinct, the repeats that changed most are kept too. Images are unaffected.")] = True
 
     backend: Annotated[Literal["auto", "torch", "triton"], setting(
         "auto: the Triton kernels on CUDA tensors, the torch reference elsewhere; torch or "

@@ -654,13 +654,13 @@ def test_video_evaluation_runs_end_to_end_through_vllm(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks.accuracy_video", "--model", str(model), "--count", "4",
          "--budgets", "0.5", "0.06", "--frames-per-scene", "2", "--max-num-seqs", "4", "--name", "tiny",
-         "--variant", "par-repeats:merge_repeats=true", "--out", str(out)],
+         "--variant", "unmerged:merge_repeats=false", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     data = json.loads((out / "accuracy-video-tiny.json").read_text())
     assert data["visual_tokens"] == 3 * data["tokens_per_step"]
     rows = {(r["method"], r["budget"]): r for r in data["rows"]}
-    methods = ("par", "evs", "frames", "random", "par-repeats")
+    methods = ("par", "evs", "frames", "random", "unmerged")
     assert set(rows) == {("full", 1.0)} | {(m, b) for m in methods for b in (0.5, 0.06)}
     full = rows["full", 1.0]
     for (method, budget), row in rows.items():

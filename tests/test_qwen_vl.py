@@ -477,7 +477,7 @@ def test_every_kept_token_sits_at_its_full_image_position(qwen_model, family, to
     right after and inside an image, for two images (a portrait and a square), one, and an
     image and a video: each kept token's (t, h, w) position equals the one transformers' own
     Qwen code gives that token in the unreduced prompt, and every text token's equals its
-    unreduced one, also with the video's repeats merged first. Items above vLLM's encoder
+    unreduced one, also with the video's repeats not merged first. Items above vLLM's encoder
     budget pass through the tower one at a time."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -503,9 +503,10 @@ def test_every_kept_token_sits_at_its_full_image_position(qwen_model, family, to
     requests.append({"prompt": chat(IMAGE + "Where is the star? " + VIDEO + "What moves?"),
                      "images": [str(paths["portrait"])],
                      "video": {"frames": str(tmp_path / "clip.npy"), "metadata": metadata}})
-    # The same with the video's repeats merged first (par_merge_repeats): its kept tokens
+    # The video's repeats are merged first (par_merge_repeats, the default): its kept tokens
     # are the distinct ones PAR chose, and the repeats it kept where too few were distinct.
-    requests.append({**requests[-1], "mm_processor_kwargs": {"par_merge_repeats": True}})
+    # The same without: PAR over every token of the clip.
+    requests.append({**requests[-1], "mm_processor_kwargs": {"par_merge_repeats": False}})
     # The feature cache off: every item goes through the tower, to be counted below.
     results = probe(qwen_model, family, requests, tmp_path, chunk=64, feature_cache_mb=0)
 

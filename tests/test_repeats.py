@@ -11,6 +11,7 @@ from par_vllm.settings import ParSettings
 
 STEPS, PLACES, DIM = 4, 30, 16
 SETTINGS = ParSettings(merge_repeats=True)
+OFF = ParSettings(merge_repeats=False)
 
 
 def clip(changes=(), seed=0):
@@ -78,11 +79,9 @@ def test_the_executor_reduces_only_videos_differently_and_only_when_asked():
     embed = torch.nn.Embedding(50, DIM)
     ids = torch.tensor([4, 9])
     features = [visual[0], visual[0]]
-    plain = reduce_per_image(features, [ids, ids], [ParSettings(), ParSettings()], embed, with_kept=True,
-                             steps=[STEPS, STEPS])
-    unsteady = reduce_per_image(features, [ids, ids], [ParSettings(), ParSettings()], embed, with_kept=True)
-    merged = reduce_per_image(features, [ids, ids], [SETTINGS, ParSettings()], embed, with_kept=True,
-                              steps=[STEPS, 1])
+    plain = reduce_per_image(features, [ids, ids], [OFF, OFF], embed, with_kept=True, steps=[STEPS, STEPS])
+    unsteady = reduce_per_image(features, [ids, ids], [OFF, OFF], embed, with_kept=True)
+    merged = reduce_per_image(features, [ids, ids], [SETTINGS, OFF], embed, with_kept=True, steps=[STEPS, 1])
     for (a, ka), (b, kb) in zip(plain, unsteady):
         assert torch.equal(a, b) and torch.equal(ka, kb)  # merge_repeats off: steps change nothing
     # On, for the video only: the second item is an image and reduces as before.
