@@ -31,6 +31,7 @@ from pathlib import Path
 from benchmarks.common import (
     LABELS,
     add_split,
+    add_variant_argument,
     answer_each,
     correct_strings,
     model_about,
@@ -40,7 +41,6 @@ from benchmarks.common import (
     right_answers,
     settings_arg,
     settings_line,
-    variant_arg,
     write_results,
 )
 from benchmarks.composite_vqa import QWEN_PLACEHOLDER, TILE_PX, chat_prompt, make_composites
@@ -216,9 +216,7 @@ def main(argv=None) -> int:
     parser.add_argument("--count", type=int, default=400, help="test composites")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
-    parser.add_argument("--variant", action="append", default=[], type=variant_arg,
-                        help="a PAR variant measured beside the methods: NAME:key=value,... "
-                             "(par_ keys without the prefix), e.g. par-fps:centres=farthest_point")
+    add_variant_argument(parser, "a PAR variant measured beside the methods", "par-fps:centres=farthest_point")
     parser.add_argument("--base", default={}, type=settings_arg,
                         help="key=value,... settings under every reduced row, methods and variants "
                              "alike, e.g. positions=consecutive")

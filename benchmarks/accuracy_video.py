@@ -26,12 +26,12 @@ from pathlib import Path
 
 from benchmarks.common import (
     LABELS,
+    add_variant_argument,
     answer_each,
     correct_strings,
     model_about,
     model_words,
     right_answers,
-    variant_arg,
     write_results,
 )
 from benchmarks.composite_vqa import (
@@ -140,9 +140,7 @@ def main(argv=None) -> int:
     parser.add_argument("--count", type=int, default=200, help="test clips")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
-    parser.add_argument("--variant", action="append", default=[], type=variant_arg,
-                        help="a PAR variant measured beside the methods: NAME:key=value,... "
-                             "(par_ keys without the prefix), e.g. unmerged:merge_repeats=false")
+    add_variant_argument(parser, "a PAR variant measured beside the methods", "unmerged:merge_repeats=false")
     parser.add_argument("--scenes", type=int, default=3)
     parser.add_argument("--naming", choices=NAMINGS, default="attribute",
                         help="how a question names its tile (make_video_composites)")

@@ -164,6 +164,12 @@ def settings_arg(text: str) -> dict:
     return variant_arg("base:" + text)[1]
 
 
+def add_variant_argument(parser: argparse.ArgumentParser, what: str, example: str) -> None:
+    """--variant NAME:key=value,... (repeatable): `what` says what one variant adds to the run."""
+    parser.add_argument("--variant", action="append", default=[], type=variant_arg,
+                        help=f"{what}: NAME:key=value,... (par_ keys without the prefix), e.g. {example}")
+
+
 def add_base_and_split(parser: argparse.ArgumentParser) -> None:
     """--base and --split, for the diagnostics that run PAR outside vLLM on either split."""
     parser.add_argument("--base", default={}, type=settings_arg,
@@ -262,7 +268,12 @@ def smollm_llava(vision, *, seed: int = 0, vision_feature_layer: int = -2, anyre
     a LLaVA (a LLaVA-NeXT with `anyres`) with the given CLIP vision config, vision tower and
     projector random."""
     import torch
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration
+    from transformers import (
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+    )
 
     tokenizer, language_model, gguf = smollm2([IMAGE_TOKEN], SMOLLM_CHAT_TEMPLATE)
 

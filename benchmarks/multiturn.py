@@ -34,13 +34,13 @@ import time
 from pathlib import Path
 
 from benchmarks.common import (
+    add_variant_argument,
     correct_strings,
     discordant,
     is_correct,
     mcnemar,
     model_about,
     model_words,
-    variant_arg,
     write_results,
 )
 from benchmarks.composite_vqa import make_composites, other_questions
@@ -143,9 +143,8 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=120)
     parser.add_argument("--keep-ratio", type=float, default=0.111)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--variant", action="append", default=[], type=variant_arg,
-                        help="another PAR server beside the rules' own: NAME:key=value,... "
-                             "(e.g. image-fps:query_turn=image,centres=farthest_point)")
+    add_variant_argument(parser, "another PAR server beside the rules' own",
+                         "image-fps:query_turn=image,centres=farthest_point")
     parser.add_argument("--name", default=None, help="results file stem (default: the model folder's name)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()

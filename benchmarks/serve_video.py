@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from benchmarks.common import variant_arg
+from benchmarks.common import add_variant_argument
 from benchmarks.serve import (
     RESULTS,
     add_run_arguments,
@@ -139,9 +139,8 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=336, help="clip frames' side in px")
     add_run_arguments(parser)
     parser.add_argument("--name", help="results file name after serve-video- (default: the model's name)")
-    parser.add_argument("--variant", action="append", default=[], type=variant_arg,
-                        help="a further series through the PAR server, its requests sending these settings: "
-                             "NAME:key=value,... (par_ keys without the prefix), e.g. unmerged:merge_repeats=false")
+    add_variant_argument(parser, "a further series through the PAR server, its requests sending these settings",
+                         "unmerged:merge_repeats=false")
     args = parser.parse_args()
 
     path, about = model_dir(args.model)

@@ -60,6 +60,7 @@ from tqdm import tqdm
 
 from benchmarks.common import (
     add_base_and_split,
+    add_variant_argument,
     discordant,
     grid_average,
     is_correct,
@@ -69,7 +70,6 @@ from benchmarks.common import (
     object_patches,
     placement,
     settings_line,
-    variant_arg,
     write_results,
 )
 from benchmarks.composite_vqa import TILE_PX, chat_prompt, make_composites
@@ -204,9 +204,7 @@ def main(argv=None) -> int:
     parser.add_argument("--count", type=int, default=200, help="test composites")
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.25, 0.111, 0.06])
     parser.add_argument("--sources", nargs="+", default=list(DEFAULT_SOURCES), choices=SOURCES + MERGES)
-    parser.add_argument("--variant", action="append", default=[], type=variant_arg,
-                        help="PAR with other settings on the prompt relevance: NAME:key=value,... "
-                             "(e.g. par-fps:centres=farthest_point)")
+    add_variant_argument(parser, "PAR with other settings on the prompt relevance", "par-fps:centres=farthest_point")
     add_base_and_split(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default="vqa")

@@ -19,7 +19,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from benchmarks.common import add_base_and_split, model_about, model_words, settings_line, variant_arg, write_results
+from benchmarks.common import (
+    add_base_and_split,
+    add_variant_argument,
+    model_about,
+    model_words,
+    settings_line,
+    write_results,
+)
 from benchmarks.composite_vqa import TILE_PX, make_composites
 from par_vllm.explain import Explainer
 from par_vllm.reduction import near_duplicates, par_reduce, token_space
@@ -48,8 +55,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", type=Path, default=Path(".models/vqa4"))
     parser.add_argument("--count", type=int, default=400, help="test composites")
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.25, 0.111, 0.06])
-    parser.add_argument("--variant", action="append", default=[], type=variant_arg,
-                        help="NAME:key=value,... PAR with other settings (as in accuracy.py)")
+    add_variant_argument(parser, "PAR with other settings", "par-fps:centres=farthest_point")
     add_base_and_split(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default="vqa")
