@@ -82,6 +82,23 @@ def video_grid(path: Path, frames: int, side: int) -> tuple[int, int, int]:
     return tuple(grid)
 
 
+def server_args(frames: int, gpu: bool) -> list[str]:
+    """Engine arguments both servers share: one video of `frames` frames per request, caches
+    off (every request's clip is new anyway; no series gains from another's work)."""
+    engine = ["--max-model-len", "4096", "--max-num-batched-tokens", "4096"]
+    return [*([] if gpu else CPU_ENGINE_ARGS), *engine, "--no-enable-prefix-caching",
+            "--mm-processor-cache-gb", "0", "--trust-request-mm-kwargs",
+            "--limit-mm-per-prompt", '{"image": 0, "video": 1}',
+            "--media-io-kwargs", json.dumps({"video": {"num_frames": frames}})]
+
+
+def par_server(path: Path, keep_ratio: float, common: list[str], log_path: Path) -> VllmServer:
+    """The PAR architecture's server, which also runs the EVS series (par_method=evs)."""
+    architecture = par_architecture(json.loads((path / "config.json").read_text())["architectures"])
+    return VllmServer(path, hf_overrides=par_overrides(architecture=architecture, keep_ratio=keep_ratio),
+                      extra_args=[*common, *par_engine_args(architecture)], log_path=log_path)
+
+
 def selection_seconds(path: Path, grid: tuple[int, int, int], kept: int, device: str, repeats: int = 30,
                       clip: tuple[np.ndarray, dict] | None = None, variants: tuple[tuple[str, dict], ...] = ()) -> dict:
     """Seconds the model executor spends choosing one clip's K tokens, timed directly with
@@ -144,7 +161,6 @@ def main() -> None:
     args = parser.parse_args()
 
     path, about = model_dir(args.model)
-    architecture = par_architecture(json.loads((path / "config.json").read_text())["architectures"])
     levels = [int(c) for c in args.concurrency.split(",")]
     grid = video_grid(path, args.frames, args.side)
     full, per_frame = grid[0] * grid[1] * grid[2] // 4, grid[1] * grid[2] // 4
@@ -152,18 +168,13 @@ def main() -> None:
     if kept < per_frame:
         raise SystemExit(f"--keep-ratio {args.keep_ratio} keeps {kept} of {full} tokens, under one frame pair's "
                          f"{per_frame}, which EVS always keeps: raise it or send more frames")
-    engine = ["--max-model-len", "4096", "--max-num-batched-tokens", "4096"]
-    common = [*([] if args.gpu else CPU_ENGINE_ARGS), *engine, "--no-enable-prefix-caching",
-              "--mm-processor-cache-gb", "0", "--trust-request-mm-kwargs",
-              "--limit-mm-per-prompt", '{"image": 0, "video": 1}',
-              "--media-io-kwargs", json.dumps({"video": {"num_frames": args.frames}})]
+    common = server_args(args.frames, args.gpu)
     series = [("vLLM", "stock", {}),
               (f"vLLM+EVS K={kept}", "par", {"mm_processor_kwargs": {"par_method": "evs"}}),
               (f"vLLM+PAR K={kept}", "par", {})]
     series += [(f"{name} K={kept}", "par", {"mm_processor_kwargs": keys}) for name, keys in args.variant]
     stock = VllmServer(path, extra_args=common, log_path=RESULTS / "serve-video-stock.log")
-    par = VllmServer(path, hf_overrides=par_overrides(architecture=architecture, keep_ratio=args.keep_ratio),
-                     extra_args=[*common, *par_engine_args(architecture)], log_path=RESULTS / "serve-video-par.log")
+    par = par_server(path, args.keep_ratio, common, RESULTS / "serve-video-par.log")
     RESULTS.mkdir(exist_ok=True)
     media = video_part(args.frames, args.side)
     runs: dict[tuple[str, int], list[dict]] = {}

@@ -113,6 +113,35 @@ def test_video_benchmark_counts_a_clips_tokens_and_sends_it_as_mp4(tmp_path):
     assert not (frames[0] == frames[-1]).all() and (frames[0] == serve_video.clip_frames(3, 6, 112)[0]).all()
 
 
+def test_serve_profile_attributes_samples_to_the_innermost_process_and_named_stages():
+    """py-spy's raw stacks nest each child process under its parent: a sample belongs to the
+    innermost one, and counts in a stage when the stage's function is anywhere on its stack."""
+    from collections import Counter
+
+    from benchmarks.diagnostics.serve_profile import tally
+
+    root = 'process 10:"python -m vllm.entrypoints.openai.api_server --model m"'
+    core = 'process 11:"VLLM::EngineCore"'
+    worker = 'process 12:"VLLM::Worker"'
+    stacks = Counter({
+        f"{root};<module> (api_server.py);BaseMultiModalProcessor._cached_apply_hf_processor (processing.py)": 3,
+        f"{root};{core};SpinCondition.wait (shm.py)": 5,
+        f"{root};{core};{worker};GPUModelRunner.execute_model (runner.py);"
+        "Qwen2_5_VLForConditionalGeneration._process_video_input (qwen2_5_vl.py)": 7,
+        f"{root};{core};{worker};GPUModelRunner.execute_model (runner.py);ParQwenModel._reduce (qwen_vl.py);"
+        "reduce_per_image (dispatch.py);ParQwenModel._reduce (qwen_vl.py)": 2,
+    })
+    counts = tally(stacks)
+    assert counts["processes"] == {"API server (processor, HTTP)": 3, "engine core (scheduler)": 5,
+                                   "worker (model executor)": 9}
+    assert counts["stages"]["multimodal processor (apply)"] == 3
+    assert counts["stages"]["vision tower"] == 7
+    assert counts["stages"]["model forward (execute_model)"] == 9
+    # A function twice on one stack counts once.
+    assert counts["stages"]["PAR or EVS, with positions (_reduce)"] == 2
+    assert counts["functions"]["ParQwenModel._reduce"] == 2 and counts["functions"]["reduce_per_image"] == 2
+
+
 def test_multiturn_compares_every_two_par_servers_on_later_turns():
     from benchmarks.multiturn import later_turns_right, paired_lines
 
