@@ -21,6 +21,7 @@ Writes benchmarks/results/serve-video-<model or --name>.{txt,json}.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import statistics
@@ -158,6 +159,8 @@ def main() -> None:
     parser.add_argument("--name", help="results file name after serve-video- (default: the model's name)")
     add_variant_argument(parser, "a further series through the PAR server, its requests sending these settings",
                          "unmerged:merge_repeats=false")
+    parser.add_argument("--without-stock", action="store_true",
+                        help="no stock vLLM server or series: EVS against PAR alone, for more repeats in the time")
     args = parser.parse_args()
 
     path, about = model_dir(args.model)
@@ -169,11 +172,13 @@ def main() -> None:
         raise SystemExit(f"--keep-ratio {args.keep_ratio} keeps {kept} of {full} tokens, under one frame pair's "
                          f"{per_frame}, which EVS always keeps: raise it or send more frames")
     common = server_args(args.frames, args.gpu)
-    series = [("vLLM", "stock", {}),
-              (f"vLLM+EVS K={kept}", "par", {"mm_processor_kwargs": {"par_method": "evs"}}),
-              (f"vLLM+PAR K={kept}", "par", {})]
-    series += [(f"{name} K={kept}", "par", {"mm_processor_kwargs": keys}) for name, keys in args.variant]
-    stock = VllmServer(path, extra_args=common, log_path=RESULTS / "serve-video-stock.log")
+    evs_label, par_label = f"vLLM+EVS K={kept}", f"vLLM+PAR K={kept}"
+    variant_labels = [f"{name} K={kept}" for name, _ in args.variant]
+    series = [*([] if args.without_stock else [("vLLM", "stock", {})]),
+              (evs_label, "par", {"mm_processor_kwargs": {"par_method": "evs"}}), (par_label, "par", {})]
+    series += [(label, "par", {"mm_processor_kwargs": keys}) for label, (_, keys) in zip(variant_labels, args.variant)]
+    stock = (contextlib.nullcontext() if args.without_stock else
+             VllmServer(path, extra_args=common, log_path=RESULTS / "serve-video-stock.log"))
     par = par_server(path, args.keep_ratio, common, RESULTS / "serve-video-par.log")
     RESULTS.mkdir(exist_ok=True)
     media = video_part(args.frames, args.side)
@@ -205,26 +210,31 @@ def main() -> None:
     lines.append("\nRatios at the same concurrency (medians of per-repeat ratios):")
     ratios = {}
     for c in levels:
-        stock_runs, evs_runs, par_runs = (runs[(label, c)] for label, _, _ in series[:3])
+        evs_runs, par_runs = runs[(evs_label, c)], runs[(par_label, c)]
 
         def ratio(numerator, denominator, key, invert=False):
             values = [(d[key] / n[key]) if invert else (n[key] / d[key]) for n, d in zip(numerator, denominator)]
             return statistics.median(values)
 
-        r = {"par_ttft_vs_stock": ratio(par_runs, stock_runs, "ttft_p50", invert=True),
-             "evs_ttft_vs_stock": ratio(evs_runs, stock_runs, "ttft_p50", invert=True),
-             "par_ttft_vs_evs": ratio(par_runs, evs_runs, "ttft_p50", invert=True),
-             "par_rps_vs_evs": ratio(par_runs, evs_runs, "rps"),
-             "par_rps_vs_stock": ratio(par_runs, stock_runs, "rps")}
-        lines.append(f"  c={c}: TTFT {r['par_ttft_vs_stock']:.2f}x lower than stock with PAR, "
-                     f"{r['evs_ttft_vs_stock']:.2f}x with EVS (PAR vs EVS {r['par_ttft_vs_evs']:.2f}x); "
-                     f"requests/s PAR/EVS {r['par_rps_vs_evs']:.2f}x, PAR/stock {r['par_rps_vs_stock']:.2f}x")
+        r = {"par_ttft_vs_evs": ratio(par_runs, evs_runs, "ttft_p50", invert=True),
+             "par_rps_vs_evs": ratio(par_runs, evs_runs, "rps")}
+        if args.without_stock:
+            lines.append(f"  c={c}: PAR vs EVS: TTFT {r['par_ttft_vs_evs']:.2f}x, "
+                         f"requests/s {r['par_rps_vs_evs']:.2f}x")
+        else:
+            stock_runs = runs[("vLLM", c)]
+            r |= {"par_ttft_vs_stock": ratio(par_runs, stock_runs, "ttft_p50", invert=True),
+                  "evs_ttft_vs_stock": ratio(evs_runs, stock_runs, "ttft_p50", invert=True),
+                  "par_rps_vs_stock": ratio(par_runs, stock_runs, "rps")}
+            lines.append(f"  c={c}: TTFT {r['par_ttft_vs_stock']:.2f}x lower than stock with PAR, "
+                         f"{r['evs_ttft_vs_stock']:.2f}x with EVS (PAR vs EVS {r['par_ttft_vs_evs']:.2f}x); "
+                         f"requests/s PAR/EVS {r['par_rps_vs_evs']:.2f}x, PAR/stock {r['par_rps_vs_stock']:.2f}x")
         r["par_ahead_of_evs"] = {"ttft": sum(p["ttft_p50"] <= e["ttft_p50"] for p, e in zip(par_runs, evs_runs)),
                                  "rps": sum(p["rps"] >= e["rps"] for p, e in zip(par_runs, evs_runs)),
                                  "repeats": len(par_runs)}
         lines.append(f"  c={c}: PAR at least as fast as EVS in {r['par_ahead_of_evs']['ttft']} of {len(par_runs)} "
                      f"repeats by TTFT p50, in {r['par_ahead_of_evs']['rps']} by requests/s")
-        for (name, _), (label, _, _) in zip(args.variant, series[3:]):
+        for (name, _), label in zip(args.variant, variant_labels):
             variant_runs = runs[(label, c)]
             r[f"{name}_ttft_vs_evs"] = ratio(variant_runs, evs_runs, "ttft_p50", invert=True)
             r[f"{name}_rps_vs_evs"] = ratio(variant_runs, evs_runs, "rps")
