@@ -12,7 +12,8 @@ Each request sends its own MP4 clip, a random still scene with a square moving a
 (frames that mostly repeat, as in real video), and the servers read the same number of
 frames from every clip. Series alternate in a seeded shuffled order per repeat and level.
 Per series: TTFT p50 and p95, latency, requests per second, prompt tokens per request,
-peak KV-cache usage.
+peak KV-cache usage. `--without-stock` leaves stock vLLM out: EVS against PAR alone, so
+that many more paired repeats fit in the time.
 
     python -m benchmarks.serve_video --model smollm-qwen --keep-ratio 0.111
 Writes benchmarks/results/serve-video-<model or --name>.{txt,json}.

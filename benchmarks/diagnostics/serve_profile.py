@@ -6,9 +6,10 @@ difference at concurrency 4 is larger than the selection alone, timed outside th
 explains. This runs the same PAR server (EVS is `par_method=evs` on it), the same clips
 and the same batches, and samples every server process with py-spy (`pip install
 py-spy`; it reads the processes' stacks from outside, with no change to vLLM or the
-plugin) while one series' batch runs. Per series it reports CPU-seconds per request
-(samples / rate / requests, busy threads only) spent in each process and in named
-stages, and the frames whose time differs most between the two series.
+plugin) while one series' batch runs. Per series it reports thread-seconds per request
+(samples / rate / requests: the Python threads found busy, each counted once, so a torch
+op's own worker threads are not counted apart) spent in each process and in named
+stages, and the functions whose time differs most between the two series.
 
     python -m benchmarks.diagnostics.serve_profile --model smollm-qwen --keep-ratio 0.111
 Writes benchmarks/results/serve-profile-<model or --name>.{txt,json}.
@@ -20,6 +21,7 @@ import argparse
 import random
 import shutil
 import signal
+import statistics
 import subprocess
 import tempfile
 from collections import Counter
@@ -154,7 +156,7 @@ def main() -> None:
     lines = [f"model: {about}; video: {args.frames} frames of {args.side}x{args.side} px, {full} visual tokens, "
              f"K={kept}; device: {describe_device(args.gpu)}; concurrency {args.concurrency}, {args.requests} "
              f"requests x {args.repeats} batches per series, {args.max_tokens} output tokens; py-spy at "
-             f"{args.rate}/s on every server process, busy threads only: CPU-seconds per request",
+             f"{args.rate}/s on every server process: busy Python thread-seconds per request",
              "", f"{'':52} {'EVS':>8} {'PAR':>8} {'PAR-EVS':>8}"]
 
     def row(label: str, a: int, b: int) -> str:
@@ -171,8 +173,8 @@ def main() -> None:
                        key=lambda f: -abs(par["functions"][f] - evs["functions"][f]))
     for function in differing[:20]:
         lines.append(row(function[:52], evs["functions"][function], par["functions"][function]))
-    medians = {name: sorted(r["ttft_p50"] for r in series)[len(series) // 2] for name, series in runs.items()}
-    rps = {name: sorted(r["rps"] for r in series)[len(series) // 2] for name, series in runs.items()}
+    medians = {name: statistics.median(r["ttft_p50"] for r in series) for name, series in runs.items()}
+    rps = {name: statistics.median(r["rps"] for r in series) for name, series in runs.items()}
     lines.append("\nWhile sampled (py-spy slows the server a little): TTFT p50 " + ", ".join(
         f"{name} {medians[name]:.3f} s" for name in SERIES) + "; requests/s " + ", ".join(
         f"{name} {rps[name]:.2f}" for name in SERIES))
