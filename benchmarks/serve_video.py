@@ -101,6 +101,15 @@ def par_server(path: Path, keep_ratio: float, common: list[str], log_path: Path)
                       extra_args=[*common, *par_engine_args(architecture)], log_path=log_path)
 
 
+def add_clip_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model, the budget and the clips: the same in this benchmark and its profile
+    (benchmarks/diagnostics/serve_profile.py)."""
+    parser.add_argument("--model", default="smollm-qwen", help="smollm-qwen, or a Qwen2.5-VL checkpoint directory")
+    parser.add_argument("--keep-ratio", type=float, default=0.111, help="EVS's and PAR's budget, a share of N")
+    parser.add_argument("--frames", type=int, default=32, help="frames the servers read from each clip")
+    parser.add_argument("--side", type=int, default=336, help="clip frames' side in px")
+
+
 def selection_seconds(path: Path, grid: tuple[int, int, int], kept: int, device: str, repeats: int = 30,
                       clip: tuple[np.ndarray, dict] | None = None, variants: tuple[tuple[str, dict], ...] = ()) -> dict:
     """Seconds the model executor spends choosing one clip's K tokens, timed directly with
@@ -152,10 +161,7 @@ def selection_seconds(path: Path, grid: tuple[int, int, int], kept: int, device:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm-qwen", help="smollm-qwen, or a Qwen2.5-VL checkpoint directory")
-    parser.add_argument("--keep-ratio", type=float, default=0.111, help="EVS's and PAR's budget, a share of N")
-    parser.add_argument("--frames", type=int, default=32, help="frames the servers read from each clip")
-    parser.add_argument("--side", type=int, default=336, help="clip frames' side in px")
+    add_clip_arguments(parser)
     add_run_arguments(parser)
     parser.add_argument("--name", help="results file name after serve-video- (default: the model's name)")
     add_variant_argument(parser, "a further series through the PAR server, its requests sending these settings",

@@ -31,7 +31,14 @@ from tqdm import tqdm
 
 from benchmarks.common import write_results
 from benchmarks.serve import RESULTS, describe_device, model_dir, one_request, run_batch
-from benchmarks.serve_video import QUESTION, par_server, server_args, video_grid, video_part
+from benchmarks.serve_video import (
+    QUESTION,
+    add_clip_arguments,
+    par_server,
+    server_args,
+    video_grid,
+    video_part,
+)
 from par_vllm.settings import ParSettings
 
 SERIES = {"EVS": {"mm_processor_kwargs": {"par_method": "evs"}}, "PAR": {}}
@@ -55,7 +62,8 @@ def frame_function(frame: str) -> str:
 
 
 class Sampler:
-    """py-spy recording one process tree from start() to stop(), read back as stacks."""
+    """py-spy recording one process tree while the `with` block runs; its stacks (with their
+    sample counts) in `stacks` after it."""
 
     def __init__(self, pid: int, rate: int):
         self.pid, self.rate = pid, rate
@@ -107,10 +115,7 @@ def tally(stacks: Counter) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm-qwen", help="smollm-qwen, or a Qwen2.5-VL checkpoint directory")
-    parser.add_argument("--keep-ratio", type=float, default=0.111)
-    parser.add_argument("--frames", type=int, default=32)
-    parser.add_argument("--side", type=int, default=336)
+    add_clip_arguments(parser)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--requests", type=int, default=8, help="requests per batch")
     parser.add_argument("--repeats", type=int, default=3, help="batches per series, in a seeded shuffled order")
