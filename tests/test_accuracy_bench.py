@@ -307,6 +307,25 @@ def test_routing_counts_account_for_every_token():
     assert strict["into_retrieved_duplicates"] == 0
 
 
+def test_retrieval_focus_signals_tell_one_object_from_scattered_tokens():
+    from benchmarks.diagnostics.retrieval_focus import signals
+
+    from par_vllm.settings import ParSettings
+
+    torch.manual_seed(0)
+    visual = torch.randn(1, 144, 32)
+    block = torch.tensor([0, 1, 12, 13])  # a 2 x 2 block in the 12 x 12 grid's corner
+    visual[0, block] = visual[0, :1] + 0.01 * torch.randn(4, 32)
+    rel = torch.zeros(144)
+    rel[block] = 1.0
+    one_object = signals(visual, rel, (12, 12), 4, ParSettings())
+    assert one_object["coherence"] > 0.99 and one_object["compactness"] < 1.0
+    rel = torch.zeros(144)
+    rel[torch.tensor([0, 11, 132, 143])] = 1.0  # the four corners: unrelated tokens far apart
+    scattered = signals(visual, rel, (12, 12), 4, ParSettings())
+    assert scattered["coherence"] < 0.5 and scattered["compactness"] > 5
+
+
 def test_merge_variants_keep_pars_tokens_and_change_only_the_merge():
     from benchmarks.diagnostics import par_ablation
 
@@ -397,12 +416,16 @@ def test_diagnostics_run_on_a_tiny_model(tmp_path):
     routing_args = ["--budgets", "0.111", "--variant", "par-dup98:duplicate_threshold=0.98",
                     "--base", "similarity=cosine"]
     for script, extra in (("relevance_probe", []), ("par_ablation", ablation_args),
-                          ("routing_counts", routing_args)):
+                          ("routing_counts", routing_args), ("retrieval_focus", [])):
         result = subprocess.run([sys.executable, "-m", f"benchmarks.diagnostics.{script}", "--model", str(model),
                                  "--count", "3",
                                  "--name", "tiny", "--out", str(out), *extra],
                                 cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-4000:]
+    focus = json.loads((out / "retrieval-focus-tiny.json").read_text())["rows"]
+    assert {(r["budget"], r["signal"]) for r in focus} == {(b, s) for b in (0.111, 0.06)
+                                                           for s in ("coherence", "compactness")}
+    assert all(0.0 <= r["fires"] <= 1.0 and 0.0 <= r["par_retrieved_on_tile"] <= 1.0 for r in focus)
     probe = json.loads((out / "relevance-probe-tiny.json").read_text())
     assert {r["score"] for r in probe["rows"]} >= {"cos", "named_word", "named_object", "lens", "peak_word", "knn_soft",
                                                    "cos_subject"}
