@@ -1,6 +1,6 @@
 """Can an image tell PAR when to trust its prompt relevance? Two signals, measured alone.
 
-    .venv/bin/python -m benchmarks.diagnostics.retrieval_focus --model .models/vqa4 --split train --name vqa4
+    .venv/bin/python -m benchmarks.diagnostics.retrieval_focus --model .models/vqa4 --split train --name vqa4-train
 
 On a model whose relevance finds the asked tile (the Qwen2.5-VL of docs/accuracy.md),
 relevance top-k is ahead of PAR at the smallest budgets: its tokens lie on the tile, PAR
@@ -97,8 +97,8 @@ def main(argv=None) -> int:
             for signal, value in signals(visual, rel[0], grid, m, settings).items():
                 side = "fired" if fires(signal, value, settings, args.compactness) else "quiet"
                 tally[(budget, signal)][side].append(on_tile)
-            retrieved = retrieve(rel, num_kept, settings.outlier_factor, settings.retrieval_share, leave=1,
-                                 min_retrieved=settings.min_retrieved)[0]
+            retrieved = retrieve(rel, num_kept, settings.outlier_factor, settings.retrieval_share,
+                                 leave=int(settings.routing == "separate"), min_retrieved=settings.min_retrieved)[0]
             retrieved_on_tile[budget].append(float(tile[retrieved].float().mean()))
 
     def mean(values):
