@@ -30,6 +30,7 @@ from pathlib import Path
 
 from benchmarks.common import (
     LABELS,
+    add_composite_arguments,
     add_split,
     add_variant_argument,
     answer_each,
@@ -212,8 +213,7 @@ def explain_panels(explainer, composite, budget: float, methods, path: Path) -> 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=Path(".models/vqa4"))
-    parser.add_argument("--count", type=int, default=400, help="test composites")
+    add_composite_arguments(parser, count=400)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
     add_variant_argument(parser, "a PAR variant measured beside the methods", "par-fps:centres=farthest_point")
@@ -221,11 +221,8 @@ def main(argv=None) -> int:
                         help="key=value,... settings under every reduced row, methods and variants "
                              "alike, e.g. positions=consecutive")
     add_split(parser)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--explain", type=int, default=3, help="composites to render")
     parser.add_argument("--max-num-seqs", type=int, default=16)
-    parser.add_argument("--name", default="vqa")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
     for key, value in CPU_ENV.items():
         os.environ.setdefault(key, value)

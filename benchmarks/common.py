@@ -170,6 +170,17 @@ def add_variant_argument(parser: argparse.ArgumentParser, what: str, example: st
                         help=f"{what}: NAME:key=value,... (par_ keys without the prefix), e.g. {example}")
 
 
+def add_composite_arguments(parser: argparse.ArgumentParser, count: int) -> None:
+    """--model, --count, --seed, --name and --out, for the accuracy benchmark and its
+    diagnostics: the model, how many composites and which draw of them, and where the
+    results go (`--out`/<kind>-<name>.txt and .json)."""
+    parser.add_argument("--model", type=Path, default=Path(".models/vqa4"))
+    parser.add_argument("--count", type=int, default=count, help="composites")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", default="vqa")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+
+
 def add_base_and_split(parser: argparse.ArgumentParser) -> None:
     """--base and --split, for the diagnostics that run PAR outside vLLM on either split."""
     parser.add_argument("--base", default={}, type=settings_arg,

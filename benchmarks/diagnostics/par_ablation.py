@@ -53,13 +53,13 @@ table says how closely it does.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from benchmarks.common import (
     add_base_and_split,
+    add_composite_arguments,
     add_variant_argument,
     discordant,
     grid_average,
@@ -200,15 +200,11 @@ def paired_lines(tallies: dict, reference: str = "prompt") -> list[str]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=Path(".models/vqa4"))
-    parser.add_argument("--count", type=int, default=200, help="test composites")
+    add_composite_arguments(parser, count=200)
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.25, 0.111, 0.06])
     parser.add_argument("--sources", nargs="+", default=list(DEFAULT_SOURCES), choices=SOURCES + MERGES)
     add_variant_argument(parser, "PAR with other settings on the prompt relevance", "par-fps:centres=farthest_point")
     add_base_and_split(parser)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--name", default="vqa")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)

@@ -50,14 +50,13 @@ cosine to the queried tile's shape patches against the other tiles' shape patche
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from benchmarks.common import grid_average, model_about, model_words, write_results
+from benchmarks.common import add_composite_arguments, grid_average, model_about, model_words, write_results
 from benchmarks.composite_vqa import COLORS, SHAPES, TILE_PX, Composite, make_composites
 from par_vllm.explain import Explainer
 
@@ -113,12 +112,8 @@ def object_mean(score: torch.Tensor, on_shape: np.ndarray, composite, side: int)
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=Path(".models/vqa4"))
-    parser.add_argument("--count", type=int, default=200, help="test composites")
-    parser.add_argument("--seed", type=int, default=0)
+    add_composite_arguments(parser, count=200)
     parser.add_argument("--top", type=int, default=8, help="also count the share of the top-k on the tile")
-    parser.add_argument("--name", default="vqa")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
 
     explainer = Explainer(args.model.resolve())

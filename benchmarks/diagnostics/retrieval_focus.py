@@ -29,14 +29,13 @@ from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from benchmarks.accuracy import composite_geometry
-from benchmarks.common import add_split, model_about, model_words, write_results
+from benchmarks.common import add_composite_arguments, add_split, model_about, model_words, write_results
 from benchmarks.composite_vqa import make_composites
 from par_vllm.explain import Explainer
 from par_vllm.reduction import relevance, retrieve, unit_rows
@@ -64,15 +63,11 @@ def fires(signal: str, value: float, settings: ParSettings, compactness: float) 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=Path(".models/vqa4"))
-    parser.add_argument("--count", type=int, default=200, help="composites")
+    add_composite_arguments(parser, count=200)
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.111, 0.06])
     parser.add_argument("--compactness", type=float, default=1.55,
                         help="compactness fires below this (1 is a disc of m cells)")
     add_split(parser)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--name", default="vqa")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
 
     explainer = Explainer(args.model.resolve())

@@ -14,13 +14,13 @@ asked about.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from benchmarks.common import (
     add_base_and_split,
+    add_composite_arguments,
     add_variant_argument,
     model_about,
     model_words,
@@ -52,14 +52,10 @@ def counts(visual: torch.Tensor, query: torch.Tensor, settings: ParSettings) -> 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=Path(".models/vqa4"))
-    parser.add_argument("--count", type=int, default=400, help="test composites")
+    add_composite_arguments(parser, count=400)
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.25, 0.111, 0.06])
     add_variant_argument(parser, "PAR with other settings", "par-fps:centres=farthest_point")
     add_base_and_split(parser)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--name", default="vqa")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
 
     explainer = Explainer(args.model.resolve())
